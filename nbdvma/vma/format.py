@@ -1,0 +1,346 @@
+"""Byte layouts and constants of the Proxmox VMA format (vma.h), and their codecs.
+
+Everything here is pure: encoders build bytes, ``*_untrusted`` parsers take bytes
+from a file and raise only :class:`~nbdvma.errors.VmaFormatError`.  The layout is the
+one Proxmox's C writer produces (see ``shared/docs/vma-format.md``):
+
+* a 12288-byte fixed header (big-endian), then the blob buffer (little-endian 2-byte
+  lengths, strings with their NUL), zero padded to a multiple of 512;
+* extents: a 512-byte header with 59 blockinfo slots, then the stored 4 KiB blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import attrs
+
+from nbdvma.errors import VmaFormatError
+
+__all__ = [
+    "VMA_BLOCKS_PER_EXTENT",
+    "VMA_BLOCK_SIZE",
+    "VMA_CLUSTER_SIZE",
+    "VMA_EXTENT_HEADER_SIZE",
+    "VMA_EXTENT_MAGIC",
+    "VMA_HEADER_SIZE",
+    "VMA_MAGIC",
+    "VMA_MAX_CONFIGS",
+    "VMA_MAX_DEVICES",
+    "VMA_MAX_EXTENT_SIZE",
+    "VMA_MAX_HEADER_SIZE",
+    "VMA_VERSION",
+    "VMA_VMSTATE_NAME",
+    "WRITER_CLUSTERS_PER_EXTENT",
+    "BlockInfo",
+    "DeviceInfo",
+    "ExtentHeader",
+    "VmaHeader",
+    "build_header",
+    "encode_extent_header",
+]
+
+VMA_BLOCK_SIZE = 4096
+VMA_CLUSTER_SIZE = 65536
+BLOCKS_PER_CLUSTER = VMA_CLUSTER_SIZE // VMA_BLOCK_SIZE  # 16: one mask bit each
+VMA_EXTENT_HEADER_SIZE = 512
+#: Cluster slots per extent (the name in vma.h says "blocks"; they are clusters).
+VMA_BLOCKS_PER_EXTENT = 59
+#: The C writer flushes an extent before a 59th cluster; we do the same.
+WRITER_CLUSTERS_PER_EXTENT = VMA_BLOCKS_PER_EXTENT - 1
+VMA_MAX_CONFIGS = 256
+VMA_MAX_DEVICES = 254  # dev ids 1..254; 0 means "empty slot", 255 is reserved
+VMA_MAX_EXTENT_SIZE = VMA_EXTENT_HEADER_SIZE + VMA_BLOCKS_PER_EXTENT * VMA_CLUSTER_SIZE
+VMA_MAX_EXTENT_BLOCKS = VMA_BLOCKS_PER_EXTENT * BLOCKS_PER_CLUSTER  # 944
+VMA_MAGIC = b"VMA\0"
+VMA_EXTENT_MAGIC = b"VMAE"
+VMA_VERSION = 1
+#: sizeof(VmaHeader): also the blob buffer offset the C writer stores.
+VMA_HEADER_SIZE = 12288
+#: HEADERBUF_SIZE of the C writer: the largest header it can emit.
+VMA_MAX_HEADER_SIZE = 8 * 65536
+VMA_MAX_BLOB_SIZE = 65535
+VMA_VMSTATE_NAME = "vmstate"
+
+# magic, version, uuid, ctime, md5, blob_buffer_offset, blob_buffer_size, header_size
+_HEADER_FIXED = struct.Struct(">4sI16sq16sIII")
+_CONFIG_NAMES_OFFSET = 2044
+_CONFIG_DATA_OFFSET = 3068
+_DEV_INFO_OFFSET = 4096
+_PTR_TABLE = struct.Struct(">256I")
+_DEV_INFO = struct.Struct(">II Q Q Q")  # devname_ptr, reserved0, size, reserved1, reserved2
+_MD5_SLICE = slice(32, 48)
+_BLOB_LEN = struct.Struct("<H")  # the one little-endian field of the format
+
+_EXTENT_FIXED = struct.Struct(">4sHH16s16s")  # magic, reserved1, block_count, uuid, md5
+_BLOCKINFO = struct.Struct(">59Q")
+_EXTENT_MD5_SLICE = slice(24, 40)
+assert _EXTENT_FIXED.size + _BLOCKINFO.size == VMA_EXTENT_HEADER_SIZE
+
+
+@attrs.frozen
+class DeviceInfo:
+    """One present device of the archive header."""
+
+    dev_id: int
+    name: str
+    size: int
+
+    @property
+    def is_vmstate(self) -> bool:
+        """Whether this is the VM-state stream (a device named ``vmstate``)."""
+        return self.name == VMA_VMSTATE_NAME
+
+    @property
+    def cluster_count(self) -> int:
+        """Number of 64 KiB clusters covering ``size`` bytes."""
+        return -(-self.size // VMA_CLUSTER_SIZE)
+
+
+@attrs.frozen
+class VmaHeader:
+    """The parsed archive header: what ``vma list`` shows."""
+
+    uuid: bytes
+    ctime: int
+    header_size: int
+    configs: tuple[tuple[str, bytes], ...]
+    devices: tuple[DeviceInfo, ...]
+
+    @classmethod
+    def from_bytes_untrusted(cls, head: bytes) -> VmaHeader:
+        """Parse and check a complete header region (``header_size`` bytes).
+
+        Applies the reader's checks H5-H9 in its order; H1-H4 (lengths, magic) are
+        the caller's, see :func:`header_size_untrusted`.
+
+        Raises:
+            VmaFormatError: with the message Proxmox's reader uses.
+        """
+        magic, version, uuid, ctime, md5, blob_off, blob_size, header_size = (
+            _HEADER_FIXED.unpack_from(head, 0)
+        )
+        if len(head) != header_size:
+            raise VmaFormatError(f"can't read vma header data - got {len(head)} bytes")
+        zeroed = bytearray(head)
+        zeroed[_MD5_SLICE] = bytes(16)
+        if hashlib.md5(zeroed).digest() != md5:
+            raise VmaFormatError("wrong vma header chechsum")
+        if version != VMA_VERSION:
+            raise VmaFormatError(f"wrong vma version {version}")
+        bstart = (blob_off + 1) & 0xFFFFFFFF
+        bend = (blob_off + blob_size) & 0xFFFFFFFF
+        if bstart <= VMA_HEADER_SIZE:
+            raise VmaFormatError(f"wrong vma blob buffer offset {blob_off}")
+        if bend > header_size:
+            raise VmaFormatError(f"wrong vma blob buffer size {blob_off}/{blob_size}")
+        blobs: dict[int, bytes] = {}
+        pos = bstart
+        while pos + 2 <= bend:
+            (length,) = _BLOB_LEN.unpack_from(head, pos)
+            if pos + length + 2 <= bend:
+                blobs[pos - blob_off] = bytes(head[pos + 2 : pos + 2 + length])
+            pos += length + 2
+
+        def string(ptr: int) -> str | None:
+            blob = blobs.get(ptr)
+            if blob is None:
+                return None
+            # The C reader tests the byte before the data for an empty blob: that is
+            # the high byte of the length, 0, so an empty blob passes as "".
+            if blob and blob[-1] != 0:
+                return None
+            return blob.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+        names = _PTR_TABLE.unpack_from(head, _CONFIG_NAMES_OFFSET)
+        datas = _PTR_TABLE.unpack_from(head, _CONFIG_DATA_OFFSET)
+        configs: list[tuple[str, bytes]] = []
+        for name_ptr, data_ptr in zip(names, datas, strict=True):
+            if not name_ptr or not data_ptr:
+                continue
+            name = string(name_ptr)
+            data = blobs.get(data_ptr)
+            if name is None or data is None:
+                raise VmaFormatError("vma contains invalid data pointers")
+            configs.append((name, data))
+        devices: list[DeviceInfo] = []
+        for dev_id in range(1, 256):
+            devname_ptr, _r0, size, _r1, _r2 = _DEV_INFO.unpack_from(
+                head, _DEV_INFO_OFFSET + 32 * dev_id
+            )
+            if not size:
+                continue
+            name = string(devname_ptr)
+            if name is None:
+                continue
+            devices.append(DeviceInfo(dev_id, name, size))
+        return cls(bytes(uuid), ctime, header_size, tuple(configs), tuple(devices))
+
+    @property
+    def vmstate(self) -> DeviceInfo | None:
+        """The VM-state device: the reader takes the last one named ``vmstate``."""
+        found = None
+        for dev in self.devices:
+            if dev.is_vmstate:
+                found = dev
+        return found
+
+    def config(self, name: str) -> bytes | None:
+        """The data of the first config called ``name``, or ``None``."""
+        for cname, data in self.configs:
+            if cname == name:
+                return data
+        return None
+
+
+def header_size_untrusted(fixed: bytes) -> int:
+    """Check the first 12288 bytes (H1-H3) and return ``header_size``.
+
+    Raises:
+        VmaFormatError: short header, wrong magic or impossible header size.
+    """
+    if len(fixed) < VMA_HEADER_SIZE:
+        raise VmaFormatError(f"can't read vma header - got {len(fixed)} bytes")
+    if fixed[:4] != VMA_MAGIC:
+        raise VmaFormatError("not a vma file - wrong magic number")
+    header_size = _HEADER_FIXED.unpack_from(fixed, 0)[7]
+    need = header_size - VMA_HEADER_SIZE
+    # The C reader computes this in an int: a header_size past 2**31 wraps negative.
+    if need <= 0 or need >= 2**31:
+        raise VmaFormatError(f"wrong vma header size {header_size}")
+    return int(header_size)
+
+
+def build_header(
+    *,
+    uuid: bytes,
+    ctime: int,
+    configs: list[tuple[str, bytes]],
+    devices: list[tuple[str, int]],
+) -> bytes:
+    """Encode a header exactly as the C writer lays it out.
+
+    Args:
+        uuid: 16 bytes, repeated in every extent header.
+        ctime: seconds since the epoch.
+        configs: (name, data) in slot order; at most 256, each blob at most 65535 bytes.
+        devices: (name, size) for dev ids 1, 2, ... in order; at most 254.
+
+    Returns:
+        ``header_size`` bytes: the md5 set, the blob table padded to 512.
+
+    Raises:
+        ValueError: a limit of the format is exceeded.
+    """
+    if len(configs) > VMA_MAX_CONFIGS:
+        raise ValueError(f"too many configs ({len(configs)} > {VMA_MAX_CONFIGS})")
+    if len(devices) > VMA_MAX_DEVICES:
+        raise ValueError(f"too many devices ({len(devices)} > {VMA_MAX_DEVICES})")
+    table = bytearray(1)  # relative byte 0 is never a blob: pointer 0 means "none"
+
+    def blob(data: bytes) -> int:
+        if len(data) > VMA_MAX_BLOB_SIZE:
+            raise ValueError(f"blob of {len(data)} bytes exceeds {VMA_MAX_BLOB_SIZE}")
+        ptr = len(table)
+        table.extend(_BLOB_LEN.pack(len(data)))
+        table.extend(data)
+        return ptr
+
+    name_ptrs = [0] * 256
+    data_ptrs = [0] * 256
+    for slot, (name, data) in enumerate(configs):
+        name_ptrs[slot] = blob(name.encode() + b"\0")
+        data_ptrs[slot] = blob(data)
+    dev_entries = []
+    for name, size in devices:
+        dev_entries.append((blob(name.encode() + b"\0"), size))
+    blob_size = len(table)
+    padded = -(-blob_size // 512) * 512
+    header_size = VMA_HEADER_SIZE + padded
+    if header_size > VMA_MAX_HEADER_SIZE:
+        raise ValueError(f"header of {header_size} bytes exceeds {VMA_MAX_HEADER_SIZE}")
+    head = bytearray(header_size)
+    _HEADER_FIXED.pack_into(
+        head, 0, VMA_MAGIC, VMA_VERSION, uuid, ctime, bytes(16),
+        VMA_HEADER_SIZE, blob_size, header_size,
+    )  # fmt: skip
+    _PTR_TABLE.pack_into(head, _CONFIG_NAMES_OFFSET, *name_ptrs)
+    _PTR_TABLE.pack_into(head, _CONFIG_DATA_OFFSET, *data_ptrs)
+    for dev_id, (ptr, size) in enumerate(dev_entries, start=1):
+        _DEV_INFO.pack_into(head, _DEV_INFO_OFFSET + 32 * dev_id, ptr, 0, size, 0, 0)
+    head[VMA_HEADER_SIZE : VMA_HEADER_SIZE + blob_size] = table
+    head[_MD5_SLICE] = hashlib.md5(head).digest()
+    return bytes(head)
+
+
+@attrs.frozen
+class BlockInfo:
+    """One blockinfo slot: a cluster of a device and its 16-bit zero mask."""
+
+    dev_id: int
+    cluster: int
+    mask: int
+
+    def pack(self) -> int:
+        """The big-endian u64 value: ``mask<<48 | dev_id<<32 | cluster``."""
+        return (self.mask << 48) | (self.dev_id << 32) | self.cluster
+
+    @classmethod
+    def unpack(cls, value: int) -> BlockInfo:
+        """Split a u64 blockinfo value (the reserved byte is ignored, as the reader does)."""
+        return cls((value >> 32) & 0xFF, value & 0xFFFFFFFF, value >> 48)
+
+
+def encode_extent_header(uuid: bytes, block_count: int, blockinfo: list[int]) -> bytes:
+    """Encode a 512-byte extent header with its md5.
+
+    Args:
+        uuid: the archive uuid.
+        block_count: number of 4 KiB blocks stored after the header.
+        blockinfo: packed u64 slots (at most 59; the rest are zero).
+    """
+    slots = blockinfo + [0] * (VMA_BLOCKS_PER_EXTENT - len(blockinfo))
+    head = bytearray(VMA_EXTENT_HEADER_SIZE)
+    _EXTENT_FIXED.pack_into(head, 0, VMA_EXTENT_MAGIC, 0, block_count, uuid, bytes(16))
+    _BLOCKINFO.pack_into(head, _EXTENT_FIXED.size, *slots)
+    head[_EXTENT_MD5_SLICE] = hashlib.md5(head).digest()
+    return bytes(head)
+
+
+@attrs.frozen
+class ExtentHeader:
+    """A parsed extent header: its block count and used slots, in slot order."""
+
+    block_count: int
+    slots: tuple[BlockInfo, ...]
+
+    @classmethod
+    def from_bytes_untrusted(cls, head: bytes | bytearray | memoryview, uuid: bytes) -> ExtentHeader:
+        """Check a 512-byte extent header (S3-S5, in the reader's order) and parse it.
+
+        Raises:
+            VmaFormatError: with the reader's message.
+        """
+        if len(head) != VMA_EXTENT_HEADER_SIZE:
+            raise VmaFormatError(f"read short extent ({len(head)} bytes)")
+        magic, reserved1, block_count, ext_uuid, md5 = _EXTENT_FIXED.unpack_from(head, 0)
+        zeroed = bytearray(head)
+        zeroed[_EXTENT_MD5_SLICE] = bytes(16)
+        if hashlib.md5(zeroed).digest() != md5:
+            raise VmaFormatError("wrong vma extent header chechsum")
+        if ext_uuid != uuid:
+            raise VmaFormatError("wrong vma extent uuid")
+        if magic != VMA_EXTENT_MAGIC or reserved1 != 0:
+            raise VmaFormatError("wrong vma extent header magic")
+        slots = tuple(
+            BlockInfo.unpack(v)
+            for v in _BLOCKINFO.unpack_from(head, _EXTENT_FIXED.size)
+            if (v >> 32) & 0xFF
+        )
+        return cls(block_count, slots)
+
+
+def mask_blocks(mask: int) -> list[int]:
+    """The block indexes (0..15) whose bit is set in ``mask``, in storage order."""
+    return [j for j in range(BLOCKS_PER_CLUSTER) if mask >> j & 1]
