@@ -118,7 +118,7 @@ class VmaHeader:
         Raises:
             VmaFormatError: with the message Proxmox's reader uses.
         """
-        magic, version, uuid, ctime, md5, blob_off, blob_size, header_size = (
+        _magic, version, uuid, ctime, md5, blob_off, blob_size, header_size = (
             _HEADER_FIXED.unpack_from(head, 0)
         )
         if len(head) != header_size:
@@ -316,7 +316,9 @@ class ExtentHeader:
     slots: tuple[BlockInfo, ...]
 
     @classmethod
-    def from_bytes_untrusted(cls, head: bytes | bytearray | memoryview, uuid: bytes) -> ExtentHeader:
+    def from_bytes_untrusted(
+        cls, head: bytes | bytearray | memoryview, uuid: bytes
+    ) -> ExtentHeader:
         """Check a 512-byte extent header (S3-S5, in the reader's order) and parse it.
 
         Raises:

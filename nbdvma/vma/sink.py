@@ -1,0 +1,340 @@
+"""Where the archive bytes go: a regular file, a pipe, optionally zstd-compressed.
+
+The writer hands a sink whole *units* (the header, then one extent at a time) and
+asks it for four things besides writing them: to read a unit back (so that a replayed
+write can be compared with what is stored, and a READ can be answered), to rewrite the
+header in place (the VM-state length is known only at the end), to make everything
+durable (FLUSH), and to give the archive its final name (finish).
+
+Guarantees:
+
+* A regular-file archive is written as ``PATH.part``; only :meth:`Sink.commit` renames
+  it to ``PATH`` (after fsync of the file, and of the directory after the rename).
+  Nothing ever exists under the final name before the archive is complete.
+* A unit whose write fails (``ENOSPC``...) is cut off again (``ftruncate``), so the
+  next attempt starts at a unit boundary and the file never carries half an extent.
+* zstd: every unit is its own zstd frame (a concatenation of frames is one valid zstd
+  stream, what ``zstd -d`` and vzdump's restore read).  The header is stored as a
+  frame of *raw* blocks, so that it keeps its length and can be rewritten in place,
+  and each extent frame can be decompressed on its own to read it back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import BinaryIO, Protocol
+
+from nbdvma.errors import VmaWriterError
+
+__all__ = ["FileSink", "Sink", "StreamSink", "open_sink"]
+
+Buffer = bytes | bytearray | memoryview
+
+_ZSTD_MAGIC = struct.pack("<I", 0xFD2FB528)
+_ZSTD_MAX_RAW_BLOCK = 128 * 1024
+_ZSTD_LEVEL = 3  # zstd's own default, which vzdump also uses
+
+
+class Sink(Protocol):
+    """What :class:`~nbdvma.vma.writer.VmaWriter` needs from its output."""
+
+    #: Units can be read back with :meth:`read_unit`.
+    readable: bool
+    #: The header can be rewritten in place with :meth:`patch_header`.
+    seekable: bool
+
+    def write_header(self, header: bytes) -> None:
+        """Write the archive header: the first unit, exactly once."""
+
+    def append(self, parts: Sequence[Buffer]) -> int:
+        """Write one unit (an extent) made of ``parts``; return its index for read-back.
+
+        On failure nothing of the unit remains and the error propagates.
+        """
+
+    def read_unit(self, index: int, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset`` inside unit ``index``."""
+
+    def patch_header(self, header: bytes) -> None:
+        """Rewrite the header (same length) in place."""
+
+    def sync(self) -> None:
+        """Make every unit written so far durable."""
+
+    def write_journal(self, data: bytes | None) -> None:
+        """Durably store (or, with ``None``, remove) the partial-cluster journal."""
+
+    def commit(self) -> None:
+        """Finish: sync, close and give the archive its final name."""
+
+    def abort(self) -> None:
+        """Close without committing; what was written stays under the temporary name."""
+
+
+def _zstd_raw_frame(data: bytes) -> bytes:
+    """A zstd frame holding ``data`` uncompressed (RFC 8878 raw blocks).
+
+    Its length depends only on ``len(data)``, so it can be overwritten in place.
+    """
+    # Frame header descriptor: 4-byte content size (flag 2), single segment.
+    out = bytearray(_ZSTD_MAGIC + bytes([0xA0]) + struct.pack("<I", len(data)))
+    view = memoryview(data)
+    pos = 0
+    while True:
+        block = view[pos : pos + _ZSTD_MAX_RAW_BLOCK]
+        pos += len(block)
+        last = pos >= len(data)
+        out += (len(block) << 3 | last).to_bytes(3, "little")  # block type 0: raw
+        out += block
+        if last:
+            return bytes(out)
+
+
+class _Compressor:
+    """One zstd frame per unit, from the ``zstandard`` library."""
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def compress(self, parts: Sequence[Buffer]) -> bytes:
+        data: bytes = self._cctx.compress(b"".join(parts))
+        return data
+
+    def decompress(self, frame: bytes) -> bytes:
+        data: bytes = self._dctx.decompress(frame)
+        return data
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views[:1024])  # IOV_MAX
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+class FileSink:
+    """An archive in a regular file, written as ``PATH.part`` and renamed at commit."""
+
+    readable = True
+    seekable = True
+
+    def __init__(self, path: str, *, compress: str | None = None) -> None:
+        """Create ``PATH.part``.
+
+        Raises:
+            VmaWriterError: ``PATH`` or ``PATH.part`` exists already.
+            OSError: the file cannot be created.
+        """
+        self.path = path
+        self.part_path = path + ".part"
+        self.journal_path = self.part_path + ".journal"
+        if os.path.lexists(path):
+            raise VmaWriterError(f"{path}: archive exists already")
+        try:
+            self._fd = os.open(
+                self.part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+        except FileExistsError:
+            raise VmaWriterError(
+                f"{self.part_path} exists (left by an earlier run?): remove it first"
+            ) from None
+        self._rfd = os.open(self.part_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._zstd = _Compressor() if compress == "zstd" else None
+        self._pos = 0
+        self._header_len = 0
+        # File offset of each unit's start; one more entry marks the current end.
+        self._starts = array("Q")
+        self._cache: tuple[int, bytes] | None = None
+        self._closed = False
+
+    def _write_unit(self, parts: Sequence[Buffer]) -> None:
+        try:
+            _write_all(self._fd, parts)
+        except BaseException:
+            # Cut the half-written unit off so the next one starts at a boundary.
+            os.ftruncate(self._fd, self._pos)
+            os.lseek(self._fd, self._pos, os.SEEK_SET)
+            raise
+        self._pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+
+    def write_header(self, header: bytes) -> None:
+        """See :meth:`Sink.write_header`."""
+        data = _zstd_raw_frame(header) if self._zstd else header
+        self._write_unit([data])
+        self._header_len = len(data)
+
+    def append(self, parts: Sequence[Buffer]) -> int:
+        """See :meth:`Sink.append`."""
+        start = self._pos
+        self._write_unit([self._zstd.compress(parts)] if self._zstd else parts)
+        self._starts.append(start)
+        return len(self._starts) - 1
+
+    def read_unit(self, index: int, offset: int, length: int) -> bytes:
+        """See :meth:`Sink.read_unit`."""
+        start = self._starts[index]
+        if self._zstd is None:
+            return os.pread(self._rfd, length, start + offset)
+        if self._cache is None or self._cache[0] != index:
+            end = self._starts[index + 1] if index + 1 < len(self._starts) else self._pos
+            frame = os.pread(self._rfd, end - start, start)
+            self._cache = (index, self._zstd.decompress(frame))
+        return self._cache[1][offset : offset + length]
+
+    def patch_header(self, header: bytes) -> None:
+        """See :meth:`Sink.patch_header`."""
+        data = _zstd_raw_frame(header) if self._zstd else header
+        if len(data) != self._header_len:
+            raise VmaWriterError("a patched header must keep its length")
+        os.pwrite(self._fd, data, 0)
+
+    def sync(self) -> None:
+        """See :meth:`Sink.sync`."""
+        os.fsync(self._fd)
+
+    def write_journal(self, data: bytes | None) -> None:
+        """See :meth:`Sink.write_journal`: written beside the archive, atomically."""
+        if data is None:
+            if os.path.exists(self.journal_path):
+                os.unlink(self.journal_path)
+                _fsync_dir(self.journal_path)
+            return
+        tmp = self.journal_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, [data])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.journal_path)
+        _fsync_dir(self.journal_path)
+
+    def commit(self) -> None:
+        """See :meth:`Sink.commit`."""
+        os.fsync(self._fd)
+        self._close()
+        if os.path.lexists(self.path):
+            raise VmaWriterError(f"{self.path}: appeared while the archive was written")
+        os.rename(self.part_path, self.path)
+        _fsync_dir(self.path)
+        self.write_journal(None)
+
+    def abort(self) -> None:
+        """See :meth:`Sink.abort`."""
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+            os.close(self._rfd)
+
+
+class StreamSink:
+    """An archive written to a pipe or stdout: no read-back, no header patch."""
+
+    readable = False
+    seekable = False
+
+    def __init__(self, stream: BinaryIO, *, compress: str | None = None) -> None:
+        """Write to ``stream`` (its file descriptor, unbuffered)."""
+        self._stream = stream
+        self._fd = stream.fileno()
+        self._zstd = _Compressor() if compress == "zstd" else None
+        self._count = 0
+        self._broken = False
+
+    def _write(self, parts: Sequence[Buffer]) -> None:
+        if self._broken:
+            raise VmaWriterError("the archive stream failed earlier; it cannot continue")
+        try:
+            _write_all(self._fd, parts)
+        except BaseException:
+            # Half a unit went into a pipe: nothing can follow it that a reader accepts.
+            self._broken = True
+            raise
+
+    def write_header(self, header: bytes) -> None:
+        """See :meth:`Sink.write_header`."""
+        self._write([_zstd_raw_frame(header) if self._zstd else header])
+
+    def append(self, parts: Sequence[Buffer]) -> int:
+        """See :meth:`Sink.append`."""
+        self._write([self._zstd.compress(parts)] if self._zstd else parts)
+        self._count += 1
+        return self._count - 1
+
+    def read_unit(self, index: int, offset: int, length: int) -> bytes:
+        """Not possible on a stream."""
+        raise VmaWriterError("the archive is a stream: what was written cannot be read back")
+
+    def patch_header(self, header: bytes) -> None:
+        """Not possible on a stream."""
+        raise VmaWriterError("the archive is a stream: its header cannot be rewritten")
+
+    def sync(self) -> None:
+        """Push what was written to the reader; a pipe has no stable storage."""
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):
+                raise
+
+    def write_journal(self, data: bytes | None) -> None:
+        """A stream has nowhere to keep a journal: partial clusters stay in memory."""
+
+    def commit(self) -> None:
+        """See :meth:`Sink.commit`."""
+        self.sync()
+
+    def abort(self) -> None:
+        """Nothing to undo: the reader of the stream sees it end early."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_sink(path: str, compress: str | None = None) -> FileSink | StreamSink:
+    """Open the output for an archive.
+
+    Args:
+        path: a file path, or ``-`` for stdout.  A path ending in ``.zst`` selects
+            zstd compression; an existing FIFO or character device is written as a stream.
+        compress: ``"zstd"`` or ``None`` (then inferred from the ``.zst`` suffix).
+
+    Raises:
+        VmaWriterError: an unknown compression, or the archive exists already.
+        OSError: the file cannot be created.
+    """
+    if compress is None and path.endswith(".zst"):
+        compress = "zstd"
+    if compress not in (None, "zstd"):
+        raise VmaWriterError(f"unknown compression {compress!r} (only zstd is supported)")
+    if path == "-":
+        return StreamSink(sys.stdout.buffer, compress=compress)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = 0
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return StreamSink(open(path, "wb", buffering=0), compress=compress)
+    return FileSink(path, compress=compress)
