@@ -238,10 +238,19 @@ def build_header(
     if len(devices) > VMA_MAX_DEVICES:
         raise ValueError(f"too many devices ({len(devices)} > {VMA_MAX_DEVICES})")
     table = bytearray(1)  # relative byte 0 is never a blob: pointer 0 means "none"
+    allocated = 0
 
     def blob(data: bytes) -> int:
+        nonlocal allocated
         if len(data) > VMA_MAX_BLOB_SIZE:
             raise ValueError(f"blob of {len(data)} bytes exceeds {VMA_MAX_BLOB_SIZE}")
+        # The C writer's growth rule (writer:101-110): when the blob does not fit, grow
+        # the table by the blob's size rounded up to 512.  That rule decides
+        # header_size.  (The C writer grows once; when its first blob is an exact
+        # multiple of 512 that is one byte short, a heap overrun: we grow again.)
+        need = len(data) + 2
+        while allocated < len(table) + need:
+            allocated += -(-need // 512) * 512
         ptr = len(table)
         table.extend(_BLOB_LEN.pack(len(data)))
         table.extend(data)
@@ -256,8 +265,7 @@ def build_header(
     for name, size in devices:
         dev_entries.append((blob(name.encode() + b"\0"), size))
     blob_size = len(table)
-    padded = -(-blob_size // 512) * 512
-    header_size = VMA_HEADER_SIZE + padded
+    header_size = VMA_HEADER_SIZE + allocated
     if header_size > VMA_MAX_HEADER_SIZE:
         raise ValueError(f"header of {header_size} bytes exceeds {VMA_MAX_HEADER_SIZE}")
     head = bytearray(header_size)

@@ -76,6 +76,7 @@ _MAX_NAME = 200  # bytes; Proxmox device names are short ("drive-scsi0")
 _JOURNAL_MAGIC = b"NBDVMAJ1"
 # Runs of clusters that finish() still has to emit as zero clusters.
 _EMPTY_RUNS = re.compile(b"[\\x00\\x02]+")
+_ZERO_STATES = bytes([ZERO]) * 65536
 _NOT_UNTOUCHED = re.compile(b"[^\\x00]")
 assert (UNTOUCHED, ZERO) == (0, 2)
 
@@ -192,7 +193,8 @@ class VmaWriter:
         self._pending: list[_Slot] = []
         self._pending_index: dict[tuple[int, int], _Slot] = {}
         self._partial_bytes = 0
-        self._state = "open"  # open -> finished | aborted | failed
+        self._state = "open"  # open -> finished | aborted
+        self._started = False  # a write came: the header's contents are fixed
 
     # -- registration ---------------------------------------------------------------
 
@@ -261,8 +263,8 @@ class VmaWriter:
 
     def _check_registration(self) -> None:
         self._check_open()
-        if self._header is not None:
-            raise VmaWriterError("the header is written already: register everything first")
+        if self._started:
+            raise VmaWriterError("devices and configs must be registered before the first write")
 
     @staticmethod
     def _check_name(name: str, what: str) -> None:
@@ -295,6 +297,7 @@ class VmaWriter:
             OSError: the sink failed (the failed part can be retried).
         """
         self._check_open()
+        self._started = True
         dev = self._device(dev_id)
         view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
         if dev.stream:
@@ -320,6 +323,7 @@ class VmaWriter:
             The same as :meth:`write`.
         """
         self._check_open()
+        self._started = True
         dev = self._device(dev_id)
         if dev.stream:
             if offset != dev.length:
@@ -357,8 +361,9 @@ class VmaWriter:
             other = _NOT_UNTOUCHED.search(state, nxt, stop)
             run_end = other.start() if other else stop
             n = run_end - nxt
+            for k in range(nxt, run_end, len(_ZERO_STATES)):  # no buffer sized by the range
+                state[k : min(k + len(_ZERO_STATES), run_end)] = _ZERO_STATES[: run_end - k]
             if n:
-                state[nxt:run_end] = bytes([ZERO]) * n
                 covered = min(run_end * VMA_CLUSTER_SIZE, dev.size) - nxt * VMA_CLUSTER_SIZE
                 dev.written += covered
                 dev.zero_bytes += covered
@@ -453,6 +458,7 @@ class VmaWriter:
             OSError: the sink failed.
         """
         self._check_open()
+        self._started = True
         dev = self._device(dev_id)
         if not dev.stream:
             raise VmaWriterError(f"{dev.name} is a disk, not a stream")
@@ -732,7 +738,7 @@ class VmaWriter:
 
     def abort(self) -> None:
         """Stop without completing: the sink keeps what it has under its temporary name."""
-        if self._state in ("open", "failed"):
+        if self._state == "open":
             self._state = "aborted"
             self._sink.abort()
 
