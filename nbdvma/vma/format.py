@@ -79,6 +79,11 @@ _EXTENT_MD5_SLICE = slice(24, 40)
 assert _EXTENT_FIXED.size + _BLOCKINFO.size == VMA_EXTENT_HEADER_SIZE
 
 
+def _c_int(value: int) -> int:
+    """A u32 as the C reader's ``%d`` prints it (wrapped to a signed int)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 @attrs.frozen
 class DeviceInfo:
     """One present device of the archive header."""
@@ -128,13 +133,15 @@ class VmaHeader:
         if hashlib.md5(zeroed).digest() != md5:
             raise VmaFormatError("wrong vma header chechsum")
         if version != VMA_VERSION:
-            raise VmaFormatError(f"wrong vma version {version}")
+            raise VmaFormatError(f"wrong vma version {_c_int(version)}")
         bstart = (blob_off + 1) & 0xFFFFFFFF
         bend = (blob_off + blob_size) & 0xFFFFFFFF
         if bstart <= VMA_HEADER_SIZE:
-            raise VmaFormatError(f"wrong vma blob buffer offset {blob_off}")
+            raise VmaFormatError(f"wrong vma blob buffer offset {_c_int(blob_off)}")
         if bend > header_size:
-            raise VmaFormatError(f"wrong vma blob buffer size {blob_off}/{blob_size}")
+            raise VmaFormatError(
+                f"wrong vma blob buffer size {_c_int(blob_off)}/{_c_int(blob_size)}"
+            )
         blobs: dict[int, bytes] = {}
         pos = bstart
         while pos + 2 <= bend:
@@ -208,7 +215,7 @@ def header_size_untrusted(fixed: bytes) -> int:
     need = header_size - VMA_HEADER_SIZE
     # The C reader computes this in an int: a header_size past 2**31 wraps negative.
     if need <= 0 or need >= 2**31:
-        raise VmaFormatError(f"wrong vma header size {header_size}")
+        raise VmaFormatError(f"wrong vma header size {_c_int(header_size)}")
     return int(header_size)
 
 
