@@ -1,0 +1,417 @@
+"""Streaming VMA reader: the checks of Proxmox's ``vma-reader.c``, in its order.
+
+Theory of operation
+-------------------
+An archive is read strictly front to back, without seeking, so the source can be a
+pipe, stdin or a zstd decompression stream (:func:`open_source`).
+
+1. :class:`VmaReader` reads the header region and applies H1-H9 (format doc §7) via
+   :func:`~nbdvma.vma.format.header_size_untrusted` and
+   :meth:`~nbdvma.vma.format.VmaHeader.from_bytes_untrusted`.
+2. :meth:`VmaReader.extents` reads one extent at a time into a single reused buffer
+   of ``VMA_MAX_EXTENT_SIZE`` bytes (so memory stays bounded by one extent), applies
+   S2-S6 to its header and S7-S13 to its blockinfo slots in slot order, and only then
+   yields the extent's clusters: a consumer never sees a cluster of an extent that
+   fails a check.  The cluster data are memoryview slices of that buffer, valid until
+   the next extent is requested.
+3. :meth:`VmaReader.check_missing` is S15 (``vma extract`` only) and is called by the
+   consumer after the last extent.
+
+Duplicate and missing clusters are tracked in one bitmap per disk, with the bounds of
+the C reader's bitmap (S8); the bitmap is split in lazily allocated chunks, so a
+header that claims a huge device costs memory only for clusters that actually occur.
+Where the real tool aborts on an assertion (S7 under ``verify``, S8), we raise a
+:class:`~nbdvma.errors.VmaFormatError` with a clear message instead.
+
+The reader accepts what the real one accepts, including data stored past a disk's
+end (a ``0xffff`` mask on a partial last cluster, or a ``mask == 0`` cluster past the
+last one but inside the bitmap); such clusters are counted in
+:attr:`ReadStats.past_end` so that a stricter tool can report or reject them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Collection, Iterable, Iterator
+from typing import BinaryIO, NamedTuple
+
+import attrs
+import zstandard
+
+from nbdvma.errors import VmaFormatError
+from nbdvma.vma.format import (
+    VMA_BLOCK_SIZE,
+    VMA_CLUSTER_SIZE,
+    VMA_EXTENT_HEADER_SIZE,
+    VMA_HEADER_SIZE,
+    VMA_MAGIC,
+    VMA_MAX_DEVICES,
+    VMA_MAX_EXTENT_SIZE,
+    DeviceInfo,
+    ExtentHeader,
+    VmaHeader,
+    header_size_untrusted,
+)
+
+__all__ = ["Cluster", "ReadStats", "VmaReader", "open_source"]
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_SECTOR = 512
+_SECTORS_PER_CLUSTER = VMA_CLUSTER_SIZE // _SECTOR  # 128
+_BITS_PER_LONG = 64  # the C bitmap is an array of unsigned long (x86-64)
+_FULL_MASK = 0xFFFF
+#: Clusters covered by one lazily allocated bitmap chunk (64 KiB of bits).
+_CHUNK_CLUSTERS = 8 * 65536
+_HEADER_READ_CHUNK = 1 << 20
+
+
+def open_source(path: str) -> BinaryIO:
+    """Open an archive for sequential reading.
+
+    ``-`` is stdin (a duplicate of fd 0, so closing the result leaves stdin open).
+    A zstd-compressed archive is recognised by its magic number, or by a ``.zst``
+    suffix when the magic cannot be peeked, and decompressed on the fly (all frames).
+
+    Args:
+        path: a file name, or ``-``.
+
+    Returns:
+        A binary stream; the caller closes it.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    # Opened here, closed by the caller (via the returned stream).
+    fd = os.dup(sys.stdin.fileno()) if path == "-" else os.open(path, os.O_RDONLY)
+    raw = os.fdopen(fd, "rb")
+    try:
+        head = raw.peek(4)[:4]
+    except OSError:
+        raw.close()
+        raise
+    is_zstd = head == ZSTD_MAGIC if len(head) == 4 else path.endswith(".zst")
+    if not is_zstd:
+        return raw
+    dctx = zstandard.ZstdDecompressor()
+    reader: BinaryIO = dctx.stream_reader(raw, read_across_frames=True, closefd=True)
+    return reader
+
+
+class Cluster(NamedTuple):
+    """One stored cluster, as :meth:`VmaReader.clusters` yields it."""
+
+    #: The device (a disk, or the vmstate stream).
+    dev: DeviceInfo
+    #: Cluster index within the device (byte offset ``cluster * 65536``).
+    cluster: int
+    #: Bit ``j`` set: 4 KiB block ``j`` is stored; unset: a zero block.
+    mask: int
+    #: The stored blocks, in bit order (``popcount(mask) * 4096`` bytes); a view into
+    #: the reader's extent buffer, valid until the next extent is read.
+    data: memoryview
+
+
+@attrs.define
+class ReadStats:
+    """Counters of what has been read so far (for ``verify -v`` and careful tools)."""
+
+    #: Clusters read (all devices, vmstate included).
+    clusters_read: int = 0
+    #: Bytes in clusters stored with mask 0 (whole zero clusters).
+    zero_cluster_bytes: int = 0
+    #: Bytes of zero blocks inside partially stored clusters.
+    partial_zero_bytes: int = 0
+    #: Stored data bytes (4 KiB blocks with their mask bit set).
+    stored_bytes: int = 0
+    #: Extents read.
+    extents: int = 0
+    #: Per dev_id: clusters that store blocks at or past the disk's end, or lie
+    #: wholly past it (accepted by the real reader, never written by the C writer).
+    past_end: dict[int, int] = attrs.Factory(dict)
+
+
+class _Bitmap:
+    """Seen-clusters bitmap of one disk, bounded like the C reader's (S8)."""
+
+    __slots__ = ("chunks", "limit")
+
+    def __init__(self, size: int) -> None:
+        longs = -(-(size // _SECTOR) // (_SECTORS_PER_CLUSTER * _BITS_PER_LONG))
+        self.limit = longs * _BITS_PER_LONG  # clusters the C bitmap can hold
+        self.chunks: dict[int, bytearray] = {}
+
+    def test_and_set(self, cluster: int) -> bool:
+        """Mark ``cluster`` seen; return whether it was seen before."""
+        chunk_no, bit = divmod(cluster, _CHUNK_CLUSTERS)
+        chunk = self.chunks.get(chunk_no)
+        if chunk is None:
+            chunk = self.chunks[chunk_no] = bytearray(_CHUNK_CLUSTERS // 8)
+        byte, shift = divmod(bit, 8)
+        if chunk[byte] >> shift & 1:
+            return True
+        chunk[byte] |= 1 << shift
+        return False
+
+    def first_missing(self, count: int) -> int | None:
+        """The lowest cluster below ``count`` never seen, or ``None``."""
+        for chunk_no in range(-(-count // _CHUNK_CLUSTERS)):
+            base = chunk_no * _CHUNK_CLUSTERS
+            chunk = self.chunks.get(chunk_no)
+            if chunk is None:
+                return base
+            want = min(count - base, _CHUNK_CLUSTERS)
+            full, rest = divmod(want, 8)
+            head = bytes(chunk[:full])
+            first = len(head) - len(head.lstrip(b"\xff"))
+            if first < full:
+                byte = chunk[first]
+                for shift in range(8):
+                    if not byte >> shift & 1:
+                        return base + 8 * first + shift
+            for shift in range(rest):
+                if not chunk[full] >> shift & 1:
+                    return base + 8 * full + shift
+        return None
+
+
+def _read_into(source: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``source`` until it is full or EOF; return the bytes read."""
+    total = 0
+    end = len(view)
+    try:
+        while total < end:
+            n = source.readinto(view[total:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            total += n
+    except (OSError, zstandard.ZstdError) as exc:
+        raise VmaFormatError(f"read failed - {exc}") from exc
+    return total
+
+
+class VmaReader:
+    """A streaming reader of one archive.
+
+    Construction reads and checks the header; iterate :meth:`clusters` (or
+    :meth:`extents`) once to read and check the rest.
+
+    Args:
+        source: a binary stream positioned at the archive start (see
+            :func:`open_source`); the reader never seeks and never closes it.
+        skip: dev_ids whose clusters are not tracked for duplicates or missing
+            clusters (``extract -d``); all other checks still apply to them.
+
+    Raises:
+        VmaFormatError: H1-H9, with the real tool's message.
+    """
+
+    def __init__(self, source: BinaryIO, *, skip: Collection[int] = ()) -> None:
+        self._source = source
+        self.header: VmaHeader = self._read_header()
+        self.stats = ReadStats()
+        vmstate = self.header.vmstate
+        #: dev_id of the vmstate stream (the last device named ``vmstate``), or 0.
+        self.vmstate_id = vmstate.dev_id if vmstate is not None else 0
+        self._vmstate_next = 0
+        self._devices: dict[int, DeviceInfo] = {d.dev_id: d for d in self.header.devices}
+        # Disks with reader state: present, ids 1..254, not named "vmstate" (the C
+        # reader sets up only these; a cluster of any other non-vmstate id is S7).
+        self._tracked: dict[int, _Bitmap | None] = {
+            d.dev_id: None if d.dev_id in skip else _Bitmap(d.size)
+            for d in self.header.devices
+            if d.dev_id <= VMA_MAX_DEVICES and not d.is_vmstate
+        }
+        self._buf = bytearray(VMA_MAX_EXTENT_SIZE)
+        self._done = False
+
+    def _read_header(self) -> VmaHeader:
+        fixed = bytearray(VMA_HEADER_SIZE)
+        got = _read_into(self._source, memoryview(fixed))
+        if got < VMA_HEADER_SIZE and fixed[: min(got, 4)] != VMA_MAGIC[:got]:
+            # A short file that is not even a VMA prefix: say so rather than H1.
+            raise VmaFormatError("not a vma file - wrong magic number")
+        header_size = header_size_untrusted(bytes(fixed[:got]))
+        head = fixed
+        # Read the rest in chunks so a lying header_size (up to 2 GiB) costs memory
+        # only for bytes that are really there.
+        while len(head) < header_size:
+            chunk = bytearray(min(_HEADER_READ_CHUNK, header_size - len(head)))
+            n = _read_into(self._source, memoryview(chunk))
+            head += chunk[:n]
+            if n < len(chunk):
+                break
+        return VmaHeader.from_bytes_untrusted(bytes(head))
+
+    def skip_devices(self, dev_ids: Iterable[int]) -> None:
+        """Stop tracking these disks for duplicate and missing clusters (``-d``).
+
+        Call before reading extents; all other checks still apply to them.
+        """
+        for dev_id in dev_ids:
+            if dev_id in self._tracked:
+                self._tracked[dev_id] = None
+
+    def device(self, dev_id: int) -> DeviceInfo | None:
+        """The present device with this id (1..255), or ``None``."""
+        return self._devices.get(dev_id)
+
+    def extents(self) -> Iterator[list[Cluster]]:
+        """Read, check and yield the remaining extents, each as its list of clusters.
+
+        The clusters' data views are valid until the next extent is requested.
+
+        Raises:
+            VmaFormatError: S1-S13, with the real tool's message (or a clear one where
+                it would crash).
+        """
+        if self._done:
+            return
+        buf = memoryview(self._buf)
+        while True:
+            got = _read_into(self._source, buf[:VMA_EXTENT_HEADER_SIZE])
+            if got == 0:
+                break
+            ehead = ExtentHeader.from_bytes_untrusted(buf[:got], self.header.uuid)
+            payload = ehead.block_count * VMA_BLOCK_SIZE
+            extent_size = VMA_EXTENT_HEADER_SIZE + payload
+            # The C reader's buffer holds at most VMA_MAX_EXTENT_SIZE bytes: a larger
+            # block_count can never be satisfied and reports what fits (S6).
+            want = min(extent_size, VMA_MAX_EXTENT_SIZE)
+            got += _read_into(self._source, buf[VMA_EXTENT_HEADER_SIZE:want])
+            if got < extent_size:
+                raise VmaFormatError(f"short vma extent ({got} < {extent_size})")
+            clusters = self._check_extent(ehead, buf, extent_size)
+            self.stats.extents += 1
+            yield clusters
+        self._done = True
+
+    def clusters(self) -> Iterator[Cluster]:
+        """Like :meth:`extents`, one cluster at a time.
+
+        Raises:
+            VmaFormatError: as :meth:`extents`.
+        """
+        for extent in self.extents():
+            yield from extent
+
+    def _check_extent(
+        self, ehead: ExtentHeader, buf: memoryview, extent_size: int
+    ) -> list[Cluster]:
+        """S7-S13 for every used slot, in slot order (reader:543-712)."""
+        stats = self.stats
+        start = VMA_EXTENT_HEADER_SIZE
+        out: list[Cluster] = []
+        for slot in ehead.slots:
+            dev_id, cluster, mask = slot.dev_id, slot.cluster, slot.mask
+            if dev_id == self.vmstate_id:
+                dev = self._devices[dev_id]
+                if cluster != self._vmstate_next:  # S10
+                    raise VmaFormatError("found out of order vmstate data")
+                self._vmstate_next += 1
+                end_byte = None  # no size bound for vmstate
+            else:
+                if dev_id not in self._tracked:  # S7
+                    raise VmaFormatError(f"got wrong dev id {dev_id}")
+                dev = self._devices[dev_id]
+                bitmap = self._tracked[dev_id]
+                if bitmap is not None:
+                    if cluster >= bitmap.limit:  # S8: an assertion in the C reader
+                        raise VmaFormatError(
+                            f"cluster {cluster} out of range for stream {dev.name}"
+                        )
+                    if bitmap.test_and_set(cluster):  # S9
+                        raise VmaFormatError(
+                            f"found duplicated cluster {cluster} for stream {dev.name}"
+                        )
+                end_byte = dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
+            stats.clusters_read += 1
+            nblocks = mask.bit_count()
+            base = cluster * VMA_CLUSTER_SIZE
+            if nblocks:
+                room = (extent_size - start) // VMA_BLOCK_SIZE
+                if nblocks > room or (end_byte is not None and base + VMA_CLUSTER_SIZE > end_byte):
+                    self._check_edge(mask, base, room, end_byte)
+            if mask == 0:
+                stats.zero_cluster_bytes += VMA_CLUSTER_SIZE
+            else:
+                stats.partial_zero_bytes += (16 - nblocks) * VMA_BLOCK_SIZE
+            stats.stored_bytes += nblocks * VMA_BLOCK_SIZE
+            if dev_id != self.vmstate_id and self._past_end(dev, cluster, mask, buf, start):
+                stats.past_end[dev_id] = stats.past_end.get(dev_id, 0) + 1
+            stop = start + nblocks * VMA_BLOCK_SIZE
+            out.append(Cluster(dev, cluster, mask, buf[start:stop]))
+            start = stop
+        if start != extent_size:  # S13
+            raise VmaFormatError("vma extent error - missing blocks")
+        return out
+
+    @staticmethod
+    def _check_edge(mask: int, base: int, room: int, end_byte: int | None) -> None:
+        """S11/S12 in the C reader's order, for a cluster near a limit."""
+        if mask == _FULL_MASK:
+            if room < 16:  # S11
+                raise VmaFormatError("short vma extent - too many blocks")
+            if end_byte is not None and base >= end_byte:  # S12
+                raise VmaFormatError("got wrong block address - write beyond end")
+            return
+        for j in range(16):
+            if not mask >> j & 1:
+                continue
+            if room <= 0:  # S11
+                raise VmaFormatError("short vma extent - too many blocks")
+            if end_byte is not None and base + j * VMA_BLOCK_SIZE >= end_byte:  # S12
+                raise VmaFormatError("got wrong block address - write beyond end")
+            room -= 1
+
+    @staticmethod
+    def _past_end(dev: DeviceInfo, cluster: int, mask: int, buf: memoryview, start: int) -> bool:
+        """Whether a disk cluster reaches past ``dev.size`` with anything but zeros."""
+        base = cluster * VMA_CLUSTER_SIZE
+        if base + VMA_CLUSTER_SIZE <= dev.size:
+            return False
+        if base >= dev.size:
+            return True  # a (mask 0) cluster wholly past the end
+        if mask != _FULL_MASK:
+            # S12 let through only set bits of blocks starting before the last full
+            # sector; the one crossing the end must be zero past it.
+            last = (dev.size - base - 1) // VMA_BLOCK_SIZE
+            if not mask >> last & 1:
+                return False
+            index = (mask & ((1 << last) - 1)).bit_count()
+            tail_start = start + index * VMA_BLOCK_SIZE + (dev.size - base - last * VMA_BLOCK_SIZE)
+            tail_end = start + (index + 1) * VMA_BLOCK_SIZE
+        else:
+            if base + VMA_CLUSTER_SIZE - dev.size >= VMA_BLOCK_SIZE:
+                return True  # stores a whole block past the end
+            tail_start = start + (dev.size - base)
+            tail_end = start + VMA_CLUSTER_SIZE
+        tail = buf[tail_start:tail_end]
+        return tail != bytes(len(tail))
+
+    def check_missing(self, devices: Iterable[DeviceInfo] | None = None) -> None:
+        """S15: every cluster of each disk must have appeared (``vma extract``).
+
+        Call after the last extent.
+
+        Args:
+            devices: the disks to check (default: every tracked disk); the vmstate
+                stream and skipped disks are never checked.
+
+        Raises:
+            VmaFormatError: ``detected missing cluster N for stream NAME``.
+        """
+        if devices is None:
+            devices = [self._devices[i] for i in self._tracked]
+        for dev in devices:
+            bitmap = self._tracked.get(dev.dev_id)
+            if bitmap is None:
+                continue
+            missing = bitmap.first_missing(dev.cluster_count)
+            if missing is not None:
+                raise VmaFormatError(f"detected missing cluster {missing} for stream {dev.name}")
+
+    def close(self) -> None:
+        """Drop the extent buffer (the source is the caller's to close)."""
+        self._buf = bytearray()
+        self._done = True
