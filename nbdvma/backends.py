@@ -1,0 +1,180 @@
+"""What the NBD server serves: backends with declared capabilities, as nbdkit plugins.
+
+A backend owns a set of exports (one per guest disk) and executes requests on them.
+The server asks it what it can do (``can_zero``, ``can_multi_conn``...) to choose the
+transmission flags, and maps any exception a backend raises to an NBD error with
+:func:`nbdvma.errors.errno_for_exception` (``ENOSPC`` stays ``ENOSPC``, the rest ``EIO``).
+
+* :class:`VmaBackend`: every export writes into one shared
+  :class:`~nbdvma.vma.writer.VmaWriter`, so FLUSH is global across connections and
+  ``CAN_MULTI_CONN`` holds.
+* :class:`NullBackend`: discards writes and reads zeros (nbdkit's ``null`` plugin): a
+  protocol ceiling for benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from nbdvma.vma.writer import DeviceProgress, VmaWriter
+
+__all__ = ["Backend", "Capabilities", "Export", "NullBackend", "VmaBackend"]
+
+#: ``base:allocation`` flags (NBD_STATE_HOLE | NBD_STATE_ZERO).
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+@attrs.frozen
+class Capabilities:
+    """What a backend supports; the transmission flags are derived from it."""
+
+    can_write: bool = True
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = True
+    can_cache: bool = True
+    can_extents: bool = True
+    #: FLUSH on one connection covers writes acknowledged on every other.
+    can_multi_conn: bool = True
+
+
+@attrs.frozen
+class Export:
+    """One export: a guest disk."""
+
+    name: str
+    size: int
+    description: str = ""
+
+
+class Backend(Protocol):
+    """The interface the trio server drives.  Every method may raise; the exception's
+    errno (see :func:`nbdvma.errors.errno_for_exception`) is what the client sees."""
+
+    capabilities: Capabilities
+
+    @property
+    def exports(self) -> Sequence[Export]:
+        """The exports, in a stable order."""
+
+    async def pread(self, export: str, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset``."""
+
+    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+        """Write ``data``; return only once the backend has accepted it."""
+
+    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        """Make ``[offset, offset+length)`` read as zeros."""
+
+    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        """A hint that the range is no longer needed."""
+
+    async def flush(self) -> None:
+        """Make every acknowledged write durable (on every export and connection)."""
+
+    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, base:allocation flags)`` runs from ``offset``."""
+
+
+class VmaBackend:
+    """Exports that write into one shared VMA archive writer.
+
+    Calls into the writer are serialised by one lock.  Writes run on the event loop:
+    they copy bytes and, every 58 clusters, write one extent (a few MiB into the page
+    cache).  Whatever may block for long (fsync for FLUSH and FUA, finishing) runs in
+    a worker thread while the lock is held.
+    """
+
+    capabilities = Capabilities()
+
+    def __init__(self, writer: VmaWriter, devices: dict[str, int]) -> None:
+        """Serve ``devices`` (export name -> dev id of ``writer``)."""
+        self.writer = writer
+        self._dev_ids = dict(devices)
+        sizes = {dev_id: size for dev_id, _, size in writer.devices}
+        self._exports = [Export(name, sizes[dev_id]) for name, dev_id in devices.items()]
+        self.lock = trio.Lock()
+
+    @property
+    def exports(self) -> Sequence[Export]:
+        """See :meth:`Backend.exports`."""
+        return self._exports
+
+    def progress(self, export: str) -> DeviceProgress:
+        """The writer's progress for the export's device."""
+        return self.writer.progress(self._dev_ids[export])
+
+    async def pread(self, export: str, offset: int, length: int) -> bytes:
+        """See :meth:`Backend.pread`."""
+        async with self.lock:
+            return self.writer.read(self._dev_ids[export], offset, length)
+
+    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+        """See :meth:`Backend.pwrite`."""
+        async with self.lock:
+            self.writer.write(self._dev_ids[export], offset, data)
+            if fua:
+                await trio.to_thread.run_sync(self.writer.flush)
+
+    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        """See :meth:`Backend.zero`: no buffer of ``length`` bytes is ever allocated."""
+        async with self.lock:
+            self.writer.write_zeroes(self._dev_ids[export], offset, length)
+            if fua:
+                await trio.to_thread.run_sync(self.writer.flush)
+
+    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        """See :meth:`Backend.trim`: a no-op, as the spec allows (contents unspecified)."""
+
+    async def flush(self) -> None:
+        """See :meth:`Backend.flush`."""
+        async with self.lock:
+            await trio.to_thread.run_sync(self.writer.flush)
+
+    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """See :meth:`Backend.extents`: never-written and zeroed clusters are holes."""
+        async with self.lock:
+            runs = self.writer.block_status(self._dev_ids[export], offset, length)
+        return [(n, STATE_HOLE | STATE_ZERO if zero else 0) for n, zero in runs]
+
+
+class NullBackend:
+    """Discards every write and reads zeros, like nbdkit's ``null`` plugin."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, exports: Sequence[Export]) -> None:
+        """Serve ``exports`` of the given sizes."""
+        self._exports = list(exports)
+
+    @property
+    def exports(self) -> Sequence[Export]:
+        """See :meth:`Backend.exports`."""
+        return self._exports
+
+    async def pread(self, export: str, offset: int, length: int) -> bytes:
+        """Zeros."""
+        return bytes(length)
+
+    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+        """Discard."""
+
+    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        """Discard."""
+
+    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        """Discard."""
+
+    async def flush(self) -> None:
+        """Nothing to make durable."""
+
+    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """One hole."""
+        return [(length, STATE_HOLE | STATE_ZERO)]

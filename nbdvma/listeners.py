@@ -1,0 +1,86 @@
+"""Listening sockets for ``--listen`` and ``--vmstate``: unix (mode 0600) and TCP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+import trio
+
+from nbdvma.addresses import Address, TcpAddress, UnixAddress
+from nbdvma.errors import NbdvmaError
+
+__all__ = ["ListenError", "open_listener"]
+
+
+class ListenError(NbdvmaError):
+    """A listener cannot be opened (address in use, a non-socket file in the way...)."""
+
+
+async def open_listener(
+    address: Address, *, unix_mode: int = 0o600, backlog: int = 128
+) -> tuple[trio.SocketListener, Address]:
+    """Bind and listen on ``address``.
+
+    A unix socket is created with ``unix_mode`` (owner only by default: whoever can
+    connect can write the backup); a stale socket file at the path is replaced, any
+    other file is an error.  A TCP port 0 is resolved to the port the kernel chose.
+
+    Returns:
+        The listener and the address it really listens on.
+
+    Raises:
+        ListenError: the address cannot be bound.
+    """
+    try:
+        if isinstance(address, UnixAddress):
+            return await _unix(address, unix_mode, backlog), address
+        return await _tcp(address, backlog)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+async def _unix(address: UnixAddress, mode: int, backlog: int) -> trio.SocketListener:
+    path = address.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenError(f"cannot listen on {address}: a file that is not a socket is there")
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a umask that leaves no window in which others could connect.
+        old = os.umask(0o777 & ~mode)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def _tcp(address: TcpAddress, backlog: int) -> tuple[trio.SocketListener, TcpAddress]:
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    if not infos:
+        raise ListenError(f"cannot resolve {address}")
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    return trio.SocketListener(sock), address.with_port(port)

@@ -1,0 +1,341 @@
+"""The trio NBD server: listeners, a task per connection, requests to a backend.
+
+Each connection runs the sans-IO core (:mod:`nbdvma.nbd`) over a trio stream:
+
+* a *reader* task feeds received bytes to the core and handles its events; every
+  :class:`~nbdvma.nbd.Request` is executed in a task of its own, so a client can keep
+  many requests in flight (QEMU keeps 16, nbdcopy 64), answered in any order;
+* replies go out under one send lock per connection, each whole;
+* back-pressure: WRITE payloads held in memory count against a per-connection and a
+  server-wide byte budget.  While either is spent the reader stops reading, so TCP
+  flow control slows the client down; nothing is ever allocated by a size the client
+  claims (the core drains oversize payloads without buffering them);
+* every wait has a deadline: the handshake (10 s by default, as qemu-nbd since
+  CVE-2024-7409) and, optionally, idleness;
+* a connection cap: past it, a new connection is closed at once.
+
+The server reports the life of each connection (which export, whether it ended
+cleanly) to an observer, which is how ``nbdvma serve`` knows when a disk is done.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+
+from nbdvma.backends import Backend
+from nbdvma.errors import RemoteProtocolError, errno_for_exception
+from nbdvma.nbd import (
+    NEED_DATA,
+    ConnectionClosed,
+    Disconnect,
+    ExportInfo,
+    HandshakeAborted,
+    Limits,
+    NbdServerConnection,
+    RejectedRequest,
+    Request,
+    TransmissionStarted,
+)
+from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
+
+__all__ = ["ByteBudget", "ConnectionObserver", "NbdServer", "ServerLimits"]
+
+log = logging.getLogger(__name__)
+
+_MiB = 1024 * 1024
+_RECEIVE_SIZE = 256 * 1024
+_SMALL = 64 * 1024  # replies smaller than this are joined into one send
+
+
+@attrs.frozen
+class ServerLimits:
+    """Resource limits of the server (see ``docs/security.md``)."""
+
+    #: Open connections at once; more are closed at accept.
+    max_connections: int = 100
+    #: Seconds a client may take from connect to the end of the handshake.
+    handshake_timeout: float = 10.0
+    #: Seconds a connection in transmission may stay silent with nothing in flight.
+    idle_timeout: float = math.inf
+    #: WRITE payload bytes one connection may hold in memory.
+    connection_buffer: int = 96 * _MiB
+    #: WRITE payload bytes all connections together may hold in memory.
+    server_buffer: int = 192 * _MiB
+    #: Largest READ/WRITE payload advertised in NBD_INFO_BLOCK_SIZE and enforced.
+    max_payload: int = 32 * _MiB
+    #: Protocol limits of the handshake.
+    protocol: Limits = attrs.Factory(Limits)
+
+
+class ByteBudget:
+    """A weighted semaphore for buffered bytes.
+
+    ``acquire(n)`` waits while the budget is spent, but lets a request through when
+    nothing else is held, so one request larger than the whole budget cannot stall.
+    """
+
+    def __init__(self, limit: int) -> None:
+        """A budget of ``limit`` bytes."""
+        self.limit = limit
+        self.used = 0
+        self._changed = trio.Event()
+
+    async def wait_for_room(self) -> None:
+        """Wait until something is left of the budget."""
+        while self.used >= self.limit:
+            await self._changed.wait()
+
+    def take(self, n: int) -> None:
+        """Take ``n`` bytes (the caller waited for room first)."""
+        self.used += n
+
+    def release(self, n: int) -> None:
+        """Give ``n`` bytes back."""
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class ConnectionObserver:
+    """Told about connections; ``nbdvma serve`` uses it to decide completion.
+
+    The default does nothing.  Methods run in the server's tasks and must not block.
+    """
+
+    def transmission_started(self, export: str) -> None:
+        """A client chose ``export`` and may now send requests."""
+
+    def connection_ended(self, export: str) -> None:
+        """The connection to ``export`` is closed (cleanly or not)."""
+
+
+@attrs.define(eq=False)
+class _Connection:
+    stream: trio.abc.Stream
+    core: NbdServerConnection
+    peer: str
+    send_lock: trio.Lock = attrs.Factory(trio.Lock)
+    budget: ByteBudget = attrs.Factory(lambda: ByteBudget(0))
+    export: str | None = None
+    in_flight: int = 0
+
+
+class NbdServer:
+    """Serves a :class:`~nbdvma.backends.Backend`'s exports over NBD."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        limits: ServerLimits | None = None,
+        observer: ConnectionObserver | None = None,
+    ) -> None:
+        """Create a server for ``backend``; nothing listens until :meth:`serve`."""
+        self.backend = backend
+        self.limits = limits or ServerLimits()
+        self.observer = observer or ConnectionObserver()
+        caps = backend.capabilities
+        self.exports = {
+            e.name: ExportInfo(
+                name=e.name,
+                size=e.size,
+                description=e.description,
+                can_write=caps.can_write,
+                can_flush=caps.can_flush,
+                can_fua=caps.can_fua,
+                can_trim=caps.can_trim,
+                can_zero=caps.can_zero,
+                can_fast_zero=caps.can_fast_zero,
+                can_cache=caps.can_cache,
+                can_multi_conn=caps.can_multi_conn,
+                min_block=1,
+                preferred_block=64 * 1024,
+                max_block=self.limits.max_payload,
+            )
+            for e in backend.exports
+        }
+        self._budget = ByteBudget(self.limits.server_buffer)
+        self.connections = 0
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on every listener until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started()
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # EMFILE and friends: do not die, do not spin.
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.handle_connection, stream)
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one client on ``stream`` until it disconnects; always closes it."""
+        peer = _peer_name(stream)
+        if self.connections >= self.limits.max_connections:
+            log.warning("%s: refused, %d connections open", peer, self.connections)
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
+        _nodelay(stream)
+        conn = _Connection(
+            stream,
+            NbdServerConnection(self.exports, limits=self.limits.protocol),
+            peer,
+            budget=ByteBudget(self.limits.connection_buffer),
+        )
+        try:
+            await self._run(conn)
+        except RemoteProtocolError as exc:
+            log.info("%s: dropped: %s", peer, exc)
+        except trio.TooSlowError:
+            log.info("%s: dropped: handshake or idle deadline passed", peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("%s: connection lost: %s", peer, exc)
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+            if conn.export is not None:
+                self.observer.connection_ended(conn.export)
+
+    async def _send(self, conn: _Connection) -> None:
+        """Write what the core has queued (taken now, so messages stay whole)."""
+        buffers = conn.core.buffers_to_send()
+        if not buffers:
+            return
+        async with conn.send_lock:
+            small = bytearray()
+            for buf in buffers:
+                if len(buf) < _SMALL:
+                    small += buf
+                    continue
+                if small:
+                    await conn.stream.send_all(small)
+                    small = bytearray()
+                await conn.stream.send_all(buf)
+            if small:
+                await conn.stream.send_all(small)
+
+    async def _run(self, conn: _Connection) -> None:
+        core = conn.core
+        async with trio.open_nursery() as requests:
+            deadline = trio.current_time() + self.limits.handshake_timeout
+            while True:
+                event = core.next_event()
+                if event is NEED_DATA:
+                    await self._send(conn)
+                    if conn.export is not None:
+                        await conn.budget.wait_for_room()
+                        await self._budget.wait_for_room()
+                        if conn.in_flight == 0:
+                            deadline = trio.current_time() + self.limits.idle_timeout
+                        else:
+                            deadline = math.inf
+                    with trio.fail_at(deadline):
+                        data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                    core.receive_data(data)
+                elif isinstance(event, Request):
+                    cost = len(event.data) if event.data is not None else 0
+                    conn.budget.take(cost)
+                    self._budget.take(cost)
+                    conn.in_flight += 1
+                    requests.start_soon(self._execute, conn, event, cost)
+                elif isinstance(event, TransmissionStarted):
+                    conn.export = event.export_name
+                    log.info("%s: transmission on export %r", conn.peer, conn.export)
+                    self.observer.transmission_started(event.export_name)
+                    await self._send(conn)
+                elif isinstance(event, RejectedRequest):
+                    log.info("%s: rejected: %s", conn.peer, event.reason)
+                    await self._send(conn)
+                elif isinstance(event, HandshakeAborted):
+                    await self._send(conn)
+                    return
+                elif isinstance(event, Disconnect | ConnectionClosed):
+                    # DISC: the outstanding requests finish (the nursery waits), then close.
+                    if isinstance(event, ConnectionClosed) and event.truncated:
+                        log.info("%s: connection closed in the middle of a message", conn.peer)
+                    return
+
+    async def _execute(self, conn: _Connection, req: Request, cost: int) -> None:
+        core = conn.core
+        export = conn.export
+        assert export is not None
+        backend = self.backend
+        fua = bool(req.flags & NbdCmdFlag.NBD_CMD_FLAG_FUA)
+        try:
+            try:
+                if req.command == NbdCommand.NBD_CMD_READ:
+                    data = await backend.pread(export, req.offset, req.length)
+                    core.send_read_reply(req.cookie, req.offset, data)
+                elif req.command == NbdCommand.NBD_CMD_WRITE:
+                    assert req.data is not None
+                    await backend.pwrite(export, req.offset, req.data, fua=fua)
+                    core.send_reply(req.cookie)
+                elif req.command == NbdCommand.NBD_CMD_WRITE_ZEROES:
+                    await backend.zero(export, req.offset, req.length, fua=fua)
+                    core.send_reply(req.cookie)
+                elif req.command == NbdCommand.NBD_CMD_TRIM:
+                    await backend.trim(export, req.offset, req.length, fua=fua)
+                    core.send_reply(req.cookie)
+                elif req.command == NbdCommand.NBD_CMD_FLUSH:
+                    await backend.flush()
+                    core.send_reply(req.cookie)
+                elif req.command == NbdCommand.NBD_CMD_BLOCK_STATUS:
+                    extents = await backend.extents(export, req.offset, req.length)
+                    core.send_block_status(req, extents)
+                else:  # NBD_CMD_CACHE: a hint
+                    core.send_reply(req.cookie)
+            except Exception as exc:
+                err = errno_for_exception(exc)
+                if err != errno.ENOSPC:
+                    log.warning("%s: %s failed: %s", conn.peer, req.command.name, exc)
+                core.send_error(req.cookie, err, str(exc))
+            await self._send(conn)
+        finally:
+            conn.in_flight -= 1
+            conn.budget.release(cost)
+            self._budget.release(cost)
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "client"
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "client"
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return str(name) or "unix client"
+
+
+def _nodelay(stream: trio.abc.Stream) -> None:
+    sock = getattr(stream, "socket", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+ListenerFactory = Callable[[], Awaitable[list[trio.abc.Listener[trio.abc.Stream]]]]
