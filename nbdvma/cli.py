@@ -1,0 +1,143 @@
+"""The ``nbdvma`` command line: ``list``, ``config``, ``verify``, ``extract``, ``create``.
+
+The archive commands mirror Proxmox's ``vma`` (format doc §8).  Every failure is one
+line on stderr and a non-zero exit status, never a traceback; usage errors exit 1,
+as ``vma`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from nbdvma import __version__
+from nbdvma.errors import NbdvmaError
+from nbdvma.tools import (
+    DEFAULT_CONFIG,
+    ToolError,
+    create_archive,
+    extract_archive,
+    list_archive,
+    print_config,
+    verify_archive,
+)
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with ``vma``'s exit status (1) for a bad command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``nbdvma`` (exposed for documentation and tests)."""
+    parser = _Parser(prog="nbdvma", description="Proxmox VMA archive tools.")
+    parser.add_argument("--version", action="version", version=f"nbdvma {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("list", help="print the configs and devices of an archive")
+    p.add_argument("file", help="archive (- for stdin; .zst is decompressed)")
+
+    p = sub.add_parser("config", help="print one config file of an archive")
+    p.add_argument("file", help="archive (- for stdin)")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config name")
+
+    p = sub.add_parser("verify", help="read and check a whole archive")
+    p.add_argument("file", help="archive (- for stdin)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print progress")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also reject missing clusters, stored zero blocks and data past a disk's end",
+    )
+
+    p = sub.add_parser("extract", help="restore an archive into a new directory")
+    p.add_argument("file", help="archive (- for stdin)")
+    p.add_argument("dir", help="target directory (must not exist)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print progress")
+    p.add_argument("-d", "--drives", help="comma-separated device names to restore")
+
+    p = sub.add_parser("create", help="write an archive of config files and raw images")
+    p.add_argument("file", help="new archive (- for stdout; .zst compresses)")
+    p.add_argument("-c", "--config", action="append", default=[], help="config file (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print per-image figures")
+    p.add_argument("images", nargs="*", metavar="[NAME=]IMAGE", help="raw disk images")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    out = sys.stdout
+    if args.command == "list":
+        list_archive(args.file, out)
+    elif args.command == "config":
+        print_config(args.file, args.config, out)
+    elif args.command == "verify":
+        verify_archive(args.file, out, verbose=args.verbose, strict=args.strict)
+    elif args.command == "extract":
+        drives = None
+        if args.drives is not None:
+            drives = [d for d in args.drives.split(",") if d]
+        extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
+    elif args.command == "create":
+        create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
+    else:  # pragma: no cover - argparse only accepts the commands above
+        raise ToolError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``nbdvma`` with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 on errors and bad usage, 255 when
+        ``config`` finds no such config (as ``vma``).
+    """
+    parser = build_parser()
+    try:
+        # create takes images on both sides of its options ("FILE -c CFG IMG..."),
+        # which plain parse_args cannot mix with a nargs="*" positional.
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if args.command != "create" or any(a.startswith("-") for a in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.images.extend(extra)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    try:
+        _run(args)
+        sys.stdout.flush()
+    except ToolError as exc:
+        _flush_quietly()
+        print(exc.message, file=sys.stderr)
+        return exc.status
+    except NbdvmaError as exc:  # a tool let one through: still one line
+        _flush_quietly()
+        print(str(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away: stop quietly, and keep Python's exit
+        # flush from complaining about the same pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    except OSError as exc:
+        _flush_quietly()
+        print(exc.strerror or str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _flush_quietly() -> None:
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()

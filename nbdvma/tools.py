@@ -1,0 +1,622 @@
+"""The ``vma``-compatible tools: list, config, verify, extract and create.
+
+Each command behaves and prints like Proxmox's ``vma`` (format doc §8), except that
+errors never abort with a core dump: every failure is a :class:`ToolError` carrying
+the one line to print on stderr and the exit status.  Format errors keep the real
+tool's wording (``verify failed - found duplicated cluster 5 for stream disk0``).
+
+``extract`` differs from ``vma extract`` where the real tool is lossy or careless:
+disks are restored to their exact size (not the last full sector), ``vmstate.bin``
+gets every stored cluster including zero blocks, nothing is ever left half-written
+under a final name, and existing files are never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TextIO
+
+from nbdvma.errors import VmaFormatError, VmaWriterError
+from nbdvma.vma.format import (
+    VMA_BLOCK_SIZE,
+    VMA_CLUSTER_SIZE,
+    VMA_MAX_DEVICES,
+    DeviceInfo,
+)
+from nbdvma.vma.reader import Cluster, VmaReader, open_source
+
+if TYPE_CHECKING:
+    from nbdvma.vma.writer import VmaWriter
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ToolError",
+    "create_archive",
+    "extract_archive",
+    "list_archive",
+    "print_config",
+    "verify_archive",
+]
+
+#: The config ``vma config`` prints when no ``-c`` is given.
+DEFAULT_CONFIG = "qemu-server.conf"
+_FULL_MASK = 0xFFFF
+_IOV_MAX = 1024
+_SECTOR = 512
+_COPY_CHUNK = 4 << 20  # create: read images in 4 MiB chunks
+_MAX_CONFIG_READ = 65536 + 1  # one byte more than any config may hold
+
+
+class ToolError(Exception):
+    """A command failed: ``message`` is the line for stderr, ``status`` the exit code."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _signed64(value: int) -> int:
+    """How C's ``%zd`` prints a u64."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _open_reader(path: str, *, skip: Iterable[int] = ()) -> tuple[VmaReader, object]:
+    """Open ``path`` and read its header; errors as the real tool prints them."""
+    try:
+        source = open_source(path)
+    except OSError as exc:
+        raise ToolError(f"can't open file {path} - {_strerror(exc)}") from exc
+    try:
+        reader = VmaReader(source, skip=frozenset(skip))
+    except VmaFormatError as exc:
+        source.close()
+        raise ToolError(str(exc)) from exc
+    except BaseException:
+        source.close()
+        raise
+    return reader, source
+
+
+def _close(source: object) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
+def _content_lines(reader: VmaReader) -> Iterator[str]:
+    """``vma list`` output (print_content in vma.c)."""
+    head = reader.header
+    for name, data in head.configs:
+        yield f"CFG: size: {len(data)} name: {name}\n"
+    for dev in head.devices:
+        if dev.dev_id > VMA_MAX_DEVICES:
+            continue
+        if dev.is_vmstate:
+            yield f"VMSTATE: dev_id={dev.dev_id} memory: {_signed64(dev.size)}\n"
+        else:
+            yield f"DEV: dev_id={dev.dev_id} size: {_signed64(dev.size)} devname: {dev.name}\n"
+    try:
+        ctime = time.ctime(head.ctime) + "\n"
+    except (OverflowError, OSError, ValueError):
+        ctime = "(null)\n"  # glibc's ctime() returns NULL, printf prints "(null)"
+    yield f"CTIME: {ctime}"
+
+
+def list_archive(path: str, out: TextIO) -> None:
+    """``vma list``: print the configs, devices and ctime of the archive header.
+
+    Raises:
+        ToolError: the file cannot be opened or its header is invalid.
+    """
+    reader, source = _open_reader(path)
+    try:
+        out.writelines(_content_lines(reader))
+    finally:
+        _close(source)
+
+
+def print_config(path: str, name: str, out: TextIO) -> None:
+    """``vma config``: write the raw data of the first config called ``name``.
+
+    Raises:
+        ToolError: status 255 if there is no such config (as ``vma``).
+    """
+    reader, source = _open_reader(path)
+    _close(source)
+    data = reader.header.config(name)
+    if data is None:
+        raise ToolError(f"unable to find configuration data '{name}'", 255)
+    out.flush()
+    out.buffer.write(data)
+    out.buffer.flush()
+
+
+class _Progress:
+    """The ``progress N% (read B bytes, duration S sec)`` lines of ``-v``."""
+
+    def __init__(self, reader: VmaReader, disks: Iterable[DeviceInfo], out: TextIO | None) -> None:
+        self.reader = reader
+        self.out = out
+        self.total = sum(d.size // VMA_CLUSTER_SIZE for d in disks)
+        self.start = int(time.time())
+        self.percent = 0
+        self.read = 0
+
+    def update(self) -> None:
+        """Count one cluster; print a line when the percentage changes.
+
+        As in ``vma``, the total counts whole clusters only (``size // 65536``), so
+        a disk with a partial last cluster ends above 100%.
+        """
+        self.read += 1
+        # The real tool divides by zero when every device is < 64 KiB; we stay quiet.
+        if self.out is None or not self.total:
+            return
+        read = self.read
+        percent = read * 100 // self.total
+        if percent != self.percent:
+            duration = int(time.time()) - self.start
+            self.out.write(
+                f"progress {percent}% (read {read * VMA_CLUSTER_SIZE} bytes, "
+                f"duration {duration} sec)\n"
+            )
+            self.out.flush()
+            self.percent = percent
+
+    def totals(self) -> None:
+        if self.out is None:
+            return
+        stats = self.reader.stats
+        read = stats.clusters_read * VMA_CLUSTER_SIZE
+        if not read:
+            self.out.write("vma archive contains no image data\n")
+            return
+        sparse = stats.zero_cluster_bytes
+        self.out.write(
+            f"total bytes read {read}, sparse bytes {sparse} ({100.0 * sparse / read:.3g}%)\n"
+        )
+        datasize = read - sparse
+        if datasize:
+            self.out.write(
+                "space reduction due to 4K zero blocks "
+                f"{100.0 * stats.partial_zero_bytes / datasize:.3g}%\n"
+            )
+
+
+_ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
+
+
+def _strict_check(cluster: Cluster) -> None:
+    """``verify --strict``: what the C writer never produces."""
+    data = cluster.data
+    for i in range(0, len(data), VMA_BLOCK_SIZE):
+        if data[i : i + VMA_BLOCK_SIZE] == _ZERO_BLOCK:
+            raise VmaFormatError(
+                f"stored zero block in cluster {cluster.cluster} of stream {cluster.dev.name}"
+            )
+
+
+def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: bool = False) -> None:
+    """``vma verify``: read the whole archive and apply every check (not S15).
+
+    Args:
+        path: the archive, ``-`` for stdin.
+        out: where ``-v`` output goes.
+        verbose: print the list output, progress and totals.
+        strict: also reject what the C writer never writes but the reader accepts:
+            missing clusters (S15), stored all-zero blocks and data past a disk's end.
+
+    Raises:
+        ToolError: ``verify failed - <reason>``.
+    """
+    reader, source = _open_reader(path)
+    try:
+        if verbose:
+            out.writelines(_content_lines(reader))
+            out.flush()
+        disks = [d for d in reader.header.devices if d.dev_id <= VMA_MAX_DEVICES]
+        progress = _Progress(
+            reader, [d for d in disks if not d.is_vmstate], out if verbose else None
+        )
+        for cluster in reader.clusters():
+            if strict:
+                _strict_check(cluster)
+            progress.update()
+        if strict:
+            reader.check_missing()
+            for dev_id, count in sorted(reader.stats.past_end.items()):
+                dev = reader.device(dev_id)
+                name = dev.name if dev is not None else str(dev_id)
+                raise VmaFormatError(f"{count} cluster(s) of stream {name} store data past its end")
+        progress.totals()
+    except VmaFormatError as exc:
+        raise ToolError(f"verify failed - {exc}") from exc
+    finally:
+        _close(source)
+        reader.close()
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ToolError(f"unable to write file: invalid {what} name {name!r}")
+
+
+def _pwrite_all(fd: int, views: Sequence[memoryview | bytes], offset: int) -> None:
+    """Write ``views`` contiguously at ``offset`` (pwritev, retrying short writes)."""
+    views = list(views)
+    while views:
+        batch = views[:_IOV_MAX]
+        want = sum(len(v) for v in batch)
+        done = os.pwritev(fd, batch, offset)
+        offset += done
+        if done == want:
+            del views[:_IOV_MAX]
+            continue
+        # Short write: drop what went out and retry the rest.
+        rest: list[memoryview | bytes] = []
+        for v in batch:
+            if done >= len(v):
+                done -= len(v)
+            else:
+                rest.append(memoryview(v)[done:])
+                done = 0
+        views[: len(batch)] = rest
+
+
+class _Target:
+    """One output file of extract: coalesces adjacent writes into few pwritev calls."""
+
+    def __init__(self, tmp: str, final: str, size: int | None) -> None:
+        self.tmp = tmp
+        self.final = final
+        self.size = size  # the disk size; None for vmstate (grows as it is written)
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.pending: list[memoryview | bytes] = []
+        self.pending_at = 0
+        self.pending_end = 0
+        self.length = 0  # vmstate: bytes of clusters stored so far
+        if size is not None:
+            os.ftruncate(self.fd, size)
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        if self.size is not None:
+            if offset >= self.size:
+                return
+            if offset + len(data) > self.size:
+                data = data[: self.size - offset]
+        if self.pending and offset != self.pending_end:
+            self.flush()
+        if not self.pending:
+            self.pending_at = self.pending_end = offset
+        self.pending.append(data)
+        self.pending_end += len(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            _pwrite_all(self.fd, self.pending, self.pending_at)
+            self.pending = []
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _write_cluster(target: _Target, cluster: Cluster) -> None:
+    """Queue the stored blocks of a cluster (zero blocks are holes)."""
+    mask, data = cluster.mask, cluster.data
+    base = cluster.cluster * VMA_CLUSTER_SIZE
+    if mask == _FULL_MASK:
+        target.write(base, data)
+        return
+    pos = 0
+    j = 0
+    while mask >> j:
+        if not mask >> j & 1:
+            j += 1
+            continue
+        run = j
+        while mask >> j & 1:
+            j += 1
+        length = (j - run) * VMA_BLOCK_SIZE
+        target.write(base + run * VMA_BLOCK_SIZE, data[pos : pos + length])
+        pos += length
+
+
+def _finish_name(tmp: str, final: str) -> None:
+    """Give a complete file its final name, never replacing an existing file."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links on this file system: rename after checking for the name.
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final) from None
+        os.rename(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+def extract_archive(
+    path: str,
+    dirname: str,
+    out: TextIO,
+    *,
+    verbose: bool = False,
+    drives: Sequence[str] | None = None,
+) -> None:
+    """``vma extract``: restore configs, disks and vmstate into a new directory.
+
+    Args:
+        path: the archive, ``-`` for stdin.
+        dirname: the target directory; it must not exist.
+        out: where ``DEVINFO`` lines and ``-v`` output go.
+        verbose: print progress and totals.
+        drives: restore only these devices (by name; ``vmstate`` included); the
+            others are read and checked but not tracked for duplicates or gaps.
+
+    Raises:
+        ToolError: ``restore failed - <reason>`` and the like; temporary files are
+            removed, so nothing incomplete remains under a final name.
+    """
+    reader, source = _open_reader(path)
+    head = reader.header
+    present = [d for d in head.devices if d.dev_id <= VMA_MAX_DEVICES]
+    if drives is not None:
+        names = {d.name for d in present}
+        for name in drives:
+            if name not in names:
+                _close(source)
+                raise ToolError(f"no device named '{name}' in archive")
+    selected = [d for d in present if drives is None or d.name in drives]
+    disks = [d for d in selected if not d.is_vmstate]
+    reader.skip_devices(d.dev_id for d in present if d not in selected)
+    targets: dict[int, _Target] = {}
+    try:
+        try:
+            os.mkdir(dirname)
+        except OSError as exc:
+            raise ToolError(f"unable to create target directory {_strerror(exc)}") from exc
+        for name, data in head.configs:
+            _check_name(name, "config")
+            try:
+                fd = os.open(
+                    os.path.join(dirname, name),
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o644,
+                )
+                try:
+                    _pwrite_all(fd, [data], 0)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise ToolError(f"unable to write file: {name}: {_strerror(exc)}") from exc
+        for dev in selected:
+            if dev.is_vmstate:
+                if dev.dev_id != reader.vmstate_id:
+                    raise ToolError(f"create vmstate file '{dirname}/vmstate.bin' failed")
+                tmp = os.path.join(dirname, "tmp-vmstate.bin")
+                final = os.path.join(dirname, "vmstate.bin")
+                size = None
+            else:
+                _check_name(dev.name, "device")
+                tmp = os.path.join(dirname, f"tmp-disk-{dev.name}.raw")
+                final = os.path.join(dirname, f"disk-{dev.name}.raw")
+                size = dev.size
+            try:
+                targets[dev.dev_id] = _Target(tmp, final, size)
+            except OSError as exc:
+                raise ToolError(f"can't create file {tmp} - {_strerror(exc)}") from exc
+            if size is not None:
+                out.write(f"DEVINFO {tmp} {size}\n")
+        out.flush()
+        progress = _Progress(reader, disks, out if verbose else None)
+        try:
+            for extent in reader.extents():
+                for cluster in extent:
+                    target = targets.get(cluster.dev.dev_id)
+                    if target is not None:
+                        if target.size is None:
+                            _write_vmstate(target, cluster)
+                        else:
+                            _write_cluster(target, cluster)
+                    progress.update()
+                for target in targets.values():
+                    target.flush()
+            reader.check_missing(disks)
+            for target in targets.values():
+                if target.size is None:
+                    _finish_vmstate(target, reader.device(reader.vmstate_id))
+                os.fsync(target.fd)
+                target.close()
+        except VmaFormatError as exc:
+            raise ToolError(f"restore failed - {exc}") from exc
+        except OSError as exc:
+            raise ToolError(f"restore failed - write failed: {_strerror(exc)}") from exc
+        for target in targets.values():
+            try:
+                _finish_name(target.tmp, target.final)
+            except OSError as exc:
+                raise ToolError(
+                    f"rename {target.tmp} to {target.final} failed - {_strerror(exc)}"
+                ) from exc
+        progress.totals()
+    except BaseException:
+        for target in targets.values():
+            target.close()
+            with contextlib.suppress(OSError):
+                os.unlink(target.tmp)
+        raise
+    finally:
+        _close(source)
+        reader.close()
+
+
+def _write_vmstate(target: _Target, cluster: Cluster) -> None:
+    """Append a vmstate cluster, zero blocks included (as holes, then ftruncate)."""
+    _write_cluster(target, cluster)
+    target.length = (cluster.cluster + 1) * VMA_CLUSTER_SIZE
+
+
+def _finish_vmstate(target: _Target, dev: DeviceInfo | None) -> None:
+    """Cut vmstate.bin to the header's size when that falls in the last cluster."""
+    length = target.length
+    if dev is not None and length - VMA_CLUSTER_SIZE < dev.size <= length:
+        length = dev.size
+    os.ftruncate(target.fd, length)
+
+
+# --------------------------------------------------------------------------- create
+
+
+def _image_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is_data) ranges of an image, holes found with SEEK_DATA/SEEK_HOLE."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                yield pos, size, False
+            else:  # no hole support (a block device, an old file system): all data
+                yield pos, size, True
+            return
+        data = min(data, size)
+        if data > pos:
+            yield pos, data, False
+        if data >= size:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        yield data, hole, True
+        pos = hole
+
+
+def _parse_image(arg: str, index: int) -> tuple[str, str]:
+    name, sep, image = arg.partition("=")
+    if not sep:
+        return f"disk{index}", arg
+    return name, image
+
+
+def create_archive(
+    path: str,
+    configs: Sequence[str],
+    images: Sequence[str],
+    err: TextIO,
+    *,
+    verbose: bool = False,
+) -> None:
+    """``vma create``: write an archive of config files and raw disk images.
+
+    Args:
+        path: the new archive (must not exist; ``-`` for stdout; ``.zst``
+            compresses).
+        configs: config files, stored under their basename.
+        images: ``[NAME=]PATH``; the default name is ``disk<N>``.
+        err: where ``-v`` prints its ``image ...`` lines.
+        verbose: print per-image statistics.
+
+    Raises:
+        ToolError: bad input, a limit of the format, or an I/O error; the partial
+            archive is removed.
+    """
+    from nbdvma.vma.sink import open_sink
+    from nbdvma.vma.writer import VmaWriter
+
+    config_data: list[tuple[str, bytes]] = []
+    for cfg in configs:
+        try:
+            with open(cfg, "rb") as f:
+                config_data.append((os.path.basename(cfg), f.read(_MAX_CONFIG_READ)))
+        except OSError as exc:
+            raise ToolError(f"unable to read file '{cfg}' - {_strerror(exc)}") from exc
+    opened: list[tuple[str, str, int, int]] = []  # name, path, fd, size
+    try:
+        for index, arg in enumerate(images):
+            name, image = _parse_image(arg, index)
+            try:
+                fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+                size = _image_size(fd)
+            except OSError as exc:
+                raise ToolError(f"can't open file {image} - {_strerror(exc)}") from exc
+            if size <= 0:
+                os.close(fd)
+                raise ToolError(f"image {image} is empty")
+            opened.append((name, image, fd, size))
+        try:
+            sink = open_sink(path, None)
+        except OSError as exc:
+            raise ToolError(f"can't create file {path} - {_strerror(exc)}") from exc
+        except VmaWriterError as exc:
+            raise ToolError(str(exc)) from exc
+        writer = VmaWriter(sink)
+        try:
+            for cname, data in config_data:
+                writer.add_config(cname, data)
+            # Device sizes are whole 512-byte sectors, as QEMU reports a raw image's
+            # size: Proxmox's reader cannot restore a block that starts in a partial
+            # last sector (S12), so the tail is padded with zeros instead.
+            dev_ids = [
+                writer.add_device(name, -(-size // _SECTOR) * _SECTOR)
+                for name, _, _, size in opened
+            ]
+            buf = bytearray(_COPY_CHUNK)
+            view = memoryview(buf)
+            for dev_id, (name, image, fd, size) in zip(dev_ids, opened, strict=True):
+                zeros = _copy_image(writer, dev_id, image, fd, size, view)
+                if verbose:
+                    err.write(f"image {name}: size={size} zeros={zeros} saved={zeros}\n")
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            if path != "-":
+                with contextlib.suppress(OSError):
+                    os.unlink(path + ".part")
+            raise
+    except VmaWriterError as exc:
+        raise ToolError(str(exc)) from exc
+    except OSError as exc:
+        raise ToolError(f"create failed - {_strerror(exc)}") from exc
+    finally:
+        for _, _, fd, _ in opened:
+            os.close(fd)
+
+
+def _copy_image(
+    writer: VmaWriter, dev_id: int, image: str, fd: int, size: int, view: memoryview
+) -> int:
+    """Feed one image to the writer; return the bytes skipped as holes."""
+    zeros = 0
+    write = writer.write
+    write_zeroes = writer.write_zeroes
+    for start, end, is_data in _extents(fd, size):
+        if not is_data:
+            write_zeroes(dev_id, start, end - start)
+            zeros += end - start
+            continue
+        pos = start
+        while pos < end:
+            n = os.preadv(fd, [view[: min(len(view), end - pos)]], pos)
+            if n <= 0:
+                raise ToolError(f"image {image}: unexpected end of file at {pos}")
+            write(dev_id, pos, view[:n])
+            pos += n
+    return zeros

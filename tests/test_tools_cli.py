@@ -1,0 +1,482 @@
+"""The ``nbdvma`` tools: list/config/verify/extract output and failures, create round trips."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vmagen import CTIME, Slot, block, extent, header, image_archive
+
+from nbdvma.cli import main
+from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE
+from nbdvma.vma.sink import open_sink
+from nbdvma.vma.writer import VmaWriter
+
+C = VMA_CLUSTER_SIZE
+NBDVMA = str(Path(sys.executable).with_name("nbdvma"))
+CONF = b"memory: 512\nname: test\n"
+
+
+@pytest.fixture(autouse=True)
+def _utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+
+
+def data_of(size: int, seed: int = 1) -> bytes:
+    """Deterministic data with zero blocks and a zero cluster in it."""
+    rnd = random.Random(seed)
+    out = bytearray(rnd.randbytes(size))
+    for start in range(0, size, 5 * VMA_BLOCK_SIZE):
+        out[start : start + VMA_BLOCK_SIZE] = bytes(len(out[start : start + VMA_BLOCK_SIZE]))
+    if size > 2 * C:
+        out[C : 2 * C] = bytes(C)
+    return bytes(out)
+
+
+def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [NBDVMA, *argv], input=stdin, capture_output=True, env={**os.environ, "TZ": "UTC"}
+    )
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[bytes], message: str) -> None:
+    assert proc.returncode != 0
+    err = proc.stderr.decode()
+    assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+    assert message in err, err
+
+
+@pytest.fixture
+def two_disks(tmp_path: Path) -> tuple[Path, bytes, bytes]:
+    a = data_of(3 * C + 8192, 1)
+    b = data_of(70 * C, 2)
+    path = tmp_path / "a.vma"
+    path.write_bytes(
+        image_archive(
+            [("drive-scsi0", a), ("drive-efidisk0", b)],
+            [("qemu-server.conf", CONF), ("qemu-server.fw", b"[OPTIONS]\n")],
+            order="interleaved",
+        )
+    )
+    return path, a, b
+
+
+# ----------------------------------------------------------------------- list / config
+
+
+def test_list_exact_output(
+    two_disks: tuple[Path, bytes, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, a, b = two_disks
+    assert main(["list", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"CFG: size: {len(CONF)} name: qemu-server.conf\n"
+        "CFG: size: 10 name: qemu-server.fw\n"
+        f"DEV: dev_id=1 size: {len(a)} devname: drive-scsi0\n"
+        f"DEV: dev_id=2 size: {len(b)} devname: drive-efidisk0\n"
+        f"CTIME: {time.ctime(CTIME)}\n"
+    )
+
+
+def test_list_vmstate_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.vma"
+    path.write_bytes(header([("disk0", C), ("vmstate", 5000)]) + extent([Slot(1, 0, 0)]))
+    assert main(["list", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == [
+        "DEV: dev_id=1 size: 65536 devname: disk0",
+        "VMSTATE: dev_id=2 memory: 5000",
+    ]
+
+
+def test_config(
+    two_disks: tuple[Path, bytes, bytes], capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    path = str(two_disks[0])
+    assert main(["config", path]) == 0
+    assert capfdbinary.readouterr().out == CONF
+    assert main(["config", path, "-c", "qemu-server.fw"]) == 0
+    assert capfdbinary.readouterr().out == b"[OPTIONS]\n"
+    assert main(["config", path, "-c", "nope"]) == 255
+    captured = capfdbinary.readouterr()
+    assert captured.out == b""
+    assert captured.err == b"unable to find configuration data 'nope'\n"
+
+
+# ----------------------------------------------------------------------- verify
+
+
+def test_verify_silent_and_verbose(
+    two_disks: tuple[Path, bytes, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(two_disks[0])
+    assert main(["verify", path]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["verify", "-v", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CFG: ")
+    assert lines[4].startswith("CTIME: ")
+    assert lines[5].startswith("progress 1% (read 65536 bytes, duration ")
+    # 74 clusters read, 73 whole ones counted: like vma, the last line is over 100%.
+    assert lines[-3].startswith("progress 101% (read 4849664 bytes")
+    assert lines[-2].startswith("total bytes read 4849664, sparse bytes ")
+    assert lines[-1].startswith("space reduction due to 4K zero blocks ")
+
+
+def test_verify_no_image_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.vma"
+    path.write_bytes(header([], [("qemu-server.conf", CONF)]) + extent([]))
+    assert main(["verify", "-v", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "vma archive contains no image data"
+
+
+def test_verify_failure_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "d.vma"
+    path.write_bytes(header() + extent([Slot(1, 0, 0), Slot(1, 0, 0)]))
+    assert main(["verify", str(path)]) == 1
+    assert (
+        capsys.readouterr().err == "verify failed - found duplicated cluster 0 for stream disk0\n"
+    )
+    # Header errors are printed as they are (vma_reader_create fails before verify).
+    path.write_bytes(b"VMA\0" + bytes(20000))
+    assert main(["verify", str(path)]) == 1
+    assert capsys.readouterr().err == "wrong vma header size 0\n"
+
+
+def test_verify_does_not_check_missing_clusters_but_strict_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.vma"
+    path.write_bytes(header() + extent([Slot(1, 0, 0)]))
+    assert main(["verify", str(path)]) == 0
+    assert main(["verify", "--strict", str(path)]) == 1
+    assert "detected missing cluster 1 for stream disk0" in capsys.readouterr().err
+
+
+def test_verify_strict_rejects_stored_zero_blocks_and_past_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "z.vma"
+    path.write_bytes(header([("d", C)]) + extent([Slot(1, 0, 1, block(0))]))
+    assert main(["verify", str(path)]) == 0
+    assert main(["verify", "--strict", str(path)]) == 1
+    assert "stored zero block in cluster 0 of stream d" in capsys.readouterr().err
+    path.write_bytes(header([("d", 8192)]) + extent([Slot(1, 0, 0xFFFF, block(3) * 16)]))
+    assert main(["verify", str(path)]) == 0
+    assert main(["verify", "--strict", str(path)]) == 1
+    assert "store data past its end" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- extract
+
+
+def test_extract(
+    two_disks: tuple[Path, bytes, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, a, b = two_disks
+    out = tmp_path / "out"
+    assert main(["extract", str(path), str(out)]) == 0
+    assert capsys.readouterr().out == (
+        f"DEVINFO {out}/tmp-disk-drive-scsi0.raw {len(a)}\n"
+        f"DEVINFO {out}/tmp-disk-drive-efidisk0.raw {len(b)}\n"
+    )
+    assert sorted(os.listdir(out)) == [
+        "disk-drive-efidisk0.raw",
+        "disk-drive-scsi0.raw",
+        "qemu-server.conf",
+        "qemu-server.fw",
+    ]
+    assert (out / "disk-drive-scsi0.raw").read_bytes() == a
+    assert (out / "disk-drive-efidisk0.raw").read_bytes() == b
+    assert (out / "qemu-server.conf").read_bytes() == CONF
+
+
+def test_extract_is_sparse_and_exact_size(tmp_path: Path) -> None:
+    size = 256 * C + 512
+    path = tmp_path / "s.vma"
+    slots = [Slot(1, c, 0) for c in range(257)]
+    slots[100] = Slot(1, 100, 1 << 7, block(9))
+    path.write_bytes(
+        header([("big", size)]) + b"".join(extent(slots[i : i + 58]) for i in range(0, 257, 58))
+    )
+    assert main(["extract", str(path), str(tmp_path / "o")]) == 0
+    disk = tmp_path / "o" / "disk-big.raw"
+    assert disk.stat().st_size == size
+    assert disk.stat().st_blocks * 512 < 1 << 20
+    with open(disk, "rb") as f:
+        f.seek(100 * C + 7 * VMA_BLOCK_SIZE)
+        assert f.read(VMA_BLOCK_SIZE) == block(9)
+
+
+def test_extract_vmstate_is_faithful_and_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "v.vma"
+    state = [Slot(2, 0, 0b1001, block(1) + block(2)), Slot(2, 1, 0), Slot(2, 2, 1, block(3))]
+    path.write_bytes(
+        header([("disk0", C), ("vmstate", 2 * C + 100)]) + extent([Slot(1, 0, 0), *state])
+    )
+    assert main(["extract", str(path), str(tmp_path / "o")]) == 0
+    expect = block(1) + bytes(2 * 4096) + block(2) + bytes(12 * 4096) + bytes(C) + block(3)[:100]
+    assert (tmp_path / "o" / "vmstate.bin").read_bytes() == expect
+    # A size outside the last stored cluster: keep every stored byte.
+    path.write_bytes(header([("disk0", C), ("vmstate", 9 * C)]) + extent([Slot(1, 0, 0), *state]))
+    assert main(["extract", str(path), str(tmp_path / "p")]) == 0
+    assert len((tmp_path / "p" / "vmstate.bin").read_bytes()) == 3 * C
+
+
+def test_extract_selected_drives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "d.vma"
+    # disk1 lacks cluster 1 and repeats cluster 0: skipped, so no checks for it.
+    path.write_bytes(
+        header([("disk0", C), ("disk1", 2 * C)])
+        + extent([Slot(1, 0, 1, block(4)), Slot(2, 0, 0), Slot(2, 0, 0)])
+    )
+    assert main(["extract", "-d", "disk0", str(path), str(tmp_path / "o")]) == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["disk-disk0.raw", "qemu-server.conf"]
+    assert main(["extract", "-d", "nope", str(path), str(tmp_path / "p")]) == 1
+    assert "no device named 'nope'" in capsys.readouterr().err
+
+
+def test_extract_failure_leaves_no_partial_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.vma"
+    path.write_bytes(header() + extent([Slot(1, 0, 1, block(1)), Slot(1, 1, 0), Slot(1, 3, 0)]))
+    out = tmp_path / "o"
+    assert main(["extract", str(path), str(out)]) == 1
+    assert (
+        capsys.readouterr().err == "restore failed - detected missing cluster 2 for stream disk0\n"
+    )
+    assert os.listdir(out) == ["qemu-server.conf"]
+    path.write_bytes(header() + extent([Slot(1, c, 0) for c in range(4)]) + b"junk")
+    assert main(["extract", str(path), str(tmp_path / "p")]) == 1
+    assert capsys.readouterr().err == "restore failed - read short extent (4 bytes)\n"
+    assert os.listdir(tmp_path / "p") == ["qemu-server.conf"]
+
+
+def test_extract_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.vma"
+    path.write_bytes(
+        header(configs=[("disk-disk0.raw", b"config")]) + extent([Slot(1, c, 0) for c in range(4)])
+    )
+    assert main(["extract", str(path), str(tmp_path / "o")]) == 1
+    assert "File exists" in capsys.readouterr().err
+    assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == b"config"
+    assert os.listdir(tmp_path / "o") == ["disk-disk0.raw"]
+
+
+def test_extract_rejects_bad_names_and_existing_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "x.vma"
+    path.write_bytes(
+        header(configs=[("../evil", b"x")]) + extent([Slot(1, c, 0) for c in range(4)])
+    )
+    assert main(["extract", str(path), str(tmp_path / "o")]) == 1
+    assert "invalid config name '../evil'" in capsys.readouterr().err
+    assert not (tmp_path / "evil").exists()
+    assert main(["extract", str(path), str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "unable to create target directory File exists\n"
+
+
+# ----------------------------------------------------------------------- subprocess
+
+
+def test_stdin_and_zstd(two_disks: tuple[Path, bytes, bytes], tmp_path: Path) -> None:
+    path, a, _ = two_disks
+    raw = path.read_bytes()
+    listed = run("list", "-", stdin=raw)
+    assert listed.returncode == 0
+    assert listed.stdout.decode().startswith("CFG: size: ")
+    packed = zstandard.ZstdCompressor().compress(raw)
+    assert run("verify", "-", stdin=packed).returncode == 0
+    zst = tmp_path / "a.vma.zst"
+    zst.write_bytes(packed)
+    proc = run("extract", str(zst), str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "disk-drive-scsi0.raw").read_bytes() == a
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"hello\n" * 5000)
+    assert_clean_failure(run("list", str(text)), "not a vma file - wrong magic number")
+    assert_clean_failure(run("verify", str(tmp_path / "missing.vma")), "No such file or directory")
+    good = image_archive([("disk0", data_of(3 * C))])
+    cut = tmp_path / "cut.vma"
+    cut.write_bytes(good[:-1000])
+    assert_clean_failure(run("verify", str(cut)), "verify failed - short vma extent")
+    assert_clean_failure(
+        run("extract", str(cut), str(tmp_path / "o")), "restore failed - short vma"
+    )
+    assert_clean_failure(run("list", str(tmp_path)), "")
+    proc = run("frobnicate")
+    assert proc.returncode == 1
+    assert b"Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------- create
+
+
+def test_create_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = data_of(3 * C + 4608, 3)  # not a multiple of 64 KiB
+    b = data_of(2 * C, 4)
+    (tmp_path / "a.raw").write_bytes(a)
+    (tmp_path / "b.raw").write_bytes(b)
+    conf = tmp_path / "qemu-server.conf"
+    conf.write_bytes(CONF)
+    arch = tmp_path / "new.vma"
+    argv = ["create", str(arch), str(tmp_path / "a.raw"), "-c", str(conf), f"efi={tmp_path}/b.raw"]
+    assert main(argv) == 0
+    assert not (tmp_path / "new.vma.part").exists()
+    capsys.readouterr()
+    assert main(["list", str(arch)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        f"CFG: size: {len(CONF)} name: qemu-server.conf",
+        f"DEV: dev_id=1 size: {len(a)} devname: disk0",
+        f"DEV: dev_id=2 size: {len(b)} devname: efi",
+    ]
+    assert main(["verify", "--strict", str(arch)]) == 0
+    assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == a
+    assert (tmp_path / "o" / "disk-efi.raw").read_bytes() == b
+    assert (tmp_path / "o" / "qemu-server.conf").read_bytes() == CONF
+
+
+@pytest.mark.parametrize("size", [1000, 4196, 65537, 70000])
+def test_create_pads_a_partial_last_sector(tmp_path: Path, size: int) -> None:
+    # Proxmox's reader rejects a block starting in a partial last sector, so create
+    # rounds the device up to whole sectors (as QEMU reports a raw image's size).
+    img = tmp_path / "odd.raw"
+    img.write_bytes(data_of(size, 7))
+    arch = tmp_path / "odd.vma"
+    assert main(["create", str(arch), str(img)]) == 0
+    assert main(["verify", "--strict", str(arch)]) == 0
+    assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
+    padded = -(-size // 512) * 512
+    assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == img.read_bytes().ljust(padded, b"\0")
+
+
+def test_create_sparse_image_zstd_and_stdout(tmp_path: Path) -> None:
+    img = tmp_path / "sparse.raw"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(5 << 20)
+        f.write(b"data" * 3000)
+        f.seek((64 << 20) - 10)
+        f.write(b"end")
+    arch = tmp_path / "s.vma.zst"
+    assert main(["create", str(arch), str(img)]) == 0
+    with open(arch, "rb") as f:
+        assert f.read(4) == b"\x28\xb5\x2f\xfd"
+    assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == img.read_bytes()
+    proc = subprocess.run([NBDVMA, "create", "-", str(img)], capture_output=True, check=True)
+    assert run("verify", "--strict", "-", stdin=proc.stdout).returncode == 0
+
+
+def test_create_configs_only(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu-server.conf"
+    conf.write_bytes(CONF)
+    arch = tmp_path / "c.vma"
+    assert main(["create", str(arch), "-c", str(conf)]) == 0
+    assert main(["verify", str(arch)]) == 0
+
+
+def test_create_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "a.raw"
+    img.write_bytes(b"x" * 4096)
+    arch = tmp_path / "a.vma"
+
+    def fails(*argv: str, message: str) -> None:
+        assert main(["create", str(arch), *argv]) == 1
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert err.count("\n") == 1, err
+        assert not arch.exists()
+        assert not (tmp_path / "a.vma.part").exists()
+
+    fails(str(tmp_path / "missing.raw"), message="No such file or directory")
+    fails(f"{'n' * 300}={img}", message="too long")
+    fails(*[f"d{i}={img}" for i in range(255)], message="too many devices")
+    big = tmp_path / "big.conf"
+    big.write_bytes(b"#" * 70000)
+    fails("-c", str(big), str(img), message="65535")
+    fails("-c", str(tmp_path / "nope.conf"), str(img), message="nope.conf")
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    fails(str(empty), message="empty")
+    arch.write_bytes(b"existing")
+    assert main(["create", str(arch), str(img)]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert arch.read_bytes() == b"existing"
+
+
+# ----------------------------------------------------------------------- properties
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, int, int, bool]], bool]:
+    """Devices (sizes), and a shuffled partition of each into data/zero/unwritten ranges."""
+    sizes = draw(
+        st.lists(
+            st.one_of(
+                st.integers(1, 6 * C // 512).map(lambda n: n * 512),
+                st.sampled_from([C, 2 * C, 3 * C + 512, 8 * C + 4096]),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    ops: list[tuple[int, int, int, bool]] = []
+    for dev, size in enumerate(sizes):
+        cuts = sorted(set(draw(st.lists(st.integers(1, size - 1), max_size=6)) if size > 1 else []))
+        bounds = [0, *cuts, size]
+        for start, end in itertools.pairwise(bounds):
+            kind = draw(st.sampled_from(["data", "zero", "skip"]))
+            if kind != "skip":
+                ops.append((dev, start, end, kind == "data"))
+    order = draw(st.permutations(ops))
+    return sizes, list(order), draw(st.booleans())
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=scenarios())
+def test_writer_then_extract_property(
+    scenario: tuple[list[int], list[tuple[int, int, int, bool]], bool],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    sizes, ops, compress = scenario
+    tmp = tmp_path_factory.mktemp("prop")
+    arch = tmp / ("p.vma.zst" if compress else "p.vma")
+    writer = VmaWriter(open_sink(str(arch)))
+    ids = [writer.add_device(f"disk{i}", size) for i, size in enumerate(sizes)]
+    model = [bytearray(size) for size in sizes]
+    rnd = random.Random(len(ops))
+    for dev, start, end, is_data in ops:
+        if is_data:
+            chunk = rnd.randbytes(end - start)
+            model[dev][start:end] = chunk
+            writer.write(ids[dev], start, chunk)
+        else:
+            writer.write_zeroes(ids[dev], start, end - start)
+    writer.finish()
+    assert main(["verify", "--strict", str(arch)]) == 0
+    assert main(["extract", str(arch), str(tmp / "o")]) == 0
+    for i, want in enumerate(model):
+        assert (tmp / "o" / f"disk-disk{i}.raw").read_bytes() == bytes(want)
