@@ -1,4 +1,4 @@
-"""The ``nbdvma`` command line: ``list``, ``config``, ``verify``, ``extract``, ``create``.
+"""The ``nbdvma`` command line: the archive tools and ``serve``.
 
 The archive commands mirror Proxmox's ``vma`` (format doc §8).  Every failure is one
 line on stderr and a non-zero exit status, never a traceback; usage errors exit 1,
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from nbdvma import __version__
+from nbdvma import __version__, serve
 from nbdvma.errors import NbdvmaError
 from nbdvma.tools import (
     DEFAULT_CONFIG,
@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", default=[], help="config file (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="print per-image figures")
     p.add_argument("images", nargs="*", metavar="[NAME=]IMAGE", help="raw disk images")
+
+    p = sub.add_parser(
+        "serve",
+        help="serve NBD exports (one per guest disk) that write into one VMA archive",
+        description="Serve one NBD export per --disk; every write goes into ARCHIVE. "
+        "The archive is finalized and serve exits 0 once every disk was written "
+        "completely and its clients disconnected (and the VM state, if declared, ended).",
+    )
+    serve.add_arguments(p)
     return parser
 
 
@@ -88,6 +97,10 @@ def _run(args: argparse.Namespace) -> None:
         extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
+    elif args.command == "serve":
+        status = serve.run(args)
+        if status:
+            raise SystemExit(status)
     else:  # pragma: no cover - argparse only accepts the commands above
         raise ToolError(f"unknown command {args.command}")
 
@@ -113,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(args)
         sys.stdout.flush()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
     except ToolError as exc:
         _flush_quietly()
         print(exc.message, file=sys.stderr)

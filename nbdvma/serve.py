@@ -34,7 +34,15 @@ from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
 
-__all__ = ["ArchiveSession", "SessionOptions", "add_arguments", "format_bytes", "parse_size", "run"]
+__all__ = [
+    "ArchiveSession",
+    "SessionOptions",
+    "add_arguments",
+    "first_error",
+    "format_bytes",
+    "parse_size",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +205,14 @@ class ArchiveSession:
                     os.unlink(address.path)
 
     def abort(self) -> None:
-        """Leave the archive incomplete under ``ARCHIVE.part``."""
+        """Leave the archive incomplete under ``ARCHIVE.part``.
+
+        A ``.part`` that never received anything (a failure at start-up) is removed.
+        """
         if self.writer is not None:
             self.writer.abort()
+            if not self.writer.has_output:
+                _remove_part(self.options.archive)
 
     def progress_lines(self) -> list[str]:
         """One line per disk: ``drive-scsi0: 42% (860.0 MiB of 2.0 GiB)``."""
@@ -307,8 +320,11 @@ async def run_session(options: SessionOptions, *, progress_interval: float = 2.0
 def _disk(text: str) -> tuple[str, int]:
     name, sep, size = text.partition("=")
     if not sep or not name:
-        raise ValueError(f"expected NAME=SIZE, got {text!r}")
-    return name, parse_size(size)
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE, got {text!r}")
+    try:
+        return name, parse_size(size)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _config(text: str) -> tuple[str, str]:
@@ -386,7 +402,21 @@ def run(args: argparse.Namespace) -> int:
     names = [name for name, _ in options.disks]
     if len(set(names)) != len(names):
         raise NbdvmaError("each --disk needs a different name")
-    return trio.run(run_session, options)
+    try:
+        return trio.run(run_session, options)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a nursery's exception group: its first leaf.
+
+    trio wraps whatever fails inside a nursery in a group; the CLI reports one line.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

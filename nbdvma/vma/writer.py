@@ -743,6 +743,11 @@ class VmaWriter:
             self._sink.abort()
 
     @property
+    def has_output(self) -> bool:
+        """Whether anything has reached the sink yet (the header is written first)."""
+        return self._header is not None
+
+    @property
     def incomplete_devices(self) -> list[str]:
         """Names of the disks not every byte of which has been written."""
         return [d.name for d in self._devices if not d.stream and d.done_clusters < d.cluster_count]
