@@ -38,7 +38,9 @@ next wait raises :class:`QmpEventOverflow` instead of silently skipping events.
 When the stream ends (QEMU exited or closed the socket) or QEMU sends something that
 is not QMP, the client is *closed*: every waiting and future ``execute`` raises
 :class:`QmpConnectionClosed`, and event waits raise it once the buffered events have
-no match.  Every wait has a deadline and raises :class:`QmpTimeout` (a
+no match.  (``quit`` is the one command whose answer QEMU may never send: it can exit
+before flushing it, and the caller then sees :class:`QmpConnectionClosed`.)  Every wait
+has a deadline and raises :class:`QmpTimeout` (a
 :class:`trio.TooSlowError`) when it passes.  The deadlines are ``timeout=`` parameters
 (against ruff's ASYNC109 advice) on purpose: a wait for QEMU must not be left without
 one by a caller that forgot its own ``fail_after``.
@@ -343,7 +345,10 @@ class QmpClient:
                 nursery.start_soon(self._reader)
                 await self.execute("qmp_capabilities", timeout=math.inf)
         except trio.TooSlowError:
-            raise QmpTimeout(f"QMP negotiation took over {limit} s") from None
+            raise QmpTimeout(
+                f"QMP negotiation took over {limit} s (QEMU serves one QMP client at a time:"
+                " is another one connected?)"
+            ) from None
 
     # -- state -----------------------------------------------------------------------
 
