@@ -163,7 +163,7 @@ def test_no_devices_gives_header_and_one_empty_extent(tmp_path: Path) -> None:
 
 def test_out_of_order_clusters_pieces_and_straddles(tmp_path: Path) -> None:
     w, path = new_writer(tmp_path)
-    size = 40 * C + 12345  # not a multiple of 64 KiB, nor of 4 KiB
+    size = 40 * C + 12800  # not a multiple of 64 KiB, nor of 4 KiB
     dev = w.add_device("drive-scsi0", size)
     rng = random.Random(7)
     image = bytearray(rng.randbytes(size))
@@ -197,7 +197,7 @@ def test_out_of_order_clusters_pieces_and_straddles(tmp_path: Path) -> None:
     assert p.disk(dev) == bytes(image)
     masks = [p.clusters[(dev, c)][0] for c in range(41)]
     assert masks[0] != 0xFFFF  # the zero blocks are mask bits
-    assert masks[40] >> 4 == 0  # 12345 bytes: blocks 4.. past the end are zero-marked
+    assert masks[40] >> 4 == 0  # 12800 bytes: blocks 4.. past the end are zero-marked
 
 
 def test_untouched_and_partial_clusters_are_completed_with_zeros(tmp_path: Path) -> None:
@@ -481,6 +481,8 @@ def test_limits_and_misuse(tmp_path: Path) -> None:
         w.add_config("big.conf", bytes(65536))
     with pytest.raises(VmaWriterError, match="positive"):
         w.add_device("zero", 0)
+    with pytest.raises(VmaWriterError, match="multiple of 512"):
+        w.add_device("odd", 4196)
     for i in range(254):
         w.add_device(f"d{i}", 512)
     with pytest.raises(VmaWriterError, match="too many devices"):

@@ -228,6 +228,13 @@ class VmaWriter:
             raise VmaWriterError(f"{VMA_VMSTATE_NAME!r} is the VM-state stream: use add_stream")
         if size <= 0:
             raise VmaWriterError(f"device {name!r}: size must be positive, not {size}")
+        if size % 512:
+            # Proxmox's reader restores whole 512-byte sectors: data in a partial last
+            # sector is "write beyond end" (S12).  QEMU's disk sizes are sector multiples.
+            raise VmaWriterError(
+                f"device {name!r}: size {size} is not a multiple of 512 bytes, which "
+                "Proxmox's reader cannot restore"
+            )
         if size > 0xFFFFFFFF * VMA_CLUSTER_SIZE:
             raise VmaWriterError(f"device {name!r}: {size} bytes is past the format's 256 TiB")
         clusters = -(-size // VMA_CLUSTER_SIZE)
