@@ -19,10 +19,11 @@ echo "demo: working in $DIR"
 
 KiB=1024
 MiB=$((1024 * KiB))
-# Disk A: 5 MiB + 12345 bytes, so its last 64 KiB cluster is partial.
+# Disk A: 5 MiB + 25 sectors (12800 bytes), so its last 64 KiB cluster is partial.
+# (Disk sizes are whole 512-byte sectors, as QEMU and Proxmox's restore expect.)
 #   [0, 256K) random data, then a hole, 64 KiB of 0xab at 2 MiB, 128 KiB of zeros
 #   written as data at 3 MiB (stored zeros, not a hole), random bytes at the very end.
-SIZE_A=$((5 * MiB + 12345))
+SIZE_A=$((5 * MiB + 25 * 512))
 truncate -s "$SIZE_A" disk-a.raw
 dd if=/dev/urandom of=disk-a.raw bs=64K count=4 conv=notrunc status=none
 head -c $((64 * KiB)) /dev/zero | tr '\0' '\253' |
