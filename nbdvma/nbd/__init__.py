@@ -18,6 +18,8 @@ from .server import (
     NeedData,
     RejectedRequest,
     Request,
+    StartTLS,
+    TlsMode,
     TransmissionStarted,
 )
 
@@ -36,5 +38,7 @@ __all__ = [
     "NeedData",
     "RejectedRequest",
     "Request",
+    "StartTLS",
+    "TlsMode",
     "TransmissionStarted",
 ]

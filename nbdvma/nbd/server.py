@@ -59,11 +59,38 @@ What the core does *not* do, and the I/O layer must:
   reader task, which must flush error replies the core queued on its own;
 * on :class:`Disconnect`, finish the outstanding requests and close (no reply).
 
-TLS (later): ``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ERR_UNSUP`` (NOTLS mode).
-All negotiated state lives in ``_Negotiation`` so that after a STARTTLS ACK it can be
-forgotten by replacing that one object; a "require" mode will answer every option
-but STARTTLS/ABORT with ``NBD_REP_ERR_TLS_REQD`` in ``_dispatch_option``, and a
-``StartTLS`` event will hand the stream to the I/O layer for wrapping.
+TLS (``NBD_OPT_STARTTLS``)
+--------------------------
+
+The core implements the spec's three modes (:class:`TlsMode`), chosen per server:
+
+* ``OFF`` (NOTLS): STARTTLS is answered ``NBD_REP_ERR_UNSUP``; ``NBD_REP_ERR_TLS_REQD``
+  is never sent.
+* ``ON`` (SELECTIVETLS with no TLS-only export): STARTTLS is accepted, and every
+  option also works in plain text.
+* ``REQUIRE`` (FORCEDTLS): until TLS is up, every option but STARTTLS and ABORT is
+  drained unread and answered ``NBD_REP_ERR_TLS_REQD`` (LIST, INFO and GO too, so no
+  export name is visible), and EXPORT_NAME, which cannot be answered with an error,
+  ends the session.  A client without ``NBD_FLAG_C_FIXED_NEWSTYLE`` cannot negotiate
+  TLS at all and is disconnected at once.
+
+On an acceptable STARTTLS (no payload, TLS not yet started) the core queues the ACK
+and returns :class:`StartTLS`; its input state becomes ``TLS_HANDSHAKE``::
+
+    OPTION_HEADER --STARTTLS--> TLS_HANDSHAKE --tls_established()--> OPTION_HEADER
+                                (no input accepted)                  (negotiation forgotten)
+
+The I/O layer then sends the ACK, wraps its stream in TLS, completes the TLS
+handshake (under the handshake deadline) and calls
+:meth:`~NbdServerConnection.tls_established`; from then on it feeds *decrypted*
+bytes.  Everything negotiated before (structured replies, the meta context
+selection) lives in one ``_Negotiation`` object, which is replaced then, as the spec
+requires.  Any byte the client sent after its STARTTLS and before the TLS handshake
+is a protocol violation (plain-text injection: a man in the middle could otherwise
+prepend options to the encrypted session), so the core raises
+:class:`~nbdvma.errors.RemoteProtocolError` instead of returning :class:`StartTLS`
+when bytes are buffered behind the option.  A second STARTTLS is answered
+``NBD_REP_ERR_INVALID``.
 """
 
 from __future__ import annotations
@@ -110,6 +137,8 @@ __all__ = [
     "NeedData",
     "RejectedRequest",
     "Request",
+    "StartTLS",
+    "TlsMode",
     "TransmissionStarted",
 ]
 
@@ -127,6 +156,17 @@ def _is_pow2(n: int) -> bool:
 
 
 # --- configuration ------------------------------------------------------------
+
+
+class TlsMode(enum.Enum):
+    """How the server treats ``NBD_OPT_STARTTLS`` (the spec's TLS modes)."""
+
+    #: NOTLS: STARTTLS is answered NBD_REP_ERR_UNSUP.
+    OFF = "off"
+    #: SELECTIVETLS: TLS is offered, plain text is allowed too.
+    ON = "on"
+    #: FORCEDTLS: nothing but STARTTLS and ABORT works before TLS.
+    REQUIRE = "require"
 
 
 @attrs.frozen
@@ -299,6 +339,16 @@ class RejectedRequest:
 
 
 @attrs.frozen
+class StartTLS:
+    """NBD_OPT_STARTTLS was accepted and its ACK is queued.
+
+    The I/O layer must send the ACK, run the TLS handshake on the stream (as the
+    server), call :meth:`NbdServerConnection.tls_established` and then feed only
+    decrypted bytes.
+    """
+
+
+@attrs.frozen
 class Disconnect:
     """NBD_CMD_DISC: finish outstanding requests, then close.  No reply."""
 
@@ -320,6 +370,7 @@ class ConnectionClosed:
 
 Event: TypeAlias = (
     TransmissionStarted
+    | StartTLS
     | Request
     | RejectedRequest
     | Disconnect
@@ -358,6 +409,7 @@ class _Rx(enum.Enum):
     OPTION_HEADER = enum.auto()
     OPTION_PAYLOAD = enum.auto()
     OPTION_DRAIN = enum.auto()
+    TLS_HANDSHAKE = enum.auto()
     REQUEST_HEADER = enum.auto()
     WRITE_PAYLOAD = enum.auto()
     WRITE_DRAIN = enum.auto()
@@ -412,17 +464,27 @@ def _utf8_prefix(message: str, limit: int) -> bytes:
 
 
 class NbdServerConnection:
-    """The server side of one NBD connection (fixed newstyle, no TLS), without I/O.
+    """The server side of one NBD connection (fixed newstyle), without I/O.
 
     Args:
         exports: the exports offered, by name.  An empty name from the client
             selects the only export when there is exactly one and none is named "".
         limits: denial-of-service limits.
+        tls: the TLS mode; with ``ON`` or ``REQUIRE`` the I/O layer must be able
+            to act on :class:`StartTLS`.
     """
 
-    def __init__(self, exports: Mapping[str, ExportInfo], *, limits: Limits = Limits()) -> None:
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        *,
+        limits: Limits = Limits(),
+        tls: TlsMode = TlsMode.OFF,
+    ) -> None:
         self._exports = dict(exports)
         self._limits = limits
+        self._tls_mode = tls
+        self._tls_active = False
         self._buf = wire.ReceiveBuffer()
         self._out: list[bytes | bytearray | memoryview] = []
         self._rx = _Rx.CLIENT_FLAGS
@@ -489,6 +551,31 @@ class NbdServerConnection:
         """Whether replies are structured (valid once transmission started)."""
         return self._structured
 
+    @property
+    def tls_mode(self) -> TlsMode:
+        """The TLS mode in effect (``OFF`` for a client that is not fixed newstyle)."""
+        return self._tls_mode
+
+    @property
+    def tls_active(self) -> bool:
+        """Whether :meth:`tls_established` was called (the session is encrypted)."""
+        return self._tls_active
+
+    def tls_established(self) -> None:
+        """Report that the TLS handshake after :class:`StartTLS` succeeded.
+
+        The negotiation continues with the next option, received over TLS; all
+        option state from before (structured replies, meta contexts) is forgotten.
+
+        Raises:
+            LocalProtocolError: no :class:`StartTLS` is pending.
+        """
+        if self._rx is not _Rx.TLS_HANDSHAKE:
+            raise LocalProtocolError("tls_established() without a pending StartTLS")
+        self._tls_active = True
+        self._neg = _Negotiation()
+        self._rx = _Rx.OPTION_HEADER
+
     # --- input --------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -498,10 +585,13 @@ class NbdServerConnection:
         error is ignored.
 
         Raises:
-            LocalProtocolError: data fed after EOF.
+            LocalProtocolError: data fed after EOF, or while the TLS handshake is
+                pending (the I/O layer must not read plain text then).
         """
         if self._rx in (_Rx.CLOSED, _Rx.ERROR):
             return
+        if self._rx is _Rx.TLS_HANDSHAKE:
+            raise LocalProtocolError("receive_data() while the TLS handshake is pending")
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
         if not data:
@@ -519,9 +609,12 @@ class NbdServerConnection:
         Raises:
             RemoteProtocolError: the client broke the protocol badly enough that the
                 connection must be dropped (again on every later call).
+            LocalProtocolError: called while the TLS handshake is pending.
         """
         if self._rx is _Rx.ERROR:
             raise RemoteProtocolError(f"connection already failed: {self._error_message}")
+        if self._rx is _Rx.TLS_HANDSHAKE:
+            raise LocalProtocolError("next_event() while the TLS handshake is pending")
         try:
             while True:
                 if self._rx is _Rx.CLOSED:
@@ -569,8 +662,13 @@ class NbdServerConnection:
             return NEED_DATA
         flags = wire.parse_client_flags_untrusted(data)
         # We always offer NO_ZEROES, so the client may set it.  A client without
-        # C_FIXED_NEWSTYLE is served as fixed newstyle anyway (the spec allows it).
+        # C_FIXED_NEWSTYLE is served as fixed newstyle anyway (the spec allows it),
+        # but in NOTLS mode, as the spec requires: it cannot do TLS.
         self._no_zeroes = bool(flags & NbdClientFlag.NBD_FLAG_C_NO_ZEROES)
+        if not flags & NbdClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE:
+            if self._tls_mode is TlsMode.REQUIRE:
+                raise RemoteProtocolError("TLS is required, but the client is not fixed newstyle")
+            self._tls_mode = TlsMode.OFF
         self._rx = _Rx.OPTION_HEADER
         return None
 
@@ -587,6 +685,11 @@ class NbdServerConnection:
         self._option = hdr
         if hdr.option == NbdOption.NBD_OPT_ABORT:
             self._start_option_drain(hdr.length, None)  # data SHOULD be ignored
+        elif self._tls_required() and hdr.option != NbdOption.NBD_OPT_STARTTLS:
+            # FORCEDTLS: nothing is parsed (or revealed) before TLS.
+            if hdr.option == NbdOption.NBD_OPT_EXPORT_NAME:
+                raise RemoteProtocolError("NBD_OPT_EXPORT_NAME without TLS, which is required")
+            self._start_option_drain(hdr.length, (NbdRep.NBD_REP_ERR_TLS_REQD, "TLS required"))
         elif hdr.option not in self._option_handlers:
             self._start_option_drain(
                 hdr.length, (NbdRep.NBD_REP_ERR_UNSUP, f"option {hdr.option} not supported")
@@ -627,8 +730,10 @@ class NbdServerConnection:
         return self._dispatch_option(self._option.option, payload)
 
     def _dispatch_option(self, option: int, payload: bytes) -> Event | None:
-        # (TLS "require" mode will answer NBD_REP_ERR_TLS_REQD here.)
         return self._option_handlers[option](option, payload)
+
+    def _tls_required(self) -> bool:
+        return self._tls_mode is TlsMode.REQUIRE and not self._tls_active
 
     def _reply(self, option: int, reply: NbdRep, data: bytes = b"") -> None:
         self._out.append(wire.encode_option_reply(option, reply, data))
@@ -670,10 +775,24 @@ class NbdServerConnection:
             )
         self._reply(option, NbdRep.NBD_REP_ACK)
 
-    def _opt_starttls(self, option: int, payload: bytes) -> None:
-        # NOTLS mode: the spec requires ERR_UNSUP or ERR_POLICY, never TLS_REQD.
-        # With TLS: ACK, then `self._neg = _Negotiation()` and a StartTLS event.
-        self._reply_error(option, NbdRep.NBD_REP_ERR_UNSUP, "TLS not supported")
+    def _opt_starttls(self, option: int, payload: bytes) -> Event | None:
+        if self._tls_mode is TlsMode.OFF:
+            # NOTLS mode: the spec requires ERR_UNSUP or ERR_POLICY, never TLS_REQD.
+            self._reply_error(option, NbdRep.NBD_REP_ERR_UNSUP, "TLS not supported")
+            return None
+        if self._tls_active:
+            self._reply_error(option, NbdRep.NBD_REP_ERR_INVALID, "TLS already negotiated")
+            return None
+        if payload:
+            self._reply_error(option, NbdRep.NBD_REP_ERR_INVALID, "STARTTLS takes no data")
+            return None
+        if len(self._buf):
+            # The client must wait for our ACK: bytes already here would be taken
+            # as sent inside TLS, which is how plain text gets injected.
+            raise RemoteProtocolError("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        self._reply(option, NbdRep.NBD_REP_ACK)
+        self._rx = _Rx.TLS_HANDSHAKE
+        return StartTLS()
 
     def _opt_extended_headers(self, option: int, payload: bytes) -> None:
         self._reply_error(option, NbdRep.NBD_REP_ERR_UNSUP, "extended headers not supported")
