@@ -11,8 +11,12 @@ Each connection runs the sans-IO core (:mod:`nbdvma.nbd`) over a trio stream:
   flow control slows the client down; nothing is ever allocated by a size the client
   claims (the core drains oversize payloads without buffering them);
 * every wait has a deadline: the handshake (10 s by default, as qemu-nbd since
-  CVE-2024-7409) and, optionally, idleness;
-* a connection cap: past it, a new connection is closed at once.
+  CVE-2024-7409; it includes a TLS handshake) and, optionally, idleness;
+* a connection cap: past it, a new connection is closed at once;
+* TLS: when the core reports :class:`~nbdvma.nbd.StartTLS`, the ACK goes out, the
+  stream is replaced by a ``trio.SSLStream`` (server side) and the handshake runs
+  before the core sees another byte.  A DISC or ABORT over TLS ends with a
+  ``close_notify``.
 
 The server reports the life of each connection (which export, whether it ended
 cleanly) to an observer, which is how ``nbdvma serve`` knows when a disk is done.
@@ -24,6 +28,7 @@ import errno
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
@@ -41,6 +46,8 @@ from nbdvma.nbd import (
     NbdServerConnection,
     RejectedRequest,
     Request,
+    StartTLS,
+    TlsMode,
     TransmissionStarted,
 )
 from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
@@ -52,6 +59,7 @@ log = logging.getLogger(__name__)
 _MiB = 1024 * 1024
 _RECEIVE_SIZE = 256 * 1024
 _SMALL = 64 * 1024  # replies smaller than this are joined into one send
+_TLS_CLOSE_TIMEOUT = 1.0  # seconds to send a close_notify at the end
 
 
 @attrs.frozen
@@ -136,11 +144,29 @@ class NbdServer:
         *,
         limits: ServerLimits | None = None,
         observer: ConnectionObserver | None = None,
+        tls_mode: TlsMode = TlsMode.OFF,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Create a server for ``backend``; nothing listens until :meth:`serve`."""
+        """Create a server for ``backend``; nothing listens until :meth:`serve`.
+
+        Args:
+            backend: where requests go.
+            limits: resource limits.
+            observer: told when connections start transmission and end.
+            tls_mode: ``ON``/``REQUIRE`` accept NBD_OPT_STARTTLS (and need
+                ``ssl_context``); ``REQUIRE`` refuses everything else before TLS.
+            ssl_context: the server's TLS context (see :class:`nbdvma.tls.TlsConfig`).
+
+        Raises:
+            ValueError: a TLS mode without an SSL context.
+        """
+        if tls_mode is not TlsMode.OFF and ssl_context is None:
+            raise ValueError(f"TLS mode {tls_mode.value} needs an SSL context")
         self.backend = backend
         self.limits = limits or ServerLimits()
         self.observer = observer or ConnectionObserver()
+        self.tls_mode = tls_mode
+        self.ssl_context = ssl_context
         caps = backend.capabilities
         self.exports = {
             e.name: ExportInfo(
@@ -201,21 +227,33 @@ class NbdServer:
         _nodelay(stream)
         conn = _Connection(
             stream,
-            NbdServerConnection(self.exports, limits=self.limits.protocol),
+            NbdServerConnection(self.exports, limits=self.limits.protocol, tls=self.tls_mode),
             peer,
             budget=ByteBudget(self.limits.connection_buffer),
         )
+        clean = False
         try:
             await self._run(conn)
-        except RemoteProtocolError as exc:
-            log.info("%s: dropped: %s", peer, exc)
-        except trio.TooSlowError:
+            clean = True
+        # except*: _run's reader raises inside its requests nursery, so trio delivers
+        # these wrapped in an ExceptionGroup; a plain except would let one client's
+        # protocol error or broken pipe escape and take the whole server down.
+        except* _TlsHandshakeFailed as group:
+            log.warning("%s: TLS handshake failed: %s", peer, _first_leaf(group))
+        except* RemoteProtocolError as group:
+            log.info("%s: dropped: %s", peer, _first_leaf(group))
+        except* trio.TooSlowError:
             log.info("%s: dropped: handshake or idle deadline passed", peer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.info("%s: connection lost: %s", peer, exc)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            log.info("%s: connection lost: %s", peer, _first_leaf(group))
         finally:
             self.connections -= 1
-            await trio.aclose_forcefully(stream)
+            try:
+                if clean and isinstance(conn.stream, trio.SSLStream):
+                    with trio.move_on_after(_TLS_CLOSE_TIMEOUT):
+                        await conn.stream.aclose()  # sends close_notify, waits for nothing
+            finally:
+                await trio.aclose_forcefully(conn.stream)
             if conn.export is not None:
                 self.observer.connection_ended(conn.export)
 
@@ -261,6 +299,10 @@ class NbdServer:
                     self._budget.take(cost)
                     conn.in_flight += 1
                     requests.start_soon(self._execute, conn, event, cost)
+                elif isinstance(event, StartTLS):
+                    await self._send(conn)  # the ACK, in plain text
+                    with trio.fail_at(deadline):
+                        await self._start_tls(conn)
                 elif isinstance(event, TransmissionStarted):
                     conn.export = event.export_name
                     log.info("%s: transmission on export %r", conn.peer, conn.export)
@@ -277,6 +319,19 @@ class NbdServer:
                     if isinstance(event, ConnectionClosed) and event.truncated:
                         log.info("%s: connection closed in the middle of a message", conn.peer)
                     return
+
+    async def _start_tls(self, conn: _Connection) -> None:
+        assert self.ssl_context is not None
+        tls = trio.SSLStream(conn.stream, self.ssl_context, server_side=True)
+        conn.stream = tls  # closed from now on through the TLS layer
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            reason = getattr(cause, "reason", None) or str(cause or exc) or "connection closed"
+            raise _TlsHandshakeFailed(reason) from exc
+        conn.core.tls_established()
+        log.info("%s: TLS %s established", conn.peer, tls.version())
 
     async def _execute(self, conn: _Connection, req: Request, cost: int) -> None:
         core = conn.core
@@ -317,6 +372,17 @@ class NbdServer:
             conn.in_flight -= 1
             conn.budget.release(cost)
             self._budget.release(cost)
+
+
+class _TlsHandshakeFailed(Exception):
+    """The TLS handshake after STARTTLS failed (bad certificate, not TLS, EOF...)."""
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
