@@ -1,0 +1,788 @@
+"""``nbdvma backup``: back up a running QEMU's disks (and VM state) into a VMA archive.
+
+Theory of operation
+-------------------
+One process drives QEMU over QMP and receives what QEMU sends, in-process, through an
+:class:`~nbdvma.serve.ArchiveSession` listening on unix sockets in a private (0700)
+temporary directory:
+
+1. **Discover** the disks: ``query-block`` lists every BlockBackend; a disk is one with
+   a medium, writable, not removable (cdroms and floppies are), or one picked with
+   ``--drive``.  Its archive name is Proxmox's ``drive-<qdev id>`` and its size the
+   node's exact ``virtual-size`` (QEMU refuses a backup target of any other size).
+2. **Serve**: the session registers one export per disk (and the ``vmstate`` stream)
+   and listens before QEMU is told anything.
+3. **VM state** (``--vmstate``): ``migrate`` to the session's vmstate socket.  When it
+   completes the VM is stopped (``postmigrate``) and its images are *inactive* (QEMU
+   released them for a destination that does not exist); the disks are then frozen at
+   the instant the state was taken.
+4. **Targets and jobs**: ``blockdev-add`` a raw-over-NBD node per disk, then one
+   ``transaction`` of ``blockdev-backup sync=full`` actions: one point in time for all
+   disks (copy-before-write keeps it while the guest runs on).
+5. **Run state**: right after the transaction the VM is put back in the state it had.
+   QEMU offers no way to reactivate images but ``cont``, and a VM left in
+   ``postmigrate`` keeps its image locks released and refuses the next migration
+   ("Can't migrate the vm that was paused due to previous migration"), so:
+   ``running`` → ``cont``; ``paused`` → ``cont`` + ``stop`` (the vCPUs run for one QMP
+   round trip); ``prelaunch`` (``-S``) → ``cont`` + ``stop`` + ``system_reset``, which
+   returns a never-started machine to ``prelaunch``.
+6. **Wait** for ``BLOCK_JOB_COMPLETED`` of every job (``BLOCK_JOB_ERROR``,
+   ``BLOCK_JOB_CANCELLED`` or an ``error`` member fail the backup), printing vzdump-like
+   progress from ``query-block-jobs`` and the writer's counters.
+7. **Finish**: ``blockdev-del`` each target (QEMU flushes and disconnects only then),
+   wait for the session to see every disk complete and the VM-state stream at EOF,
+   then finish the archive (fsync, rename from ``ARCHIVE.part``).
+
+Any failure (a job error, QEMU gone, a full disk, SIGINT/SIGTERM, a deadline) runs the
+same cleanup with its own deadline: cancel the migration, force-cancel our jobs,
+``blockdev-del`` our nodes, restore the run state and the migration parameters, and
+leave the archive as ``ARCHIVE.part``; the exit status is non-zero and the reason is
+one line on stderr.
+
+Every wait has a deadline: QMP commands their own, the job and migration waits a
+*stall* deadline (``--stall-timeout`` without any progress), the end of the session a
+fixed one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from nbdvma.addresses import Address, UnixAddress, parse_address
+from nbdvma.errors import NbdvmaError
+from nbdvma.qmp import QmpClient, QmpConnectionClosed, QmpError, QmpEvents, QmpTimeout
+from nbdvma.serve import ArchiveSession, SessionOptions, format_bytes, parse_size
+
+__all__ = [
+    "BackupError",
+    "BackupOptions",
+    "Disk",
+    "add_arguments",
+    "discover_disks",
+    "main",
+    "proxmox_name",
+    "run",
+    "run_backup",
+]
+
+#: Run states ``--vmstate`` knows how to return a VM to.
+RESTORABLE_STATES = ("running", "paused", "prelaunch")
+#: Migration bandwidth while saving the VM state to the local socket (bytes/s).
+VMSTATE_BANDWIDTH = 1 << 40
+#: Deadline for QMP commands of the cleanup, and for the cleanup as a whole.
+CLEANUP_COMMAND_TIMEOUT = 15.0
+CLEANUP_TIMEOUT = 60.0
+#: Deadline for ``blockdev-del`` (QEMU flushes the target before answering).
+DEL_TIMEOUT = 300.0
+#: Deadline for the session to see every disk complete once the targets are gone.
+SESSION_END_TIMEOUT = 60.0
+#: Deadline for finishing the archive (the last extents and fsync).
+FINISH_TIMEOUT = 600.0
+
+
+class BackupError(NbdvmaError):
+    """The backup cannot go on; the message is the one line the user sees."""
+
+
+@attrs.frozen
+class Disk:
+    """One guest disk to back up.
+
+    Attributes:
+        name: the archive device name, ``drive-<id>`` as Proxmox names it.
+        node: the block node the backup job reads (``query-block``'s ``node-name``).
+        size: its exact size in bytes.
+        ident: the id it was found by (qdev id or BlockBackend name), for ``--drive``.
+    """
+
+    name: str
+    node: str
+    size: int
+    ident: str
+
+
+@attrs.frozen
+class BackupOptions:
+    """What ``nbdvma backup``'s command line says."""
+
+    qmp: Address
+    archive: str
+    configs: tuple[tuple[str, bytes], ...] = ()
+    vmstate: bool = False
+    drives: tuple[str, ...] = ()
+    compress: str | None = None
+    #: Backup job ``speed`` in bytes/s (``None``: unlimited).
+    bandwidth_limit: int | None = None
+    #: Seconds between progress polls.
+    progress_interval: float = 1.0
+    #: Fail when a job or the migration makes no progress for this many seconds.
+    stall_timeout: float = 300.0
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+
+def _qdev_id(qdev: str) -> str | None:
+    """The user-given id in ``query-block``'s ``qdev``: ``scsi0`` or the first
+    component under ``/machine/peripheral/`` (``/machine/peripheral/scsi0/virtio-backend``);
+    ``None`` for an anonymous device."""
+    if not qdev:
+        return None
+    if not qdev.startswith("/"):
+        return qdev
+    prefix = "/machine/peripheral/"
+    if qdev.startswith(prefix):
+        return qdev[len(prefix) :].split("/", 1)[0] or None
+    return None
+
+
+def proxmox_name(info: Mapping[str, Any]) -> tuple[str, str]:
+    """The archive name and the id of one ``query-block`` entry.
+
+    Proxmox starts a disk as ``-drive id=drive-scsi0 -device ...,id=scsi0`` and names it
+    ``drive-scsi0`` in the archive.  The device id comes first (``-blockdev`` setups
+    have no BlockBackend name); a BlockBackend name is used as is when it already starts
+    with ``drive-``; the node name is the last resort.
+
+    Returns:
+        ``(name, ident)``, e.g. ``("drive-scsi0", "scsi0")``.
+    """
+    ident = _qdev_id(str(info.get("qdev", "")))
+    if ident is not None:
+        return f"drive-{ident}", ident
+    device = str(info.get("device", ""))
+    if device:
+        return (device if device.startswith("drive-") else f"drive-{device}"), device
+    node = str(info.get("inserted", {}).get("node-name", ""))
+    return f"drive-{node}", node
+
+
+def discover_disks(
+    blocks: Sequence[Mapping[str, Any]], drives: Sequence[str] = ()
+) -> tuple[list[Disk], list[str]]:
+    """Choose the disks to back up from ``query-block``'s answer.
+
+    Args:
+        blocks: the answer of ``query-block``.
+        drives: ids to back up (``scsi0``, ``drive-scsi0``, a BlockBackend or node
+            name); empty means every writable, non-removable disk with a medium.
+
+    Returns:
+        The disks in QEMU's order, and one line per device skipped (why).
+
+    Raises:
+        BackupError: a ``--drive`` matches nothing, or names an empty or read-only
+            device; or nothing is left to back up.
+    """
+    disks: list[Disk] = []
+    skipped: list[str] = []
+    wanted = set(drives)
+    found: set[str] = set()
+    for info in blocks:
+        name, ident = proxmox_name(info)
+        inserted = info.get("inserted")
+        aliases = {name, ident, str(info.get("device", ""))}
+        if isinstance(inserted, Mapping):
+            aliases.add(str(inserted.get("node-name", "")))
+        aliases.discard("")
+        picked = aliases & wanted
+        found |= picked
+        if wanted and not picked:
+            continue
+        if not isinstance(inserted, Mapping):
+            if picked:
+                raise BackupError(f"drive {ident} has no medium")
+            skipped.append(f"{name}: no medium")
+            continue
+        if inserted.get("ro"):
+            if picked:
+                raise BackupError(f"drive {ident} is read-only")
+            skipped.append(f"{name}: read-only")
+            continue
+        if info.get("removable") and not picked:
+            skipped.append(f"{name}: removable (cdrom or floppy); pick it with --drive")
+            continue
+        size = inserted.get("image", {}).get("virtual-size")
+        if not isinstance(size, int) or size <= 0:
+            raise BackupError(f"drive {ident}: QEMU reports no size")
+        disks.append(Disk(name, str(inserted["node-name"]), size, ident))
+    missing = wanted - found
+    if missing:
+        raise BackupError(f"no such drive: {', '.join(sorted(missing))}")
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names):
+        raise BackupError(f"two disks would have the same name: {', '.join(names)}")
+    if not disks:
+        raise BackupError("the VM has no writable disk to back up")
+    return disks, skipped
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+class _Progress:
+    """vzdump's progress lines: ``INFO: 42% (860.0 MiB of 2.0 GiB) in 3s, read: ...``."""
+
+    def __init__(self, session: ArchiveSession, disks: Sequence[Disk], out: TextIO) -> None:
+        self.session = session
+        self.out = out
+        self.total = sum(d.size for d in disks)
+        self.names = [d.name for d in disks]
+        self.start = time.monotonic()
+        self.last_time = self.start
+        self.last_read = 0
+        self.last_written = 0
+        self.last_percent = -1
+
+    def stored(self) -> int:
+        vma = self.session.vma
+        if vma is None:
+            return 0
+        return sum(vma.progress(name).stored_bytes for name in self.names)
+
+    def report(self, read: int, *, force: bool = False) -> None:
+        """Print a line when the percentage moved (or ``force``)."""
+        now = time.monotonic()
+        percent = int(100 * read / self.total) if self.total else 100
+        if percent == self.last_percent and not force:
+            return
+        written = self.stored()
+        dt = max(now - self.last_time, 1e-3)
+        rate_read = (read - self.last_read) / dt
+        rate_write = (written - self.last_written) / dt
+        print(
+            f"INFO: {percent:3d}% ({format_bytes(read)} of {format_bytes(self.total)}) "
+            f"in {int(now - self.start)}s, read: {format_bytes(rate_read)}/s, "
+            f"write: {format_bytes(rate_write)}/s",
+            file=self.out,
+            flush=True,
+        )
+        self.last_time, self.last_read, self.last_written = now, read, written
+        self.last_percent = percent
+
+
+@attrs.define(eq=False)
+class _Backup:
+    """The state of one backup run: what the cleanup has to undo."""
+
+    qmp: QmpClient
+    session: ArchiveSession
+    options: BackupOptions
+    disks: list[Disk]
+    out: TextIO
+    token: str = attrs.field(factory=lambda: secrets.token_hex(3))
+    #: Target node names we added (and have not removed yet).
+    nodes: list[str] = attrs.Factory(list)
+    #: job id -> disk, for the jobs we started and that have not ended yet.
+    jobs: dict[str, Disk] = attrs.Factory(dict)
+    #: The run state before, when we touched it (``--vmstate``).
+    run_state: str | None = None
+    run_state_restored: bool = True
+    #: The migration parameters to put back, when we changed them.
+    saved_migrate_params: dict[str, Any] | None = None
+    migrating: bool = False
+
+    def node_name(self, i: int) -> str:
+        return f"nbdvma-{self.token}-t{i}"
+
+    def job_id(self, i: int) -> str:
+        return f"nbdvma-{self.token}-j{i}"
+
+    def info(self, text: str) -> None:
+        print(f"INFO: {text}", file=self.out, flush=True)
+
+    # -- the successful path ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Steps 3-7 of the module docstring."""
+        if self.options.vmstate:
+            await self.save_vmstate()
+        await self.add_targets()
+        events = self.qmp.events()
+        await self.start_jobs()
+        if self.run_state is not None:
+            await self.restore_run_state()
+            await self.restore_migrate_params()
+        await self.wait_jobs(events)
+        await self.remove_targets(timeout=DEL_TIMEOUT)
+        try:
+            with trio.fail_after(SESSION_END_TIMEOUT):
+                await self.session.done.wait()
+        except trio.TooSlowError:
+            raise BackupError(
+                f"QEMU finished but the archive is incomplete after {SESSION_END_TIMEOUT:.0f}s: "
+                f"{', '.join(self.session.incomplete())}"
+            ) from None
+        try:
+            with trio.fail_after(FINISH_TIMEOUT):
+                await self.session.finish()
+        except trio.TooSlowError:
+            raise BackupError(f"finishing the archive took over {FINISH_TIMEOUT:.0f}s") from None
+
+    async def save_vmstate(self) -> None:
+        """Stream the VM state to the session; return with the VM stopped."""
+        address = self.session.vmstate_address
+        assert isinstance(address, UnixAddress)
+        status = await self.qmp.execute("query-status")
+        state = str(status.get("status"))
+        if state not in RESTORABLE_STATES:
+            raise BackupError(
+                f"the VM is in state {state}; --vmstate needs it running, paused or prelaunch"
+            )
+        current = await self.qmp.execute("query-migrate")
+        if current.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
+            raise BackupError(f"a migration is already running ({current.get('status')})")
+        params = await self.qmp.execute("query-migrate-parameters")
+        if "max-bandwidth" in params:
+            self.saved_migrate_params = {"max-bandwidth": params["max-bandwidth"]}
+        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": VMSTATE_BANDWIDTH})
+        self.run_state = state
+        self.run_state_restored = False
+        self.info(f"saving the VM state (the VM is {state})")
+        self.migrating = True
+        await self.qmp.execute("migrate", {"uri": f"unix:{address.path}"})
+        started = time.monotonic()
+        last_change = started
+        last_bytes = -1
+        delay = 0.005
+        while True:
+            info = await self.qmp.execute("query-migrate")
+            status_text = info.get("status")
+            if status_text == "completed":
+                break
+            if status_text in ("failed", "cancelled", None):
+                reason = info.get("error-desc", status_text)
+                raise BackupError(f"saving the VM state failed: {reason}")
+            transferred = int(info.get("ram", {}).get("transferred", 0))
+            now = time.monotonic()
+            if transferred != last_bytes:
+                last_bytes, last_change = transferred, now
+            elif now - last_change > self.options.stall_timeout:
+                raise BackupError(
+                    f"saving the VM state made no progress for {self.options.stall_timeout:.0f}s"
+                )
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        self.migrating = False
+        # The MIGRATION completed status is set before the run state leaves
+        # finish-migrate: wait for postmigrate before touching it.
+        await self.wait_run_state(lambda s: s != "finish-migrate", "postmigrate")
+        size = 0
+        if self.session.writer is not None:
+            size = self.session.writer.progress(self.session._vmstate_id).written
+        self.info(f"VM state saved: {format_bytes(size)} in {time.monotonic() - started:.1f}s")
+
+    async def wait_run_state(self, ok: Any, what: str, timeout: float = 10.0) -> str:  # noqa: ASYNC109
+        """Poll ``query-status`` until ``ok(status)``; return the status."""
+        with trio.move_on_after(timeout):
+            while True:
+                state = str((await self.qmp.execute("query-status"))["status"])
+                if ok(state):
+                    return state
+                await trio.sleep(0.01)
+        raise BackupError(f"the VM did not reach {what} within {timeout:.0f}s")
+
+    async def add_targets(self) -> None:
+        """``blockdev-add`` one raw-over-NBD node per disk."""
+        address = self.session.listening[0]
+        for i, disk in enumerate(self.disks):
+            name = self.node_name(i)
+            await self.qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "raw",
+                    "node-name": name,
+                    "file": {
+                        "driver": "nbd",
+                        "server": address.qemu_socket_address(),
+                        "export": disk.name,
+                    },
+                },
+            )
+            self.nodes.append(name)
+
+    async def start_jobs(self) -> None:
+        """One ``transaction`` of ``blockdev-backup`` actions: one point in time."""
+        actions = []
+        for i, disk in enumerate(self.disks):
+            data: dict[str, Any] = {
+                "job-id": self.job_id(i),
+                "device": disk.node,
+                "target": self.node_name(i),
+                "sync": "full",
+            }
+            if self.options.bandwidth_limit:
+                data["speed"] = self.options.bandwidth_limit
+            actions.append({"type": "blockdev-backup", "data": data})
+        await self.qmp.execute("transaction", {"actions": actions})
+        for i, disk in enumerate(self.disks):
+            self.jobs[self.job_id(i)] = disk
+        self.info(f"started backup jobs for {', '.join(d.name for d in self.disks)}")
+
+    async def wait_jobs(self, events: QmpEvents) -> None:
+        """Wait for every job to complete, printing progress; raise on any failure."""
+        progress = _Progress(self.session, self.disks, self.out)
+        done: dict[str, int] = {}
+        offsets: dict[str, int] = {job: 0 for job in self.jobs}
+        last_change = time.monotonic()
+        names = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+        while self.jobs:
+            try:
+                event = await events.wait(
+                    names,
+                    match=lambda e: e.data.get("device") in self.jobs,
+                    timeout=self.options.progress_interval,
+                )
+            except QmpTimeout:
+                pass
+            else:
+                job = str(event.data["device"])
+                disk = self.jobs[job]
+                if event.name == "BLOCK_JOB_ERROR":
+                    raise BackupError(
+                        f"{disk.name}: {event.data.get('operation', 'I/O')} error in the backup job"
+                    )
+                if event.name == "BLOCK_JOB_CANCELLED":
+                    del self.jobs[job]
+                    raise BackupError(f"{disk.name}: the backup job was cancelled")
+                del self.jobs[job]
+                if "error" in event.data:
+                    raise BackupError(f"{disk.name}: backup job failed: {event.data['error']}")
+                offset, length = int(event.data["offset"]), int(event.data["len"])
+                if offset != length:
+                    raise BackupError(f"{disk.name}: backup job ended at {offset} of {length}")
+                # The job's len is rounded up to its 64 KiB cluster.
+                done[job] = min(length, disk.size)
+                offsets.pop(job, None)
+                continue
+            # No event within the interval: poll the jobs for progress.
+            running = {
+                str(j["device"]): int(j.get("offset", 0))
+                for j in await self.qmp.execute("query-block-jobs")
+            }
+            now = time.monotonic()
+            for job in list(offsets):
+                new = min(running.get(job, offsets[job]), self.jobs[job].size)
+                if new != offsets[job]:
+                    offsets[job] = new
+                    last_change = now
+            if now - last_change > self.options.stall_timeout:
+                raise BackupError(
+                    f"the backup jobs made no progress for {self.options.stall_timeout:.0f}s"
+                )
+            progress.report(sum(done.values()) + sum(offsets.values()))
+        progress.report(sum(done.values()), force=True)
+
+    async def remove_targets(self, *, timeout: float) -> None:  # noqa: ASYNC109
+        """``blockdev-del`` our nodes: QEMU flushes and disconnects from the session."""
+        while self.nodes:
+            name = self.nodes[-1]
+            try:
+                await self.qmp.execute("blockdev-del", {"node-name": name}, timeout=timeout)
+            except QmpError as exc:
+                if exc.error_class != "DeviceNotFound" and "not found" not in exc.desc.lower():
+                    raise
+            self.nodes.pop()
+
+    async def restore_run_state(self) -> None:
+        """Put the VM back in :attr:`run_state` (see the module docstring, step 5)."""
+        before = self.run_state
+        if before is None or self.run_state_restored:
+            return
+        now = await self.wait_run_state(lambda s: s != "finish-migrate", "a settled state")
+        if before == "running":
+            if now != "running":
+                await self.qmp.execute("cont")
+        elif now != before:
+            if now != "running":
+                # The only way QEMU reactivates images after a migration.
+                await self.qmp.execute("cont")
+            await self.qmp.execute("stop")
+            if before == "prelaunch":
+                await self.qmp.execute("system_reset")
+                await self.wait_run_state(lambda s: s == "prelaunch", "prelaunch")
+        self.run_state_restored = True
+
+    async def restore_migrate_params(self) -> None:
+        """Put back the migration parameters we changed."""
+        if self.saved_migrate_params is not None:
+            await self.qmp.execute("migrate-set-parameters", self.saved_migrate_params)
+            self.saved_migrate_params = None
+
+    # -- the cleanup ----------------------------------------------------------------------
+
+    async def cleanup(self) -> list[str]:
+        """Undo what we did in QEMU; return what could not be undone (one line each)."""
+        problems: list[str] = []
+        if self.qmp.closed:
+            return problems
+        steps = [
+            ("cancel the migration", self._cancel_migration),
+            ("cancel the backup jobs", self._cancel_jobs),
+            ("remove the target nodes", self._remove_targets_quickly),
+            ("restore the run state", self.restore_run_state),
+            ("restore the migration parameters", self.restore_migrate_params),
+        ]
+        for what, step in steps:
+            try:
+                await step()
+            except (QmpConnectionClosed, NbdvmaError, trio.TooSlowError) as exc:
+                problems.append(f"could not {what}: {exc}")
+                if self.qmp.closed:
+                    break
+        return problems
+
+    async def _remove_targets_quickly(self) -> None:
+        await self.remove_targets(timeout=CLEANUP_COMMAND_TIMEOUT)
+
+    async def _cancel_migration(self) -> None:
+        if not self.migrating:
+            return
+        await self.qmp.execute("migrate_cancel", timeout=CLEANUP_COMMAND_TIMEOUT)
+        with trio.fail_after(CLEANUP_COMMAND_TIMEOUT):
+            while True:
+                info = await self.qmp.execute("query-migrate")
+                if info.get("status") in ("completed", "failed", "cancelled", None):
+                    break
+                await trio.sleep(0.02)
+        self.migrating = False
+
+    async def _cancel_jobs(self) -> None:
+        if not self.jobs:
+            return
+        events = self.qmp.events()
+        present = {str(j["device"]) for j in await self.qmp.execute("query-block-jobs")}
+        for job in list(self.jobs):
+            if job not in present:
+                del self.jobs[job]
+                continue
+            with contextlib.suppress(QmpError):
+                await self.qmp.execute(
+                    "block-job-cancel",
+                    {"device": job, "force": True},
+                    timeout=CLEANUP_COMMAND_TIMEOUT,
+                )
+        with trio.fail_after(CLEANUP_COMMAND_TIMEOUT):
+            while self.jobs:
+                try:
+                    event = await events.wait(
+                        ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
+                        match=lambda e: e.data.get("device") in self.jobs,
+                        timeout=0.5,
+                    )
+                    self.jobs.pop(str(event.data["device"]), None)
+                except QmpTimeout:
+                    present = {str(j["device"]) for j in await self.qmp.execute("query-block-jobs")}
+                    for job in list(self.jobs):
+                        if job not in present:
+                            del self.jobs[job]
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_one_line(e) for e in exc.exceptions)
+    if isinstance(exc, QmpConnectionClosed):
+        return f"lost the connection to QEMU ({exc})"
+    if isinstance(exc, QmpError):
+        return f"QEMU refused {exc.command}: {exc.desc}" if exc.command else exc.desc
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return str(exc) or type(exc).__name__
+
+
+async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
+    """Run one backup; print progress, the summary or one line of error to ``out``.
+
+    Returns:
+        0 on success; 1 on failure; 128 + the signal number when interrupted.
+    """
+    started = time.monotonic()
+    tmpdir = tempfile.mkdtemp(prefix="nbdvma-backup-")  # mode 0700
+    interrupted: int | None = None
+    failure: str | None = None
+    session: ArchiveSession | None = None
+    problems: list[str] = []
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with QmpClient.connect(options.qmp) as qmp, trio.open_nursery() as nursery:
+                work = trio.CancelScope()
+
+                async def on_signal() -> None:
+                    nonlocal interrupted
+                    async for signum in signals:
+                        interrupted = signum
+                        work.cancel()
+                        return
+
+                nursery.start_soon(on_signal)
+                backup: _Backup | None = None
+                try:
+                    with work:
+                        blocks = await qmp.execute("query-block")
+                        disks, skipped = discover_disks(blocks, options.drives)
+                        for line in skipped:
+                            print(f"INFO: skipping {line}", file=out)
+                        for disk in disks:
+                            print(
+                                f"INFO: include disk '{disk.name}' (node {disk.node}) "
+                                f"{format_bytes(disk.size)}",
+                                file=out,
+                            )
+                        session = ArchiveSession(
+                            SessionOptions(
+                                archive=options.archive,
+                                disks=tuple((d.name, d.size) for d in disks),
+                                configs=options.configs,
+                                vmstate=(
+                                    UnixAddress(os.path.join(tmpdir, "vmstate.sock"))
+                                    if options.vmstate
+                                    else None
+                                ),
+                                listen=(UnixAddress(os.path.join(tmpdir, "nbd.sock")),),
+                                compress=options.compress,
+                                unix_mode=0o600,
+                            )
+                        )
+                        await session.start(nursery)
+                        backup = _Backup(qmp, session, options, disks, out)
+                        await backup.run()
+                except Exception as exc:  # reported as one line
+                    failure = _one_line(exc)
+                if work.cancelled_caught and failure is None:
+                    failure = f"interrupted by {signal.Signals(interrupted or 2).name}"
+                if failure is not None and backup is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                        problems = await backup.cleanup()
+                nursery.cancel_scope.cancel()
+    except Exception as exc:  # connecting to QMP; the session tasks
+        failure = failure or _one_line(exc)
+    finally:
+        if session is not None:
+            if failure is not None:
+                session.abort()
+            session.remove_sockets()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    if failure is not None:
+        where = ""
+        if session is not None and options.archive != "-":
+            where = f"; archive left incomplete as {options.archive}.part"
+        extra = "".join(f"; {p}" for p in problems)
+        print(f"ERROR: backup failed: {failure}{where}{extra}", file=out, flush=True)
+        return 128 + interrupted if interrupted is not None else 1
+    assert session is not None
+    for line in session.summary_lines()[:-1]:
+        print(f"INFO: {line}", file=out)
+    print(
+        f"INFO: backup finished in {time.monotonic() - started:.1f}s: {options.archive}",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def _config(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep:
+        return os.path.basename(text), text
+    return name, path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``nbdvma backup``."""
+    parser.add_argument("archive", metavar="ARCHIVE", help="the VMA archive to write")
+    parser.add_argument(
+        "--qmp",
+        required=True,
+        type=parse_address,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="QEMU's QMP socket",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        type=_config,
+        metavar="[NAME=]FILE",
+        help="store FILE in the archive as config NAME (default: its basename); repeatable",
+    )
+    parser.add_argument(
+        "--vmstate",
+        action="store_true",
+        help="also save the VM state (RAM and devices), consistent with the disks",
+    )
+    parser.add_argument(
+        "--drive",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="back up only this drive (scsi0, drive-scsi0, a node name); repeatable",
+    )
+    parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
+    parser.add_argument(
+        "--bandwidth-limit",
+        type=parse_size,
+        metavar="RATE",
+        help="limit each backup job to RATE bytes/s (K/M/G suffixes)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="fail when nothing progresses for this long (default 300)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``nbdvma backup`` from parsed arguments; return the exit status."""
+    configs = []
+    for name, path in args.config:
+        try:
+            with open(path, "rb") as f:
+                configs.append((name, f.read()))
+        except OSError as exc:
+            print(f"ERROR: config {path}: {exc.strerror}", file=sys.stderr)
+            return 1
+    if args.archive == "-":
+        print("ERROR: backup writes a file; '-' is not supported", file=sys.stderr)
+        return 1
+    options = BackupOptions(
+        qmp=args.qmp,
+        archive=args.archive,
+        configs=tuple(configs),
+        vmstate=args.vmstate,
+        drives=tuple(args.drive),
+        compress=args.compress,
+        bandwidth_limit=args.bandwidth_limit,
+        stall_timeout=args.stall_timeout if args.stall_timeout > 0 else math.inf,
+    )
+    return trio.run(run_backup, options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nbdvma.backup``: the same as ``nbdvma backup``."""
+    parser = argparse.ArgumentParser(prog="nbdvma backup")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
