@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,6 +33,7 @@ from nbdvma.backends import Export, NullBackend, VmaBackend
 from nbdvma.errors import NbdvmaError
 from nbdvma.listeners import open_listener
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
+from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
 
@@ -89,6 +92,8 @@ class SessionOptions:
     limits: ServerLimits = attrs.Factory(ServerLimits)
     #: Header estimate of the VM-state size, until finish knows the real one.
     vmstate_size_hint: int = 65536
+    #: TLS for the NBD listeners (``--tls``...); off by default.
+    tls: TlsConfig = attrs.Factory(TlsConfig)
 
 
 class _Observer(ConnectionObserver):
@@ -114,6 +119,8 @@ class ArchiveSession:
             OSError: the archive cannot be created.
         """
         self.options = options
+        # Certificates first: a bad one must not leave an archive behind.
+        ssl_context = options.tls.server_context()
         self.active: dict[str, int] = {name: 0 for name, _ in options.disks}
         self.done = trio.Event()
         self.vmstate_done = options.vmstate is None
@@ -143,7 +150,13 @@ class ArchiveSession:
             self.backend = self.vma
         else:
             raise NbdvmaError(f"unknown backend {options.backend!r} (vma or null)")
-        self.server = NbdServer(self.backend, limits=options.limits, observer=_Observer(self))
+        self.server = NbdServer(
+            self.backend,
+            limits=options.limits,
+            observer=_Observer(self),
+            tls_mode=options.tls.mode,
+            ssl_context=ssl_context,
+        )
 
     def check_complete(self) -> None:
         """Set :attr:`done` once every disk and the VM state are complete."""
@@ -171,12 +184,19 @@ class ArchiveSession:
             listener, real = await open_listener(address, unix_mode=self.options.unix_mode)
             listeners.append(listener)
             self.listening.append(real)
+            if _exposed(listener) and self.options.tls.mode is not TlsMode.REQUIRE:
+                _warn(
+                    f"{real} is reachable from other hosts without --tls require: "
+                    "whoever connects can read and write the backup (see docs/security.md)"
+                )
         await nursery.start(self.server.serve, listeners)
         if self.options.vmstate is not None:
             listener, real = await open_listener(
                 self.options.vmstate, unix_mode=self.options.unix_mode
             )
             self.vmstate_address = real
+            if _exposed(listener):
+                _warn(f"--vmstate {real} is reachable from other hosts and never encrypted")
             nursery.start_soon(self._receive_vmstate, listener)
 
     async def _receive_vmstate(self, listener: trio.SocketListener) -> None:
@@ -247,6 +267,18 @@ class ArchiveSession:
         return lines
 
 
+def _exposed(listener: trio.SocketListener) -> bool:
+    """Whether a listener is a TCP socket bound to a non-loopback address."""
+    name = listener.socket.getsockname()
+    if not isinstance(name, tuple):
+        return False  # a unix socket: guarded by its file mode
+    return not ipaddress.ip_address(name[0]).is_loopback
+
+
+def _warn(message: str) -> None:
+    print(f"nbdvma serve: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _remove_part(archive: str) -> None:
     """Remove the empty ``.part`` of an archive that never got any data."""
     if archive != "-":
@@ -270,18 +302,11 @@ async def run_session(options: SessionOptions, *, progress_interval: float = 2.0
     session = ArchiveSession(options)
     interrupted: int | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            await session.start(nursery)
-            for address in session.listening:
-                print(f"nbdvma serve: listening on {address}", file=sys.stderr, flush=True)
-            if session.vmstate_address is not None:
-                print(
-                    f"nbdvma serve: vmstate on {session.vmstate_address}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            nursery.start_soon(_report_progress, session, progress_interval)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # The signal receiver is open before the listening lines are printed: a
+        # supervisor that signals as soon as it sees them must get the clean
+        # "interrupted" exit, not a KeyboardInterrupt traceback or a bare SIGTERM death.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
 
                 async def on_signal() -> None:
                     nonlocal interrupted
@@ -291,6 +316,16 @@ async def run_session(options: SessionOptions, *, progress_interval: float = 2.0
                         return
 
                 nursery.start_soon(on_signal)
+                await session.start(nursery)
+                for address in session.listening:
+                    print(f"nbdvma serve: listening on {address}", file=sys.stderr, flush=True)
+                if session.vmstate_address is not None:
+                    print(
+                        f"nbdvma serve: vmstate on {session.vmstate_address}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                nursery.start_soon(_report_progress, session, progress_interval)
                 await session.done.wait()
                 await session.finish()
                 nursery.cancel_scope.cancel()
@@ -380,6 +415,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-connections", type=int, default=100, help="connection cap (default 100)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every connection (peer, export, how it ended) on stderr",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="drop a client that has not finished the handshake by then (default 10)",
+    )
+
+    parser.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=math.inf,
+        metavar="SECONDS",
+        help="drop a client that sends nothing for this long with no request in flight "
+        "(default: never)",
+    )
+    tls = parser.add_argument_group("TLS (NBD_OPT_STARTTLS, X.509; see docs/security.md)")
+    tls.add_argument(
+        "--tls",
+        choices=[m.value for m in TlsMode],
+        default=TlsMode.OFF.value,
+        help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
+        "require: nothing works before TLS (default off)",
+    )
+    tls.add_argument("--tls-cert", metavar="PEM", help="the server certificate (chain)")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key (unencrypted)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the CA that signs client certificates")
+    tls.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="require a client certificate signed by --tls-ca",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -397,11 +480,24 @@ def run(args: argparse.Namespace) -> int:
         compress=args.compress,
         backend=args.backend,
         unix_mode=args.socket_mode,
-        limits=ServerLimits(max_connections=args.max_connections),
+        tls=TlsConfig(
+            mode=TlsMode(args.tls),
+            cert=args.tls_cert,
+            key=args.tls_key,
+            ca=args.tls_ca,
+            verify_client=args.tls_verify_client,
+        ),
+        limits=ServerLimits(
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+            handshake_timeout=args.handshake_timeout,
+        ),
     )
     names = [name for name, _ in options.disks]
     if len(set(names)) != len(names):
         raise NbdvmaError("each --disk needs a different name")
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.INFO, format="nbdvma serve: %(message)s")
     try:
         return trio.run(run_session, options)
     except BaseExceptionGroup as group:
