@@ -596,13 +596,22 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_one_line(e) for e in exc.exceptions)
     if isinstance(exc, QmpConnectionClosed):
-        return f"lost the connection to QEMU ({exc})"
+        return "lost the QMP connection to QEMU (it exited or closed the socket)"
     if isinstance(exc, QmpError):
         return f"QEMU refused {exc.command}: {exc.desc}" if exc.command else exc.desc
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or exc}{where}"
     return str(exc) or type(exc).__name__
+
+
+def _failure_line(failure: str, archive: str, problems: Sequence[str]) -> str:
+    """``ERROR: backup failed: <why>; archive left incomplete as X.part; <cleanup problems>``."""
+    where = ""
+    if os.path.exists(f"{archive}.part"):
+        where = f"; archive left incomplete as {archive}.part"
+    extra = "".join(f"; {p}" for p in problems)
+    return f"ERROR: backup failed: {failure}{where}{extra}"
 
 
 async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
@@ -678,11 +687,7 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
             session.remove_sockets()
         shutil.rmtree(tmpdir, ignore_errors=True)
     if failure is not None:
-        where = ""
-        if session is not None and options.archive != "-":
-            where = f"; archive left incomplete as {options.archive}.part"
-        extra = "".join(f"; {p}" for p in problems)
-        print(f"ERROR: backup failed: {failure}{where}{extra}", file=out, flush=True)
+        print(_failure_line(failure, options.archive, problems), file=out, flush=True)
         return 128 + interrupted if interrupted is not None else 1
     assert session is not None
     for line in session.summary_lines()[:-1]:
