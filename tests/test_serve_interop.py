@@ -589,8 +589,8 @@ def test_qemu_img_killed_then_rerun(
             "-r",
             "-U",
             str(slow_sock),
+            "--filter=blocksize",  # outermost: 64 KiB pieces, each one delayed
             "--filter=delay",
-            "--filter=blocksize",
             "file",
             str(src),
             "rdelay=10ms",
