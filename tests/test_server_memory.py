@@ -1,0 +1,345 @@
+"""The trio server (nbdvma.server) in-process, over trio memory streams.
+
+The peer is a few lines of client written from the spec (tests/nbd_client_sansio.py);
+the backend is a recording fake whose calls can be held, so that concurrency,
+ordering, back-pressure and the deadlines can be observed exactly.  Deadlines run on
+trio's autojump clock: a 10 s handshake timeout costs no wall time.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+from nbd_client_sansio import client_flags, info_payload, option, request
+
+from nbdvma.backends import Capabilities, Export, NullBackend
+from nbdvma.errors import ClusterConflictError
+from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 8 * MiB
+OPT_GO, OPT_STRUCTURED_REPLY = 7, 8
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_WRITE_ZEROES = 0, 1, 2, 3, 6
+NBD_EIO, NBD_EINVAL, NBD_ENOSPC = 5, 22, 28
+
+
+class FakeBackend:
+    """Records calls; a call blocks while its offset is in :attr:`held`."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, exports: Sequence[Export] = (Export("d0", SIZE),)) -> None:
+        self._exports = list(exports)
+        self.calls: list[tuple[str, int, int]] = []
+        self.started: list[int] = []
+        self.held: dict[int, trio.Event] = {}
+        self.fail: dict[int, BaseException] = {}
+
+    @property
+    def exports(self) -> Sequence[Export]:
+        return self._exports
+
+    async def _op(self, name: str, offset: int, length: int) -> None:
+        self.started.append(offset)
+        if offset in self.held:
+            await self.held[offset].wait()
+        if offset in self.fail:
+            raise self.fail[offset]
+        self.calls.append((name, offset, length))
+
+    async def pread(self, export: str, offset: int, length: int) -> bytes:
+        await self._op("read", offset, length)
+        return bytes(length)
+
+    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+        await self._op("write", offset, len(data))
+
+    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        await self._op("zero", offset, length)
+
+    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+        await self._op("trim", offset, length)
+
+    async def flush(self) -> None:
+        await self._op("flush", -1, 0)
+
+    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 3)]
+
+
+class Client:
+    """The client end of a memory stream, with a receive buffer."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def recv_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = await self.stream.receive_some()
+            assert chunk, f"closed with {len(self.buf)} of {n} bytes"
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def closed(self) -> bool:
+        """True once the server has closed (anything still unread is ignored)."""
+        try:
+            while await self.stream.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+
+    async def handshake(self, export: str = "d0", *, structured: bool = False) -> None:
+        greeting = await self.recv_exactly(18)
+        assert greeting[:8] == b"NBDMAGIC"
+        await self.send(client_flags(3))
+        if structured:
+            await self.send(option(OPT_STRUCTURED_REPLY))
+            await self.option_reply()
+        await self.send(option(OPT_GO, info_payload(export.encode())))
+        while True:
+            _, rep, _ = await self.option_reply()
+            assert not rep & (1 << 31), hex(rep)
+            if rep == 1:
+                return
+
+    async def option_reply(self) -> tuple[int, int, bytes]:
+        _, opt, rep, length = struct.unpack(">QIII", await self.recv_exactly(20))
+        return opt, rep, await self.recv_exactly(length)
+
+    async def simple(self) -> tuple[int, int]:
+        magic, error, cookie = struct.unpack(">IIQ", await self.recv_exactly(16))
+        assert magic == 0x67446698
+        return int(error), int(cookie)
+
+
+async def connect(
+    nursery: trio.Nursery, server: NbdServer, export: str = "d0", *, structured: bool = False
+) -> Client:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, server_stream)
+    client = Client(client_stream)
+    await client.handshake(export, structured=structured)
+    return client
+
+
+def write(cookie: int, offset: int, length: int = 4096) -> bytes:
+    return request(CMD_WRITE, cookie=cookie, offset=offset, length=length, data=b"w" * length)
+
+
+# -- concurrency and ordering ---------------------------------------------------------------
+
+
+async def test_replies_go_out_as_requests_finish() -> None:
+    backend = FakeBackend()
+    backend.held[0] = trio.Event()
+    server = NbdServer(backend)
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        await c.send(write(1, 0) + write(2, 65536))
+        assert await c.simple() == (0, 2)  # not blocked behind cookie 1
+        backend.held[0].set()
+        assert await c.simple() == (0, 1)
+        await c.send(request(CMD_DISC))
+        assert await c.closed()
+
+
+async def test_disc_waits_for_outstanding_requests() -> None:
+    backend = FakeBackend()
+    backend.held[0] = trio.Event()
+    server = NbdServer(backend)
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        await c.send(write(1, 0) + request(CMD_DISC))
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections == 1  # still open: the write is outstanding
+        backend.held[0].set()
+        assert await c.simple() == (0, 1)
+        assert await c.closed()
+    assert backend.calls == [("write", 0, 4096)]
+    assert server.connections == 0
+
+
+async def test_back_pressure_stops_reading_when_the_budget_is_spent() -> None:
+    backend = FakeBackend()
+    gate = trio.Event()
+    for i in range(4):
+        backend.held[i * MiB] = gate
+    server = NbdServer(backend, limits=ServerLimits(connection_buffer=2 * MiB))
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        await c.send(b"".join(write(i, i * MiB, MiB) for i in range(4)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert backend.started == [0, MiB]  # two payloads in memory, then no more reads
+        gate.set()
+        cookies = {(await c.simple())[1] for _ in range(4)}
+        assert cookies == {0, 1, 2, 3}
+        await c.send(request(CMD_DISC))
+        assert await c.closed()
+
+
+async def test_server_wide_budget_is_shared() -> None:
+    backend = FakeBackend()
+    gate = trio.Event()
+    backend.held[0] = backend.held[MiB] = gate
+    server = NbdServer(backend, limits=ServerLimits(server_buffer=MiB))
+    async with trio.open_nursery() as nursery:
+        c1 = await connect(nursery, server)
+        c2 = await connect(nursery, server)
+        await c1.send(write(1, 0, MiB))
+        await trio.testing.wait_all_tasks_blocked()
+        await c2.send(write(2, MiB, MiB))
+        await trio.testing.wait_all_tasks_blocked()
+        assert backend.started == [0]  # c2's payload waits for c1's to be released
+        gate.set()
+        assert await c1.simple() == (0, 1)
+        assert await c2.simple() == (0, 2)
+        for c in (c1, c2):
+            await c.send(request(CMD_DISC))
+            assert await c.closed()
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "nbd_error"),
+    [
+        (OSError(errno.ENOSPC, "disk full"), NBD_ENOSPC),
+        (OSError(errno.EDQUOT, "quota"), NBD_ENOSPC),
+        (ClusterConflictError("cluster 3 differs"), NBD_EIO),
+        (RuntimeError("a bug"), NBD_EIO),
+    ],
+)
+async def test_backend_errors_become_nbd_errors(exc: BaseException, nbd_error: int) -> None:
+    backend = FakeBackend()
+    backend.fail[4096] = exc
+    server = NbdServer(backend)
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        await c.send(write(7, 4096))
+        assert await c.simple() == (nbd_error, 7)
+        await c.send(write(8, 8192))  # the connection goes on
+        assert await c.simple() == (0, 8)
+        await c.send(request(CMD_DISC))
+        assert await c.closed()
+
+
+async def test_protocol_error_drops_only_that_connection() -> None:
+    """Regression: errors raised inside the request nursery arrive as an
+    ExceptionGroup; they must end the connection, not the server."""
+    server = NbdServer(FakeBackend())
+    async with trio.open_nursery() as nursery:
+        bad = await connect(nursery, server)
+        good = await connect(nursery, server)
+        await bad.send(request(CMD_READ, length=512, magic=0xDEADBEEF))
+        assert await bad.closed()
+        await good.send(write(1, 0))
+        assert await good.simple() == (0, 1)
+        await good.send(request(CMD_DISC))
+        assert await good.closed()
+    assert server.connections == 0
+
+
+async def test_client_gone_while_replies_are_sent() -> None:
+    backend = FakeBackend()
+    backend.held[0] = trio.Event()
+    server = NbdServer(backend)
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        await c.send(write(1, 0))
+        await trio.testing.wait_all_tasks_blocked()
+        await c.stream.aclose()
+        backend.held[0].set()  # the reply now goes to a closed stream
+    assert server.connections == 0  # handle_connection returned; nothing escaped
+
+
+# -- limits and deadlines -------------------------------------------------------------------
+
+
+async def test_handshake_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    server = NbdServer(FakeBackend(), limits=ServerLimits(handshake_timeout=10))
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    c = Client(client_stream)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_stream)
+        await c.recv_exactly(18)
+        await c.send(client_flags(3) + option(OPT_GO)[:10])  # then silence
+        assert await c.closed()
+    assert 10 <= trio.current_time() - start < 11
+
+
+async def test_no_deadline_once_transmitting(autojump_clock: trio.testing.MockClock) -> None:
+    server = NbdServer(FakeBackend(), limits=ServerLimits(handshake_timeout=10))
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        await trio.sleep(3600)
+        await c.send(write(1, 0))
+        assert await c.simple() == (0, 1)
+        await c.send(request(CMD_DISC))
+        assert await c.closed()
+
+
+async def test_idle_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    server = NbdServer(FakeBackend(), limits=ServerLimits(idle_timeout=30))
+    async with trio.open_nursery() as nursery:
+        c = await connect(nursery, server)
+        start = trio.current_time()
+        assert await c.closed()
+    assert 30 <= trio.current_time() - start < 31
+
+
+async def test_connection_cap() -> None:
+    server = NbdServer(FakeBackend(), limits=ServerLimits(max_connections=1))
+    async with trio.open_nursery() as nursery:
+        c1 = await connect(nursery, server)
+        s2, srv2 = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_connection, srv2)
+        assert await s2.receive_some() == b""  # closed without a greeting
+        await c1.send(request(CMD_DISC))
+        assert await c1.closed()
+
+
+# -- observer ---------------------------------------------------------------------------------
+
+
+class Recorder(ConnectionObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def transmission_started(self, export: str) -> None:
+        self.events.append(("start", export))
+
+    def connection_ended(self, export: str) -> None:
+        self.events.append(("end", export))
+
+
+async def test_observer_sees_transmissions_only() -> None:
+    rec = Recorder()
+    exports = [Export("a", SIZE), Export("b", SIZE)]
+    server = NbdServer(NullBackend(exports), observer=rec)
+    async with trio.open_nursery() as nursery:
+        # A probe that never reaches transmission is not reported.
+        s, srv = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_connection, srv)
+        await Client(s).recv_exactly(18)
+        await s.aclose()
+        c = await connect(nursery, server, "b", structured=True)
+        await c.send(request(CMD_WRITE_ZEROES, cookie=3, length=SIZE))
+        assert await c.simple() == (0, 3)
+        assert rec.events == [("start", "b")]
+        await c.stream.aclose()  # no DISC: still reported as ended
+    assert rec.events == [("start", "b"), ("end", "b")]
