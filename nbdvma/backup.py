@@ -383,7 +383,7 @@ class _Backup:
         await self.wait_run_state(lambda s: s != "finish-migrate", "postmigrate")
         size = 0
         if self.session.writer is not None:
-            size = self.session.writer.progress(self.session._vmstate_id).written
+            size = self.session.vmstate_bytes()
         self.info(f"VM state saved: {format_bytes(size)} in {time.monotonic() - started:.1f}s")
 
     async def wait_run_state(self, ok: Any, what: str, timeout: float = 10.0) -> str:  # noqa: ASYNC109
@@ -641,35 +641,40 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
                 nursery.start_soon(on_signal)
                 backup: _Backup | None = None
                 try:
+                    # The session's tasks (NBD server, vmstate socket) run in a nursery
+                    # inside ``work``: if one of them fails, the failure surfaces here
+                    # while QMP is still connected, so the clean-up below still runs.
                     with work:
-                        blocks = await qmp.execute("query-block")
-                        disks, skipped = discover_disks(blocks, options.drives)
-                        for line in skipped:
-                            print(f"INFO: skipping {line}", file=out)
-                        for disk in disks:
-                            print(
-                                f"INFO: include disk '{disk.name}' (node {disk.node}) "
-                                f"{format_bytes(disk.size)}",
-                                file=out,
+                        async with trio.open_nursery() as session_tasks:
+                            blocks = await qmp.execute("query-block")
+                            disks, skipped = discover_disks(blocks, options.drives)
+                            for line in skipped:
+                                print(f"INFO: skipping {line}", file=out)
+                            for disk in disks:
+                                print(
+                                    f"INFO: include disk '{disk.name}' (node {disk.node}) "
+                                    f"{format_bytes(disk.size)}",
+                                    file=out,
+                                )
+                            session = ArchiveSession(
+                                SessionOptions(
+                                    archive=options.archive,
+                                    disks=tuple((d.name, d.size) for d in disks),
+                                    configs=options.configs,
+                                    vmstate=(
+                                        UnixAddress(os.path.join(tmpdir, "vmstate.sock"))
+                                        if options.vmstate
+                                        else None
+                                    ),
+                                    listen=(UnixAddress(os.path.join(tmpdir, "nbd.sock")),),
+                                    compress=options.compress,
+                                    unix_mode=0o600,
+                                )
                             )
-                        session = ArchiveSession(
-                            SessionOptions(
-                                archive=options.archive,
-                                disks=tuple((d.name, d.size) for d in disks),
-                                configs=options.configs,
-                                vmstate=(
-                                    UnixAddress(os.path.join(tmpdir, "vmstate.sock"))
-                                    if options.vmstate
-                                    else None
-                                ),
-                                listen=(UnixAddress(os.path.join(tmpdir, "nbd.sock")),),
-                                compress=options.compress,
-                                unix_mode=0o600,
-                            )
-                        )
-                        await session.start(nursery)
-                        backup = _Backup(qmp, session, options, disks, out)
-                        await backup.run()
+                            await session.start(session_tasks)
+                            backup = _Backup(qmp, session, options, disks, out)
+                            await backup.run()
+                            session_tasks.cancel_scope.cancel()
                 except Exception as exc:  # reported as one line
                     failure = _one_line(exc)
                 if work.cancelled_caught and failure is None:

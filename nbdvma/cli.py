@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from nbdvma import __version__, serve
+from nbdvma import __version__, backup, serve
 from nbdvma.errors import NbdvmaError
 from nbdvma.tools import (
     DEFAULT_CONFIG,
@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "completely and its clients disconnected (and the VM state, if declared, ended).",
     )
     serve.add_arguments(p)
+
+    p = sub.add_parser(
+        "backup",
+        help="back up a running QEMU VM (all disks, VM state, config) into a VMA archive",
+        description="Back up the disks of the QEMU VM behind --qmp (and, with --vmstate, "
+        "its VM state) into ARCHIVE, from one point in time.",
+    )
+    backup.add_arguments(p)
     return parser
 
 
@@ -97,8 +105,8 @@ def _run(args: argparse.Namespace) -> None:
         extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
-    elif args.command == "serve":
-        status = serve.run(args)
+    elif args.command in ("serve", "backup"):
+        status = (serve if args.command == "serve" else backup).run(args)
         if status:
             raise SystemExit(status)
     else:  # pragma: no cover - argparse only accepts the commands above

@@ -234,6 +234,12 @@ class ArchiveSession:
             if not self.writer.has_output:
                 _remove_part(self.options.archive)
 
+    def vmstate_bytes(self) -> int:
+        """Bytes of VM state received so far (0 without a VM-state stream)."""
+        if self.writer is None or not self._vmstate_id:
+            return 0
+        return self.writer.progress(self._vmstate_id).written
+
     def progress_lines(self) -> list[str]:
         """One line per disk: ``drive-scsi0: 42% (860.0 MiB of 2.0 GiB)``."""
         lines: list[str] = []
