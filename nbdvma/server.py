@@ -290,8 +290,11 @@ class NbdServer:
                             deadline = trio.current_time() + self.limits.idle_timeout
                         else:
                             deadline = math.inf
-                    with trio.fail_at(deadline):
+                    if deadline == math.inf:  # no cancel scope per receive on the hot path
                         data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                    else:
+                        with trio.fail_at(deadline):
+                            data = await conn.stream.receive_some(_RECEIVE_SIZE)
                     core.receive_data(data)
                 elif isinstance(event, Request):
                     cost = len(event.data) if event.data is not None else 0
