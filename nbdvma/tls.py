@@ -90,34 +90,43 @@ class TlsConfig:
             return None
         assert self.cert is not None
         assert self.key is not None
+        for what, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
+            if path is not None:
+                _check_readable(what, path)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's MUST
         # No client-initiated TLS 1.2 renegotiation (a CPU denial of service).
         ctx.options |= ssl.OP_NO_RENEGOTIATION
-        try:
+        try:  # (ssl.SSLError is an OSError)
             ctx.load_cert_chain(self.cert, self.key, password=_no_password)
         except OSError as exc:
-            raise TlsError(_file_error("TLS certificate or key", exc)) from None
-        except ssl.SSLError as exc:
             raise TlsError(
-                f"cannot load the TLS certificate {self.cert} and key {self.key}: "
-                f"{exc.reason or exc}"
+                f"cannot load the TLS certificate {self.cert} with the key {self.key}: "
+                f"{_ssl_reason(exc)}"
             ) from None
         if self.verify_client:
             assert self.ca is not None
             try:
                 ctx.load_verify_locations(cafile=self.ca)
             except OSError as exc:
-                raise TlsError(_file_error("TLS CA", exc)) from None
-            except ssl.SSLError as exc:
-                raise TlsError(f"cannot load the TLS CA {self.ca}: {exc.reason or exc}") from None
+                raise TlsError(f"cannot load the TLS CA {self.ca}: {_ssl_reason(exc)}") from None
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
 
-def _file_error(what: str, exc: OSError) -> str:
-    where = f" {exc.filename}" if exc.filename else ""
-    return f"cannot read the {what}{where}: {exc.strerror or exc}"
+def _check_readable(what: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise TlsError(f"cannot read the TLS {what} {path}: {exc.strerror or exc}") from None
+
+
+def _ssl_reason(exc: OSError) -> str:
+    reason = getattr(exc, "reason", None)
+    if reason:  # "KEY_VALUES_MISMATCH", "NO_START_LINE"...
+        return str(reason).lower().replace("_", " ")
+    return str(exc.strerror or exc)
 
 
 def qemu_tls_object(
