@@ -133,6 +133,8 @@ class _Connection:
     budget: ByteBudget = attrs.Factory(lambda: ByteBudget(0))
     export: str | None = None
     in_flight: int = 0
+    #: the reader's receive, while it waits under a deadline
+    receive_scope: trio.CancelScope | None = None
 
 
 class NbdServer:
@@ -290,11 +292,17 @@ class NbdServer:
                             deadline = trio.current_time() + self.limits.idle_timeout
                         else:
                             deadline = math.inf
-                    if deadline == math.inf:  # no cancel scope per receive on the hot path
+                    if deadline == math.inf and self.limits.idle_timeout == math.inf:
+                        # no cancel scope per receive on the hot path
                         data = await conn.stream.receive_some(_RECEIVE_SIZE)
                     else:
-                        with trio.fail_at(deadline):
+                        # _execute re-arms the idle deadline when the last request ends.
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            conn.receive_scope = scope
                             data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                        conn.receive_scope = None
+                        if scope.cancelled_caught:
+                            raise trio.TooSlowError
                     core.receive_data(data)
                 elif isinstance(event, Request):
                     cost = len(event.data) if event.data is not None else 0
@@ -373,6 +381,10 @@ class NbdServer:
             await self._send(conn)
         finally:
             conn.in_flight -= 1
+            if conn.in_flight == 0 and conn.receive_scope is not None:
+                # The reader has been waiting without an idle deadline (requests were
+                # in flight); the connection is idle from now.
+                conn.receive_scope.deadline = trio.current_time() + self.limits.idle_timeout
             conn.budget.release(cost)
             self._budget.release(cost)
 
