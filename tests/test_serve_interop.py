@@ -654,7 +654,8 @@ def test_signal_before_completion(
     assert "done-disk" not in incomplete
     assert signal.Signals(signum).name in line
     assert "Traceback" not in err
-    assert not Path(server.unix or "").exists()
+    assert server.unix is not None
+    assert not Path(server.unix).exists()  # the socket file is removed
 
 
 def test_signal_right_after_listening(serve: StartServe) -> None:
