@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ TARGETS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], object]]] = {
     **test_fuzz_vma.TARGETS,
 }
 BATCH = 100
+# A failing multi-megabyte archive makes hypothesis warn about its repr; it is cut anyway.
+warnings.filterwarnings("ignore", message="Generating overly large repr")
 
 
 @attrs.define

@@ -225,6 +225,9 @@ class Trickle(io.RawIOBase):
         return n
 
 
+_MAX_IMAGE = 64 << 20
+
+
 def read_checked(data: bytes, step: int | None = None) -> dict[str, bytes] | None:
     """Read an archive; return the restored disks, or None after a VmaFormatError.
 
@@ -234,7 +237,13 @@ def read_checked(data: bytes, step: int | None = None) -> dict[str, bytes] | Non
     try:
         reader = VmaReader(source)
         devs = {d.dev_id: d for d in reader.header.devices}
-        images = {d.name: bytearray(d.size) for d in devs.values() if not d.is_vmstate}
+        # A mutated header may claim a huge disk: restore only what fits in memory
+        # (the base archives' disks are small); larger ones get an empty placeholder.
+        images = {
+            d.name: bytearray(d.size if d.size <= _MAX_IMAGE else 0)
+            for d in devs.values()
+            if not d.is_vmstate
+        }
         seen: set[tuple[int, int]] = set()
         vm_next = 0
         clusters = stored = 0
