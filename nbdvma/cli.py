@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from nbdvma import __version__, backup, serve
+from nbdvma import __version__
 from nbdvma.errors import NbdvmaError
 from nbdvma.tools import (
     DEFAULT_CONFIG,
@@ -37,8 +37,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``nbdvma`` (exposed for documentation and tests)."""
+_SERVER_COMMANDS = ("serve", "backup")
+
+
+def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of ``nbdvma`` (exposed for documentation and tests).
+
+    Args:
+        server_commands: define the options of ``serve`` and ``backup``, which imports
+            trio and the server; the archive tools start faster without.
+    """
     parser = _Parser(prog="nbdvma", description="Proxmox VMA archive tools.")
     parser.add_argument("--version", action="version", version=f"nbdvma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "The archive is finalized and serve exits 0 once every disk was written "
         "completely and its clients disconnected (and the VM state, if declared, ended).",
     )
-    serve.add_arguments(p)
+    if server_commands:
+        from nbdvma import serve
+
+        serve.add_arguments(p)
 
     p = sub.add_parser(
         "backup",
@@ -86,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Back up the disks of the QEMU VM behind --qmp (and, with --vmstate, "
         "its VM state) into ARCHIVE, from one point in time.",
     )
-    backup.add_arguments(p)
+    if server_commands:
+        from nbdvma import backup
+
+        backup.add_arguments(p)
     return parser
 
 
@@ -105,7 +119,9 @@ def _run(args: argparse.Namespace) -> None:
         extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
-    elif args.command in ("serve", "backup"):
+    elif args.command in _SERVER_COMMANDS:
+        from nbdvma import backup, serve
+
         status = (serve if args.command == "serve" else backup).run(args)
         if status:
             raise SystemExit(status)
@@ -120,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 1 on errors and bad usage, 255 when
         ``config`` finds no such config (as ``vma``).
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(server_commands=any(a in _SERVER_COMMANDS for a in argv[:1]))
     try:
         # create takes images on both sides of its options ("FILE -c CFG IMG..."),
         # which plain parse_args cannot mix with a nargs="*" positional.

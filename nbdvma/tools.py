@@ -578,10 +578,8 @@ def create_archive(
                 writer.add_device(name, -(-size // _SECTOR) * _SECTOR)
                 for name, _, _, size in opened
             ]
-            buf = bytearray(_COPY_CHUNK)
-            view = memoryview(buf)
             for dev_id, (name, image, fd, size) in zip(dev_ids, opened, strict=True):
-                zeros = _copy_image(writer, dev_id, image, fd, size, view)
+                zeros = _copy_image(writer, dev_id, image, fd, size, _COPY_CHUNK)
                 if verbose:
                     err.write(f"image {name}: size={size} zeros={zeros} saved={zeros}\n")
             writer.finish()
@@ -600,9 +598,7 @@ def create_archive(
             os.close(fd)
 
 
-def _copy_image(
-    writer: VmaWriter, dev_id: int, image: str, fd: int, size: int, view: memoryview
-) -> int:
+def _copy_image(writer: VmaWriter, dev_id: int, image: str, fd: int, size: int, chunk: int) -> int:
     """Feed one image to the writer; return the bytes skipped as holes."""
     zeros = 0
     write = writer.write
@@ -614,9 +610,11 @@ def _copy_image(
             continue
         pos = start
         while pos < end:
-            n = os.preadv(fd, [view[: min(len(view), end - pos)]], pos)
-            if n <= 0:
+            # A fresh bytes object per chunk: the writer keeps views of whole clusters
+            # until their extent is written, so it need not copy them.
+            data = os.pread(fd, min(chunk, end - pos), pos)
+            if not data:
                 raise ToolError(f"image {image}: unexpected end of file at {pos}")
-            write(dev_id, pos, view[:n])
-            pos += n
+            write(dev_id, pos, data)
+            pos += len(data)
     return zeros

@@ -513,3 +513,16 @@ def test_nothing_under_the_final_name_until_finish(tmp_path: Path) -> None:
     path.write_bytes(b"")
     with pytest.raises(VmaWriterError, match="exists already"):
         open_sink(str(path))
+
+
+def test_whole_cluster_over_a_zeroed_one_needs_no_partial_buffer(tmp_path: Path) -> None:
+    w, path = new_writer(tmp_path, max_partial_bytes=C)
+    dev = w.add_device("d", 4 * C)
+    w.write(dev, 0, bytes(C))  # a ZERO cluster
+    w.write(dev, 2 * C, b"x" * 512)  # the one partial slot is taken
+    w.write(dev, 0, b"y" * C)  # replaces the zeroed cluster without the buffer
+    assert w.progress(dev).written == C + 512
+    w.finish()
+    disk = parse(path.read_bytes()).disk(dev)
+    assert disk[:C] == b"y" * C
+    assert disk[2 * C : 2 * C + 512] == b"x" * 512

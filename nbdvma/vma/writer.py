@@ -397,8 +397,21 @@ class VmaWriter:
         if state in (PENDING, STORED):
             self._check_rewrite(dev, cluster, inner, data)
             return
-        if state == UNTOUCHED and inner == 0 and len(data) >= limit:
-            self._complete(dev, cluster, data[:limit], limit)
+        if state in (UNTOUCHED, ZERO) and inner == 0 and len(data) >= limit:
+            # A whole cluster needs no assembly buffer (a zeroed one is simply replaced).
+            if state == ZERO:
+                dev.state[cluster] = UNTOUCHED
+                dev.done_clusters -= 1
+                dev.zero_bytes -= limit
+                try:
+                    self._complete(dev, cluster, data[:limit], limit, counted=True)
+                except BaseException:
+                    dev.state[cluster] = ZERO
+                    dev.done_clusters += 1
+                    dev.zero_bytes += limit
+                    raise
+            else:
+                self._complete(dev, cluster, data[:limit], limit)
             return
         part = dev.partial.get(cluster)
         if part is None:
