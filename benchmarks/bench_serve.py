@@ -1,0 +1,285 @@
+"""Benchmarks of ``nbdvma serve`` against the reference servers, side by side in one run.
+
+1. Protocol ceiling: ``qemu-img convert`` of a random image into ``serve --backend null``
+   vs into ``nbdkit null`` (target: serve reaches >= 90 % of nbdkit's throughput).
+2. On disk: ``qemu-img convert`` into ``serve`` writing a VMA archive (until the archive
+   is finished: fsync and rename) vs into ``qemu-nbd`` writing a raw file (until the
+   client's final FLUSH returns) (target: time ratio <= 1.0).
+3. Memory: peak RSS of ``serve`` (the child's ``ru_maxrss`` from ``wait4``) while
+   ``nbdcopy --connections=1 --requests=64 --request-size=1M`` keeps 64 requests of
+   1 MiB in flight (target: < 200 MiB).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_serve.py [--size 2G] [--repeat 3] [--workdir DIR]
+
+Each figure is the median of ``--repeat`` runs; the runs of the compared servers
+alternate, so drifts of the machine hit both.  The random source image is made once
+and kept in the work directory (it is read from the page cache in every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nbdvma.serve import parse_size  # noqa: E402
+
+MiB = 1 << 20
+START_TIMEOUT = 30.0
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def make_image(path: Path, size: int) -> Path:
+    """A random (incompressible, no zero blocks) raw image, reused if present."""
+    if path.exists() and path.stat().st_size == size:
+        return path
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    tmp.rename(path)
+    return path
+
+
+def reap(proc: subprocess.Popen[bytes], timeout: float = 600) -> float:
+    """Wait for ``proc`` (SIGTERM first if still running); return its CPU seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.01)
+
+
+def run(args: list[str], timeout: float = 3600) -> float:
+    """Run a client; return its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run(args, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def serve(archive: Path, size: int, sock: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``nbdvma serve`` with one disk ``d0`` on a unix socket; killed on exit."""
+    log = archive.with_suffix(".err")
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nbdvma.serve",
+                str(archive),
+                "--disk",
+                f"d0={size}",
+                "--listen",
+                f"unix:{sock}",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=REPO,
+        )
+    try:
+        _wait_for(lambda: b"listening on" in log.read_bytes(), START_TIMEOUT, "serve")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def background(args: list[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A reference server in the foreground of a child; killed on exit."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(sock.exists, START_TIMEOUT, args[0])
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def uri(sock: Path, export: str = "d0") -> str:
+    return f"nbd+unix:///{export}?socket={sock}"
+
+
+def convert(src: Path, target: str) -> list[str]:
+    return ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), target]
+
+
+def bench_null(src: Path, size: int, work: Path) -> tuple[float, float, float, float]:
+    """One run each: serve null and nbdkit null, (wall, server CPU) seconds of each."""
+    sock = work / "null.sock"
+    with serve(work / "null.vma", size, sock, "--backend", "null") as proc:
+        t_serve = run(convert(src, uri(sock)))
+        proc.send_signal(signal.SIGTERM)
+        cpu_serve = reap(proc)
+    with background(["nbdkit", "-f", "-U", str(sock), "null", str(size)], sock) as proc:
+        t_nbdkit = run(convert(src, uri(sock)))
+        proc.send_signal(signal.SIGTERM)
+        cpu_nbdkit = reap(proc)
+    return t_serve, cpu_serve, t_nbdkit, cpu_nbdkit
+
+
+def bench_disk(src: Path, size: int, work: Path) -> tuple[float, float, float]:
+    """One run each: serve VMA seconds to a finished archive (and its CPU seconds),
+    qemu-nbd raw seconds."""
+    sock = work / "disk.sock"
+    archive = work / "out.vma"
+    archive.unlink(missing_ok=True)
+    _drop_dirty()
+    start = time.perf_counter()
+    with serve(archive, size, sock) as proc:
+        run(convert(src, uri(sock)))
+        cpu = reap(proc)
+    t_serve = time.perf_counter() - start
+    if proc.returncode != 0 or not archive.exists():
+        raise RuntimeError(f"serve failed: {archive.with_suffix('.err').read_text()}")
+    archive.unlink()
+    raw = work / "target.raw"
+    raw.unlink(missing_ok=True)
+    with raw.open("wb") as f:
+        f.truncate(size)
+    _drop_dirty()
+    args = ["qemu-nbd", "-f", "raw", "-t", "--shared=0", "-x", "d0", "-k", str(sock), str(raw)]
+    with background(args, sock):
+        start = time.perf_counter()
+        run(convert(src, uri(sock)))  # ends with FLUSH: qemu-nbd fdatasyncs the file
+        t_qemu = time.perf_counter() - start
+    raw.unlink()
+    return t_serve, cpu, t_qemu
+
+
+def bench_rss(src: Path, size: int, work: Path) -> tuple[float, float]:
+    """Peak RSS (MiB) of serve (VMA backend) and its wall time under nbdcopy, 64 x 1 MiB."""
+    sock = work / "rss.sock"
+    archive = work / "rss.vma"
+    archive.unlink(missing_ok=True)
+    start = time.perf_counter()
+    with serve(archive, size, sock) as proc:
+        run(
+            [
+                "nbdcopy",
+                "--connections=1",
+                "--requests=64",
+                "--request-size=1048576",
+                "--flush",
+                str(src),
+                uri(sock),
+            ]
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"serve failed: {archive.with_suffix('.err').read_text()}")
+    archive.unlink()
+    return usage.ru_maxrss / 1024, elapsed
+
+
+def _drop_dirty() -> None:
+    """Write back dirty pages of earlier runs, so no run pays for another's."""
+    os.sync()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("2G"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir in /tmp")
+    parser.add_argument("--keep-image", action="store_true", help="keep the source image")
+    args = parser.parse_args(argv)
+    for tool in ("qemu-img", "qemu-nbd", "nbdkit", "nbdcopy"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="nbdvma-bench-", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    size: int = args.size
+    mib = size / MiB
+    src = make_image(work / f"random-{size}.raw", size)
+    null_s, null_k, disk_s, disk_q, rss, rss_t = [], [], [], [], [], []
+    cpu_s, cpu_k, cpu_d = [], [], []
+    try:
+        for i in range(args.repeat):
+            s, cs, k, ck = bench_null(src, size, work)
+            null_s.append(s)
+            null_k.append(k)
+            cpu_s.append(cs)
+            cpu_k.append(ck)
+            s, cd, q = bench_disk(src, size, work)
+            disk_s.append(s)
+            disk_q.append(q)
+            cpu_d.append(cd)
+            r, t = bench_rss(src, size, work)
+            rss.append(r)
+            rss_t.append(t)
+            print(
+                f"run {i + 1}: null {mib / null_s[-1]:.0f} vs nbdkit {mib / k:.0f} MiB/s; "
+                f"vma {disk_s[-1]:.2f}s vs qemu-nbd {q:.2f}s; rss {r:.0f} MiB",
+                file=sys.stderr,
+            )
+    finally:
+        if not args.keep_image and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    med = statistics.median
+    ns, nk, ds, dq = med(null_s), med(null_k), med(disk_s), med(disk_q)
+    rows = [
+        ("qemu-img convert -> serve --backend null", f"{ns:.2f}", f"{mib / ns:.0f}"),
+        ("qemu-img convert -> nbdkit null", f"{nk:.2f}", f"{mib / nk:.0f}"),
+        ("qemu-img convert -> serve (VMA, to finished archive)", f"{ds:.2f}", f"{mib / ds:.0f}"),
+        ("qemu-img convert -> qemu-nbd (raw file, to FLUSH)", f"{dq:.2f}", f"{mib / dq:.0f}"),
+        ("nbdcopy 64 x 1 MiB -> serve (VMA)", f"{med(rss_t):.2f}", f"{mib / med(rss_t):.0f}"),
+    ]
+    print(f"\nnbdvma serve, random {size / MiB:.0f} MiB image, median of {args.repeat}\n")
+    cpus = [f"{med(cpu_s):.2f}", f"{med(cpu_k):.2f}", f"{med(cpu_d):.2f}", "", ""]
+    print(f"| {'client -> server':<55} | {'seconds':>8} | {'MiB/s':>6} | {'server CPU s':>12} |")
+    print(f"|{'-' * 57}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
+    for (name, secs, rate), cpu in zip(rows, cpus, strict=True):
+        print(f"| {name:<55} | {secs:>8} | {rate:>6} | {cpu:>12} |")
+    ratio_null = nk / ns
+    ratio_disk = ds / dq
+    peak = max(rss)
+    print()
+    print(f"null throughput, serve / nbdkit: {ratio_null:.2f}  (target >= 0.90)")
+    print(f"on-disk time, serve VMA / qemu-nbd raw: {ratio_disk:.2f}  (target <= 1.00)")
+    print(f"peak RSS of serve, 64 x 1 MiB in flight: {peak:.0f} MiB  (target < 200)")
+    ok = ratio_null >= 0.9 and ratio_disk <= 1.0 and peak < 200
+    print("all targets met" if ok else "TARGET MISSED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
