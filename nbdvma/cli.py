@@ -64,7 +64,7 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="also reject missing clusters, stored zero blocks and data past a disk's end",
+        help="also reject stored zero blocks and data past a disk's end",
     )
 
     p = sub.add_parser("extract", help="restore an archive into a new directory")

@@ -207,14 +207,18 @@ def _strict_check(cluster: Cluster) -> None:
 
 
 def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: bool = False) -> None:
-    """``vma verify``: read the whole archive and apply every check (not S15).
+    """``vma verify``: read the whole archive and apply every check.
+
+    Unlike ``vma verify``, missing clusters (S15, which only ``vma extract`` checks)
+    fail verification too: such an archive cannot be restored, and it is what an
+    interrupted backup leaves as ``ARCHIVE.part``.
 
     Args:
         path: the archive, ``-`` for stdin.
         out: where ``-v`` output goes.
         verbose: print the list output, progress and totals.
         strict: also reject what the C writer never writes but the reader accepts:
-            missing clusters (S15), stored all-zero blocks and data past a disk's end.
+            stored all-zero blocks and data past a disk's end.
 
     Raises:
         ToolError: ``verify failed - <reason>``.
@@ -232,8 +236,11 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
             if strict:
                 _strict_check(cluster)
             progress.update()
-        if strict:
+        try:
             reader.check_missing()
+        except VmaFormatError as exc:
+            raise VmaFormatError(f"{exc} - the archive is incomplete") from None
+        if strict:
             for dev_id, count in sorted(reader.stats.past_end.items()):
                 dev = reader.device(dev_id)
                 name = dev.name if dev is not None else str(dev_id)

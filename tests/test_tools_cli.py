@@ -154,14 +154,18 @@ def test_verify_failure_messages(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().err == "wrong vma header size 0\n"
 
 
-def test_verify_does_not_check_missing_clusters_but_strict_does(
+def test_verify_reports_missing_clusters_as_incomplete(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # vma verify would pass this; extract would fail it (S15).  So does our verify:
+    # it is what an interrupted backup leaves behind.
     path = tmp_path / "m.vma"
     path.write_bytes(header() + extent([Slot(1, 0, 0)]))
-    assert main(["verify", str(path)]) == 0
-    assert main(["verify", "--strict", str(path)]) == 1
-    assert "detected missing cluster 1 for stream disk0" in capsys.readouterr().err
+    assert main(["verify", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "verify failed - detected missing cluster 1 for stream disk0 - the archive is incomplete\n"
+    )
 
 
 def test_verify_strict_rejects_stored_zero_blocks_and_past_end(
