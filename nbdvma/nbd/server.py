@@ -310,8 +310,9 @@ class TransmissionStarted:
 class Request:
     """A valid request the I/O layer must execute and answer exactly once.
 
-    ``data`` is the complete payload of a WRITE and ``None`` otherwise.  ``length``
-    is never 0, and ``offset + length`` never exceeds the export size.
+    ``data`` is the complete payload of a WRITE and ``None`` otherwise.  ``offset +
+    length`` never exceeds the export size, and ``length`` is never 0 except for
+    NBD_CMD_FLUSH, whose offset and length are always 0.
     """
 
     cookie: int
