@@ -455,9 +455,8 @@ class WriterModel:
         state = d.state(cluster)
         if state == "stored":  # PENDING or STORED: immutable
             return None if d.content[pos : pos + n] == piece else ClusterConflictError
-        whole = state == "untouched" and inner == 0 and n >= d.limit(cluster)
-        # Every other case assembles the cluster in a partial buffer first, a zeroed
-        # cluster too (even when this write completes it at once).
+        whole = state in ("untouched", "zero") and inner == 0 and n >= d.limit(cluster)
+        # Every other case assembles the cluster in a partial buffer first.
         needs_slot = not whole and state != "partial"
         if needs_slot and (self.partials() + 1) * C > self.max_partial:
             return PartialBufferFullError
