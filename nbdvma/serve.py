@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import logging
 import math
@@ -303,6 +304,39 @@ async def _report_progress(session: ArchiveSession, interval: float) -> None:
             last = lines
 
 
+#: Seconds between attempts to finish an archive whose file system is full.
+FINISH_RETRY_INTERVAL = 1.0
+
+
+async def _finish_when_space(session: ArchiveSession) -> None:
+    """Finish the archive; while its file system is full, say so once and retry.
+
+    Every client is done by now, so nothing is lost by waiting: the writer's finish
+    is retryable after an ``OSError``, and an administrator can free space (or stop
+    ``serve`` with a signal, which leaves ``ARCHIVE.part``).
+    """
+    warned = False
+    while True:
+        try:
+            await session.finish()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not warned:
+                print(
+                    "nbdvma serve: no space left to finish the archive; retrying "
+                    f"every {FINISH_RETRY_INTERVAL:g}s (free space, or stop with a signal)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                warned = True
+            await trio.sleep(FINISH_RETRY_INTERVAL)
+        else:
+            if warned:
+                print("nbdvma serve: space available again; archive finished", file=sys.stderr)
+            return
+
+
 async def run_session(options: SessionOptions, *, progress_interval: float = 2.0) -> int:
     """Run ``serve`` until the archive is complete or a signal arrives; return the exit status."""
     session = ArchiveSession(options)
@@ -333,7 +367,7 @@ async def run_session(options: SessionOptions, *, progress_interval: float = 2.0
                     )
                 nursery.start_soon(_report_progress, session, progress_interval)
                 await session.done.wait()
-                await session.finish()
+                await _finish_when_space(session)
                 nursery.cancel_scope.cancel()
     except BaseException:
         session.abort()
