@@ -33,6 +33,9 @@ The VM state is a *stream* device: appends of any size, packed into clusters in 
 Its size in the header is a hint until finish, which rewrites the header with the true
 length when the sink allows it.
 
+FLUSH: whole clusters go out as a (short) extent, partly written ones to the side
+journal ``ARCHIVE.part.journal`` (format: :mod:`nbdvma.vma.journal`).
+
 Failures: a unit that fails to reach the sink is cut off by the sink and the clusters
 stay pending, so the request that hit the error fails and a retry can succeed.
 """
@@ -64,6 +67,7 @@ from nbdvma.vma.format import (
     build_header,
     encode_extent_header,
 )
+from nbdvma.vma.journal import JOURNAL_MAGIC
 from nbdvma.vma.sink import Buffer, Sink
 
 __all__ = ["DeviceProgress", "VmaWriter"]
@@ -73,7 +77,6 @@ UNTOUCHED, PARTIAL, ZERO, PENDING, STORED = range(5)
 _ZERO_CLUSTER = bytes(VMA_CLUSTER_SIZE)
 _ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
 _MAX_NAME = 200  # bytes; Proxmox device names are short ("drive-scsi0")
-_JOURNAL_MAGIC = b"NBDVMAJ1"
 # Runs of clusters that finish() still has to emit as zero clusters.
 _EMPTY_RUNS = re.compile(b"[\\x00\\x02]+")
 _ZERO_STATES = bytes([ZERO]) * 65536
@@ -674,7 +677,8 @@ class VmaWriter:
         Complete clusters waiting in memory go out as a (short, legal) extent; clusters
         still being assembled cannot enter the archive without risking a duplicate
         later, so they go to a side journal (``ARCHIVE.part.journal``) that is replaced
-        atomically on every flush and removed at finish.
+        atomically on every flush and removed at finish.  Its format, and a reader, are
+        in :mod:`nbdvma.vma.journal`.
         """
         self._check_open()
         self._flush_extent()
@@ -691,7 +695,7 @@ class VmaWriter:
         stream_tails = [dev for dev in self._devices if dev.stream and dev.tail]
         if not records and not stream_tails:
             return None
-        out = bytearray(_JOURNAL_MAGIC + self.uuid)
+        out = bytearray(JOURNAL_MAGIC + self.uuid)
         for dev, cluster, part in records:
             out += len(part.ranges).to_bytes(2, "big")
             out += dev.dev_id.to_bytes(1, "big") + cluster.to_bytes(8, "big")
@@ -727,10 +731,12 @@ class VmaWriter:
         for dev in self._devices:
             for first, count in _empty_runs(dev.state):
                 for cluster in range(first, first + count):
-                    if dev.state[cluster] == UNTOUCHED:
-                        dev.zero_bytes += dev.cluster_limit(cluster)
+                    untouched = dev.state[cluster] == UNTOUCHED
+                    # Queued first: if that fails (ENOSPC), a retried finish counts once.
                     self._queue(_Slot(dev, cluster, 0, []))
                     dev.state[cluster] = PENDING
+                    if untouched:
+                        dev.zero_bytes += dev.cluster_limit(cluster)
         if self._header is None and not self._pending:
             # No device at all: the C writer still writes one empty extent.
             self._write_header()
