@@ -21,6 +21,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -216,10 +217,16 @@ class FileSink:
         tmp = self.journal_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, [data])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                _write_all(fd, [data])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            # A full disk: do not keep half a journal occupying what space is left.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         os.replace(tmp, self.journal_path)
         _fsync_dir(self.journal_path)
 
