@@ -18,7 +18,9 @@ temporary directory:
    the instant the state was taken.
 4. **Targets and jobs**: ``blockdev-add`` a raw-over-NBD node per disk, then one
    ``transaction`` of ``blockdev-backup sync=full`` actions: one point in time for all
-   disks (copy-before-write keeps it while the guest runs on).
+   disks (copy-before-write keeps it while the guest runs on).  With ``--tls-creds``
+   the session requires TLS and a ``tls-creds-x509`` object (client endpoint) is
+   ``object-add``-ed first and named in every node; it goes after the nodes.
 5. **Run state**: right after the transaction the VM is put back in the state it had.
    QEMU offers no way to reactivate images but ``cont``, and a VM left in
    ``postmigrate`` keeps its image locks released and refuses the next migration
@@ -30,12 +32,12 @@ temporary directory:
    ``BLOCK_JOB_CANCELLED`` or an ``error`` member fail the backup), printing vzdump-like
    progress from ``query-block-jobs`` and the writer's counters.
 7. **Finish**: ``blockdev-del`` each target (QEMU flushes and disconnects only then),
-   wait for the session to see every disk complete and the VM-state stream at EOF,
+   ``object-del`` the TLS credentials, wait for the session to see every disk complete and the VM-state stream at EOF,
    then finish the archive (fsync, rename from ``ARCHIVE.part``).
 
 Any failure (a job error, QEMU gone, a full disk, SIGINT/SIGTERM, a deadline) runs the
 same cleanup with its own deadline: cancel the migration, force-cancel our jobs,
-``blockdev-del`` our nodes, restore the run state and the migration parameters, and
+``blockdev-del`` our nodes, ``object-del`` our TLS credentials, restore the run state and the migration parameters, and
 leave the archive as ``ARCHIVE.part``; the exit status is non-zero and the reason is
 one line on stderr.
 
@@ -64,8 +66,16 @@ import trio
 
 from nbdvma.addresses import Address, UnixAddress, parse_address
 from nbdvma.errors import NbdvmaError
-from nbdvma.qmp import QmpClient, QmpConnectionClosed, QmpError, QmpEvents, QmpTimeout
+from nbdvma.qmp import (
+    QmpClient,
+    QmpConnectionClosed,
+    QmpError,
+    QmpEvent,
+    QmpEvents,
+    QmpTimeout,
+)
 from nbdvma.serve import ArchiveSession, SessionOptions, format_bytes, parse_size
+from nbdvma.tls import TlsConfig, TlsMode, qemu_nbd_tls_fields, qemu_tls_object
 
 __all__ = [
     "BackupError",
@@ -92,6 +102,11 @@ DEL_TIMEOUT = 300.0
 SESSION_END_TIMEOUT = 60.0
 #: Deadline for finishing the archive (the last extents and fsync).
 FINISH_TIMEOUT = 600.0
+#: What QEMU checks the server certificate against on the private unix socket when
+#: ``--tls-hostname`` is not given (QEMU has no host name of its own there).
+DEFAULT_UNIX_TLS_HOSTNAME = "localhost"
+#: Seconds to wait for QEMU's reason after a job error (its BLOCK_JOB_COMPLETED).
+JOB_ERROR_REASON_TIMEOUT = 5.0
 
 
 class BackupError(NbdvmaError):
@@ -131,6 +146,31 @@ class BackupOptions:
     progress_interval: float = 1.0
     #: Fail when a job or the migration makes no progress for this many seconds.
     stall_timeout: float = 300.0
+    #: Where QEMU's NBD clients connect (``None``: a unix socket in a private directory).
+    listen: Address | None = None
+    #: A credentials directory in QEMU's ``tls-creds-x509`` layout (``None``: no TLS).
+    tls_creds: str | None = None
+    #: The name QEMU checks the server certificate against (``--tls-hostname``).
+    tls_hostname: str | None = None
+    #: Require QEMU's client certificate (``client-cert.pem``) signed by ``ca-cert.pem``.
+    tls_verify_client: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_creds is None and (self.tls_hostname is not None or self.tls_verify_client):
+            raise BackupError("--tls-hostname and --tls-verify-client need --tls-creds")
+
+    def tls_config(self) -> TlsConfig:
+        """The session's TLS: required, with ``server-cert.pem``/``server-key.pem``
+        (and ``ca-cert.pem`` for client certificates) of :attr:`tls_creds`."""
+        if self.tls_creds is None:
+            return TlsConfig()
+        return TlsConfig(
+            mode=TlsMode.REQUIRE,
+            cert=os.path.join(self.tls_creds, "server-cert.pem"),
+            key=os.path.join(self.tls_creds, "server-key.pem"),
+            ca=os.path.join(self.tls_creds, "ca-cert.pem") if self.tls_verify_client else None,
+            verify_client=self.tls_verify_client,
+        )
 
 
 # -- discovery ---------------------------------------------------------------------------
@@ -295,6 +335,8 @@ class _Backup:
     #: The migration parameters to put back, when we changed them.
     saved_migrate_params: dict[str, Any] | None = None
     migrating: bool = False
+    #: The id of the ``tls-creds-x509`` object we added (and have not removed yet).
+    tls_object: str | None = None
 
     def node_name(self, i: int) -> str:
         return f"nbdvma-{self.token}-t{i}"
@@ -319,6 +361,7 @@ class _Backup:
             await self.restore_migrate_params()
         await self.wait_jobs(events)
         await self.remove_targets(timeout=DEL_TIMEOUT)
+        await self.remove_tls_object()
         try:
             with trio.fail_after(SESSION_END_TIMEOUT):
                 await self.session.done.wait()
@@ -397,8 +440,20 @@ class _Backup:
         raise BackupError(f"the VM did not reach {what} within {timeout:.0f}s")
 
     async def add_targets(self) -> None:
-        """``blockdev-add`` one raw-over-NBD node per disk."""
+        """``blockdev-add`` one raw-over-NBD node per disk (after the TLS credentials)."""
         address = self.session.listening[0]
+        tls: dict[str, str] = {}
+        creds = self.options.tls_creds
+        if creds is not None:
+            creds_id = f"nbdvma-{self.token}-tls"
+            await self.qmp.execute(
+                "object-add", qemu_tls_object(creds_id, os.path.abspath(creds))
+            )
+            self.tls_object = creds_id
+            hostname = self.options.tls_hostname
+            if hostname is None and isinstance(address, UnixAddress):
+                hostname = DEFAULT_UNIX_TLS_HOSTNAME
+            tls = qemu_nbd_tls_fields(creds_id, hostname)
         for i, disk in enumerate(self.disks):
             name = self.node_name(i)
             await self.qmp.execute(
@@ -410,6 +465,7 @@ class _Backup:
                         "driver": "nbd",
                         "server": address.qemu_socket_address(),
                         "export": disk.name,
+                        **tls,
                     },
                 },
             )
@@ -453,8 +509,10 @@ class _Backup:
                 job = str(event.data["device"])
                 disk = self.jobs[job]
                 if event.name == "BLOCK_JOB_ERROR":
+                    why = await _job_error_reason(events, job, event)
                     raise BackupError(
-                        f"{disk.name}: {event.data.get('operation', 'I/O')} error in the backup job"
+                        f"{disk.name}: {event.data.get('operation', 'I/O')} error in the "
+                        f"backup job{why}"
                     )
                 if event.name == "BLOCK_JOB_CANCELLED":
                     del self.jobs[job]
@@ -498,6 +556,19 @@ class _Backup:
                     raise
             self.nodes.pop()
 
+    async def remove_tls_object(self, *, timeout: float = CLEANUP_COMMAND_TIMEOUT) -> None:  # noqa: ASYNC109
+        """``object-del`` our TLS credentials (once the nodes using them are gone)."""
+        if self.tls_object is None:
+            return
+        if self.nodes:
+            raise BackupError(f"target nodes still use it: {', '.join(self.nodes)}")
+        try:
+            await self.qmp.execute("object-del", {"id": self.tls_object}, timeout=timeout)
+        except QmpError as exc:
+            if "not found" not in exc.desc.lower():
+                raise
+        self.tls_object = None
+
     async def restore_run_state(self) -> None:
         """Put the VM back in :attr:`run_state` (see the module docstring, step 5)."""
         before = self.run_state
@@ -534,6 +605,7 @@ class _Backup:
             ("cancel the migration", self._cancel_migration),
             ("cancel the backup jobs", self._cancel_jobs),
             ("remove the target nodes", self._remove_targets_quickly),
+            ("remove the TLS credentials", self.remove_tls_object),
             ("restore the run state", self.restore_run_state),
             ("restore the migration parameters", self.restore_migrate_params),
         ]
@@ -590,6 +662,24 @@ class _Backup:
                     for job in list(self.jobs):
                         if job not in present:
                             del self.jobs[job]
+
+
+async def _job_error_reason(events: QmpEvents, job: str, error: QmpEvent) -> str:
+    """``": No space left on device"``: the text of the job's failure, or ``""``.
+
+    BLOCK_JOB_ERROR does not say why; with the default ``on-target-error: report`` the
+    job ends at once, and its BLOCK_JOB_COMPLETED carries QEMU's error message.
+    """
+    if error.data.get("action") != "report":
+        return ""
+    try:
+        done = await events.wait(
+            "BLOCK_JOB_COMPLETED", match={"device": job}, timeout=JOB_ERROR_REASON_TIMEOUT
+        )
+    except (QmpTimeout, QmpConnectionClosed):
+        return ""
+    reason = done.data.get("error")
+    return f": {reason}" if reason else ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -666,9 +756,13 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
                                         if options.vmstate
                                         else None
                                     ),
-                                    listen=(UnixAddress(os.path.join(tmpdir, "nbd.sock")),),
+                                    listen=(
+                                        options.listen
+                                        or UnixAddress(os.path.join(tmpdir, "nbd.sock")),
+                                    ),
                                     compress=options.compress,
                                     unix_mode=0o600,
+                                    tls=options.tls_config(),
                                 )
                             )
                             await session.start(session_tasks)
@@ -759,6 +853,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="fail when nothing progresses for this long (default 300)",
     )
+    parser.add_argument(
+        "--listen",
+        type=parse_address,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="where QEMU connects to send the disks (default: a unix socket in a private "
+        "directory); a TCP address is reachable by every local user: use --tls-creds",
+    )
+    tls = parser.add_argument_group("TLS (X.509; see docs/security.md)")
+    tls.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="require TLS: a directory in QEMU's tls-creds-x509 layout readable by nbdvma "
+        "and QEMU; nbdvma serves server-cert.pem/server-key.pem, QEMU checks them with "
+        "ca-cert.pem and presents client-cert.pem/client-key.pem if present",
+    )
+    tls.add_argument(
+        "--tls-hostname",
+        metavar="NAME",
+        help="the name QEMU checks in the server certificate (default: the --listen TCP "
+        f"host, or {DEFAULT_UNIX_TLS_HOSTNAME} on a unix socket)",
+    )
+    tls.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="require QEMU's client certificate, signed by ca-cert.pem",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -783,6 +903,10 @@ def run(args: argparse.Namespace) -> int:
         compress=args.compress,
         bandwidth_limit=args.bandwidth_limit,
         stall_timeout=args.stall_timeout if args.stall_timeout > 0 else math.inf,
+        listen=args.listen,
+        tls_creds=args.tls_creds,
+        tls_hostname=args.tls_hostname,
+        tls_verify_client=args.tls_verify_client,
     )
     return trio.run(run_backup, options)
 
