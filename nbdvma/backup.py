@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 One process drives QEMU over QMP and receives what QEMU sends, in-process, through an
 :class:`~nbdvma.serve.ArchiveSession` listening on unix sockets in a private (0700)
-temporary directory:
+temporary directory (the NBD one can be ``--listen tcp:HOST:PORT``):
 
 1. **Discover** the disks: ``query-block`` lists every BlockBackend; a disk is one with
    a medium, writable, not removable (cdroms and floppies are), or one picked with
@@ -32,14 +32,15 @@ temporary directory:
    ``BLOCK_JOB_CANCELLED`` or an ``error`` member fail the backup), printing vzdump-like
    progress from ``query-block-jobs`` and the writer's counters.
 7. **Finish**: ``blockdev-del`` each target (QEMU flushes and disconnects only then),
-   ``object-del`` the TLS credentials, wait for the session to see every disk complete and the VM-state stream at EOF,
-   then finish the archive (fsync, rename from ``ARCHIVE.part``).
+   ``object-del`` the TLS credentials, wait for the session to see every disk complete
+   and the VM-state stream at EOF, then finish the archive (fsync, rename from
+   ``ARCHIVE.part``).
 
 Any failure (a job error, QEMU gone, a full disk, SIGINT/SIGTERM, a deadline) runs the
 same cleanup with its own deadline: cancel the migration, force-cancel our jobs,
-``blockdev-del`` our nodes, ``object-del`` our TLS credentials, restore the run state and the migration parameters, and
-leave the archive as ``ARCHIVE.part``; the exit status is non-zero and the reason is
-one line on stderr.
+``blockdev-del`` our nodes, ``object-del`` our TLS credentials, restore the run state
+and the migration parameters, and leave the archive as ``ARCHIVE.part``; the exit
+status is non-zero and the reason is one line on stderr.
 
 Every wait has a deadline: QMP commands their own, the job and migration waits a
 *stall* deadline (``--stall-timeout`` without any progress), the end of the session a
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import secrets
@@ -130,6 +132,10 @@ class Disk:
     ident: str
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
 @attrs.frozen
 class BackupOptions:
     """What ``nbdvma backup``'s command line says."""
@@ -148,8 +154,9 @@ class BackupOptions:
     stall_timeout: float = 300.0
     #: Where QEMU's NBD clients connect (``None``: a unix socket in a private directory).
     listen: Address | None = None
-    #: A credentials directory in QEMU's ``tls-creds-x509`` layout (``None``: no TLS).
-    tls_creds: str | None = None
+    #: A credentials directory in QEMU's ``tls-creds-x509`` layout (``None``: no TLS);
+    #: made absolute, since QEMU resolves it from its own working directory.
+    tls_creds: str | None = attrs.field(default=None, converter=_absolute)
     #: The name QEMU checks the server certificate against (``--tls-hostname``).
     tls_hostname: str | None = None
     #: Require QEMU's client certificate (``client-cert.pem``) signed by ``ca-cert.pem``.
@@ -446,9 +453,7 @@ class _Backup:
         creds = self.options.tls_creds
         if creds is not None:
             creds_id = f"nbdvma-{self.token}-tls"
-            await self.qmp.execute(
-                "object-add", qemu_tls_object(creds_id, os.path.abspath(creds))
-            )
+            await self.qmp.execute("object-add", qemu_tls_object(creds_id, creds))
             self.tls_object = creds_id
             hostname = self.options.tls_hostname
             if hostname is None and isinstance(address, UnixAddress):
@@ -704,6 +709,22 @@ def _failure_line(failure: str, archive: str, problems: Sequence[str]) -> str:
     return f"ERROR: backup failed: {failure}{where}{extra}"
 
 
+class _SessionWarnings(logging.Handler):
+    """The session's warnings (``nbdvma.*`` loggers: a failed TLS handshake, a failed
+    WRITE...), kept for the ERROR line or ``WARN:`` lines instead of bare stderr lines."""
+
+    LIMIT = 5
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages and len(self.messages) < self.LIMIT:
+            self.messages.append(message)
+
+
 async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
     """Run one backup; print progress, the summary or one line of error to ``out``.
 
@@ -716,6 +737,8 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
     failure: str | None = None
     session: ArchiveSession | None = None
     problems: list[str] = []
+    warnings = _SessionWarnings()
+    logging.getLogger("nbdvma").addHandler(warnings)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with QmpClient.connect(options.qmp) as qmp, trio.open_nursery() as nursery:
@@ -780,15 +803,20 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
     except Exception as exc:  # connecting to QMP; the session tasks
         failure = failure or _one_line(exc)
     finally:
+        logging.getLogger("nbdvma").removeHandler(warnings)
         if session is not None:
             if failure is not None:
                 session.abort()
             session.remove_sockets()
         shutil.rmtree(tmpdir, ignore_errors=True)
     if failure is not None:
+        if warnings.messages:  # e.g. why the TLS handshake QEMU reports failed
+            failure += f" (nbdvma: {'; '.join(warnings.messages)})"
         print(_failure_line(failure, options.archive, problems), file=out, flush=True)
         return 128 + interrupted if interrupted is not None else 1
     assert session is not None
+    for message in warnings.messages:
+        print(f"WARN: {message}", file=out)
     for line in session.summary_lines()[:-1]:
         print(f"INFO: {line}", file=out)
     print(
@@ -894,20 +922,24 @@ def run(args: argparse.Namespace) -> int:
     if args.archive == "-":
         print("ERROR: backup writes a file; '-' is not supported", file=sys.stderr)
         return 1
-    options = BackupOptions(
-        qmp=args.qmp,
-        archive=args.archive,
-        configs=tuple(configs),
-        vmstate=args.vmstate,
-        drives=tuple(args.drive),
-        compress=args.compress,
-        bandwidth_limit=args.bandwidth_limit,
-        stall_timeout=args.stall_timeout if args.stall_timeout > 0 else math.inf,
-        listen=args.listen,
-        tls_creds=args.tls_creds,
-        tls_hostname=args.tls_hostname,
-        tls_verify_client=args.tls_verify_client,
-    )
+    try:
+        options = BackupOptions(
+            qmp=args.qmp,
+            archive=args.archive,
+            configs=tuple(configs),
+            vmstate=args.vmstate,
+            drives=tuple(args.drive),
+            compress=args.compress,
+            bandwidth_limit=args.bandwidth_limit,
+            stall_timeout=args.stall_timeout if args.stall_timeout > 0 else math.inf,
+            listen=args.listen,
+            tls_creds=args.tls_creds,
+            tls_hostname=args.tls_hostname,
+            tls_verify_client=args.tls_verify_client,
+        )
+    except BackupError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
     return trio.run(run_backup, options)
 
 
