@@ -40,7 +40,7 @@ from servehelpers import ServeProcess, extract_disks, nbdvma, poll_until, start_
 from nbdvma.errors import VmaFormatError
 from nbdvma.qmp import QmpClient
 from nbdvma.vma.format import VMA_CLUSTER_SIZE
-from nbdvma.vma.journal import read_journal
+from nbdvma.vma.journal import parse_journal, read_journal
 from nbdvma.vma.reader import VmaReader
 from nbdvma.vma.sink import FileSink
 from nbdvma.vma.writer import VmaWriter
@@ -214,6 +214,42 @@ def test_finish_retried_after_enospc_counts_once(tmp_path: Path) -> None:
         seen = [cl.cluster for cl in reader.clusters()]
         reader.check_missing()
     assert sorted(seen) == list(range(200))
+
+
+def test_journal_format_disk_and_stream_records_and_rejections(tmp_path: Path) -> None:
+    """The journal as documented in nbdvma.vma.journal: disk records by cluster, the
+    stream's tail by byte offset; damaged journals are rejected, never misread."""
+    sink = FileSink(str(tmp_path / "j.vma"))
+    writer = VmaWriter(sink)
+    disk = writer.add_device("d0", 4 * C)
+    stream = writer.add_stream()
+    writer.write(disk, 2 * C + 10, b"\x01" * 20)
+    writer.append(stream, b"\x02" * (C + 300))  # one whole cluster, a 300-byte tail
+    writer.flush()
+    journal = read_journal(sink.journal_path)
+    assert journal.uuid == writer.uuid
+    assert [(r.dev_id, r.index, r.pieces) for r in journal.records] == [
+        (disk, 2, ((10, b"\x01" * 20),)),
+        (stream, C, ((0, b"\x02" * 300),)),
+    ]
+    raw = Path(sink.journal_path).read_bytes()
+    for bad in (
+        b"NBDVMAJ0" + raw[8:],  # magic
+        raw[:-1],  # truncated data
+        raw[:30],  # truncated record header
+        raw[:24] + struct.pack(">HBQII", 1, 1, 0, 10, 10),  # empty range
+        raw[:24] + struct.pack(">HBQII", 1, 1, 0, 0, C + 1),  # past 64 KiB
+        raw[:24]
+        + struct.pack(">HBQ", 2, 1, 0)
+        + struct.pack(">II", 5, 6)
+        + b"x"
+        # overlapping / unsorted second range
+        + struct.pack(">II", 0, 1)
+        + b"y",
+    ):
+        with pytest.raises(VmaFormatError):
+            parse_journal(bad)
+    writer.abort()
 
 
 # -- 1. disk full ---------------------------------------------------------------------------
