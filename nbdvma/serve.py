@@ -374,7 +374,9 @@ async def run_session(options: SessionOptions, *, progress_interval: float = 2.0
         raise
     finally:
         session.remove_sockets()
-    if interrupted is not None:
+    # A signal during finish() does not stop it (it runs in a thread): then the archive
+    # is complete after all, and that is what to report.
+    if interrupted is not None and not (session.writer is not None and session.writer.finished):
         session.abort()
         name = signal.Signals(interrupted).name
         if session.vma is None:

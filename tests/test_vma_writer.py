@@ -526,3 +526,28 @@ def test_whole_cluster_over_a_zeroed_one_needs_no_partial_buffer(tmp_path: Path)
     disk = parse(path.read_bytes()).disk(dev)
     assert disk[:C] == b"y" * C
     assert disk[2 * C : 2 * C + 512] == b"x" * 512
+
+
+def test_finish_retried_after_the_directory_fsync_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nbdvma.vma.sink as sink_module
+
+    real = sink_module._fsync_dir
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(path: str) -> None:
+        if failures:
+            raise failures.pop()
+        real(path)
+
+    monkeypatch.setattr(sink_module, "_fsync_dir", flaky)
+    w, path = new_writer(tmp_path)
+    dev = w.add_device("d", 2 * C)
+    w.write(dev, 0, b"\x05" * 2 * C)
+    with pytest.raises(OSError, match="Input/output"):
+        w.finish()
+    assert not w.finished
+    w.finish()  # the file was closed and renamed already: only what is left is done
+    assert w.finished
+    assert parse(path.read_bytes()).disk(dev) == b"\x05" * 2 * C

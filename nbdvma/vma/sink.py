@@ -161,6 +161,7 @@ class FileSink:
         self._starts = array("Q")
         self._cache: tuple[int, bytes] | None = None
         self._closed = False
+        self._renamed = False
 
     def _write_unit(self, parts: Sequence[Buffer]) -> None:
         try:
@@ -231,12 +232,16 @@ class FileSink:
         _fsync_dir(self.journal_path)
 
     def commit(self) -> None:
-        """See :meth:`Sink.commit`."""
-        os.fsync(self._fd)
-        self._close()
-        if os.path.lexists(self.path):
-            raise VmaWriterError(f"{self.path}: appeared while the archive was written")
-        os.rename(self.part_path, self.path)
+        """See :meth:`Sink.commit`.  Each step is done once, so a failed commit can be
+        retried (a failing fsync of the directory, say)."""
+        if not self._closed:
+            os.fsync(self._fd)
+            self._close()
+        if not self._renamed:
+            if os.path.lexists(self.path):
+                raise VmaWriterError(f"{self.path}: appeared while the archive was written")
+            os.rename(self.part_path, self.path)
+            self._renamed = True
         _fsync_dir(self.path)
         self.write_journal(None)
 

@@ -769,6 +769,11 @@ class VmaWriter:
             self._sink.abort()
 
     @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` completed: the archive has its final name."""
+        return self._state == "finished"
+
+    @property
     def has_output(self) -> bool:
         """Whether anything has reached the sink yet (the header is written first)."""
         return self._header is not None
