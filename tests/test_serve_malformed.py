@@ -444,7 +444,10 @@ def probe_write_longer_than_max(server: ServeProcess) -> None:
     assert "WRITE larger than the maximum payload" in server.stderr()
     assert c.call(CMD_READ, offset=0, length=512)[0] == 0
     c.request(CMD_WRITE, cookie=6, offset=0, length=0xFFFF_FFFF)
-    c.send(bytes(4096))
+    # The server may drop the connection as soon as it has the header: then this
+    # part of the payload meets a closed socket, which is the expected outcome too.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        c.send(bytes(4096))
     assert c.expect_closed() == b""
 
 
