@@ -76,7 +76,13 @@ from nbdvma.qmp import (
     QmpEvents,
     QmpTimeout,
 )
-from nbdvma.serve import ArchiveSession, SessionOptions, format_bytes, parse_size
+from nbdvma.serve import (
+    ArchiveSession,
+    SessionOptions,
+    config_argument,
+    format_bytes,
+    parse_size,
+)
 from nbdvma.tls import TlsConfig, TlsMode, qemu_nbd_tls_fields, qemu_tls_object
 
 __all__ = [
@@ -830,13 +836,6 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
 # -- command line --------------------------------------------------------------------------
 
 
-def _config(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep:
-        return os.path.basename(text), text
-    return name, path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``nbdvma backup``."""
     parser.add_argument("archive", metavar="ARCHIVE", help="the VMA archive to write")
@@ -851,7 +850,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         action="append",
         default=[],
-        type=_config,
+        type=config_argument,
         metavar="[NAME=]FILE",
         help="store FILE in the archive as config NAME (default: its basename); repeatable",
     )

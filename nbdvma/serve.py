@@ -42,6 +42,7 @@ __all__ = [
     "ArchiveSession",
     "SessionOptions",
     "add_arguments",
+    "config_argument",
     "first_error",
     "format_bytes",
     "parse_size",
@@ -404,7 +405,8 @@ def _disk(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _config(text: str) -> tuple[str, str]:
+def config_argument(text: str) -> tuple[str, str]:
+    """``--config [NAME=]FILE`` → ``(NAME, FILE)``; NAME defaults to FILE's basename."""
     name, sep, path = text.partition("=")
     if not sep:
         return os.path.basename(text), text
@@ -428,7 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         action="append",
         default=[],
-        type=_config,
+        type=config_argument,
         metavar="[NAME=]FILE",
         help="store FILE in the archive as config NAME (default: its basename)",
     )

@@ -175,14 +175,9 @@ class NbdServer:
                 name=e.name,
                 size=e.size,
                 description=e.description,
-                can_write=caps.can_write,
-                can_flush=caps.can_flush,
-                can_fua=caps.can_fua,
-                can_trim=caps.can_trim,
-                can_zero=caps.can_zero,
-                can_fast_zero=caps.can_fast_zero,
-                can_cache=caps.can_cache,
-                can_multi_conn=caps.can_multi_conn,
+                # The backend's can_* flags, but for can_extents (a matter of the core's
+                # meta context, which base:allocation always offers).
+                **attrs.asdict(caps, filter=lambda a, _: a.name != "can_extents"),
                 min_block=1,
                 preferred_block=64 * 1024,
                 max_block=self.limits.max_payload,
