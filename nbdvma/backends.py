@@ -67,8 +67,12 @@ class Backend(Protocol):
     async def pread(self, export: str, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset``."""
 
-    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
-        """Write ``data``; return only once the backend has accepted it."""
+    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+        """Write ``data``; return only once the backend has accepted it.
+
+        ``data`` is the backend's from now on: the server never reuses or changes it,
+        so a backend may keep it without a copy.
+        """
 
     async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
         """Make ``[offset, offset+length)`` read as zeros."""
@@ -116,10 +120,10 @@ class VmaBackend:
         async with self.lock:
             return self.writer.read(self._dev_ids[export], offset, length)
 
-    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
         """See :meth:`Backend.pwrite`."""
         async with self.lock:
-            self.writer.write(self._dev_ids[export], offset, data)
+            self.writer.write(self._dev_ids[export], offset, data, owned=True)
             if fua:
                 await trio.to_thread.run_sync(self.writer.flush)
 
@@ -163,7 +167,7 @@ class NullBackend:
         """Zeros."""
         return bytes(length)
 
-    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
         """Discard."""
 
     async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:

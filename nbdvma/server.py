@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 _RECEIVE_SIZE = 256 * 1024
+_IN_PLACE_MIN = 64 * 1024  # payloads smaller than this are joined from pieces as usual
 _SMALL = 64 * 1024  # replies smaller than this are joined into one send
 _TLS_CLOSE_TIMEOUT = 1.0  # seconds to send a close_notify at the end
 
@@ -135,6 +136,10 @@ class _Connection:
     in_flight: int = 0
     #: the reader's receive, while it waits under a deadline
     receive_scope: trio.CancelScope | None = None
+    #: the plain socket under ``stream`` (None under TLS): payloads are received in place
+    socket: trio.socket.SocketType | None = None
+    #: budget bytes taken for a payload being received in place
+    reserved: int = 0
 
 
 class NbdServer:
@@ -227,6 +232,7 @@ class NbdServer:
             NbdServerConnection(self.exports, limits=self.limits.protocol, tls=self.tls_mode),
             peer,
             budget=ByteBudget(self.limits.connection_buffer),
+            socket=stream.socket if isinstance(stream, trio.SocketStream) else None,
         )
         clean = False
         try:
@@ -245,6 +251,7 @@ class NbdServer:
             log.info("%s: connection lost: %s", peer, _first_leaf(group))
         finally:
             self.connections -= 1
+            self._budget.release(conn.reserved)  # a payload cut short while received
             try:
                 if clean and isinstance(conn.stream, trio.SSLStream):
                     with trio.move_on_after(_TLS_CLOSE_TIMEOUT):
@@ -289,20 +296,21 @@ class NbdServer:
                             deadline = math.inf
                     if deadline == math.inf and self.limits.idle_timeout == math.inf:
                         # no cancel scope per receive on the hot path
-                        data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                        await self._receive(conn)
                     else:
                         # _execute re-arms the idle deadline when the last request ends.
                         with trio.CancelScope(deadline=deadline) as scope:
                             conn.receive_scope = scope
-                            data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                            await self._receive(conn)
                         conn.receive_scope = None
                         if scope.cancelled_caught:
                             raise trio.TooSlowError
-                    core.receive_data(data)
                 elif isinstance(event, Request):
                     cost = len(event.data) if event.data is not None else 0
-                    conn.budget.take(cost)
-                    self._budget.take(cost)
+                    # A payload received in place was counted when its buffer was made.
+                    conn.budget.take(cost - conn.reserved)
+                    self._budget.take(cost - conn.reserved)
+                    conn.reserved = 0
                     conn.in_flight += 1
                     requests.start_soon(self._execute, conn, event, cost)
                 elif isinstance(event, StartTLS):
@@ -326,10 +334,37 @@ class NbdServer:
                         log.info("%s: connection closed in the middle of a message", conn.peer)
                     return
 
+    async def _receive(self, conn: _Connection) -> None:
+        """Receive what comes next and hand it to the core.
+
+        A large WRITE payload on a plain socket is received in place, into the buffer
+        the core hands out: one copy (the kernel's) instead of pieces joined later.  Its
+        whole length counts against the budgets from the moment the buffer exists.
+        """
+        core = conn.core
+        sock = conn.socket
+        if sock is not None and core.payload_wanted() >= _IN_PLACE_MIN:
+            if not conn.reserved:
+                view = core.payload_buffer()
+                conn.reserved = len(view)
+                conn.budget.take(conn.reserved)
+                self._budget.take(conn.reserved)
+            else:
+                view = core.payload_buffer()
+            with view:
+                n = await sock.recv_into(view)
+            if n:
+                core.payload_received(n)
+            else:
+                core.receive_data(b"")
+            return
+        core.receive_data(await conn.stream.receive_some(_RECEIVE_SIZE))
+
     async def _start_tls(self, conn: _Connection) -> None:
         assert self.ssl_context is not None
         tls = trio.SSLStream(conn.stream, self.ssl_context, server_side=True)
         conn.stream = tls  # closed from now on through the TLS layer
+        conn.socket = None
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:

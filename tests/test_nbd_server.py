@@ -1041,3 +1041,64 @@ def test_libnbd_smoke() -> None:
     h.shutdown()
     server.join(5)
     assert not server.is_alive()
+
+
+# --- WRITE payloads received in place ----------------------------------------------
+
+
+def _write_header(conn: NbdServerConnection, length: int, first: bytes = b"") -> None:
+    conn.receive_data(request(C.NBD_CMD_WRITE, cookie=7, offset=4096, length=length) + first)
+    assert conn.next_event() is NEED_DATA
+
+
+def test_payload_received_in_place() -> None:
+    conn = make()
+    go(conn)
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    _write_header(conn, len(payload), payload[:1000])  # a piece came with the header
+    assert conn.payload_wanted() == len(payload) - 1000
+    view = conn.payload_buffer()
+    assert len(view) == len(payload) - 1000  # the piece was moved in first
+    view[:5000] = payload[1000:6000]
+    conn.payload_received(5000)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(payload[6000:10000])  # plain receive_data in between still counts
+    assert conn.next_event() is NEED_DATA
+    view = conn.payload_buffer()
+    view[:] = payload[10000:]
+    conn.payload_received(len(view))
+    assert conn.payload_wanted() == 0
+    ev = conn.next_event()
+    assert isinstance(ev, Request)
+    assert (ev.cookie, ev.offset, ev.length) == (7, 4096, len(payload))
+    assert isinstance(ev.data, bytearray)
+    assert ev.data == payload
+    # The next request parses as usual.
+    assert feed(conn, request(C.NBD_CMD_READ, cookie=8, length=512)) == [
+        Request(8, C.NBD_CMD_READ, F(0), 0, 512)
+    ]
+
+
+def test_payload_in_place_cut_short_by_eof() -> None:
+    conn = make()
+    go(conn)
+    _write_header(conn, 128 * 1024)
+    view = conn.payload_buffer()
+    view[:100] = b"x" * 100
+    conn.payload_received(100)
+    conn.receive_data(b"")
+    assert conn.next_event() == ConnectionClosed(truncated=True)
+
+
+def test_payload_buffer_misuse() -> None:
+    conn = make()
+    go(conn)
+    assert conn.payload_wanted() == 0
+    with pytest.raises(LocalProtocolError):
+        conn.payload_buffer()
+    _write_header(conn, 4096)
+    view = conn.payload_buffer()
+    with pytest.raises(LocalProtocolError):
+        conn.payload_received(len(view) + 1)
+    with pytest.raises(LocalProtocolError):
+        conn.payload_received(0)

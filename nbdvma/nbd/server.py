@@ -310,7 +310,9 @@ class TransmissionStarted:
 class Request:
     """A valid request the I/O layer must execute and answer exactly once.
 
-    ``data`` is the complete payload of a WRITE and ``None`` otherwise.  ``offset +
+    ``data`` is the complete payload of a WRITE and ``None`` otherwise: ``bytes``, or
+    a ``bytearray`` received in place (:meth:`NbdServerConnection.payload_buffer`) that
+    the core never touches again.  ``offset +
     length`` never exceeds the export size, and ``length`` is never 0 except for
     NBD_CMD_FLUSH, whose offset and length are always 0.
     """
@@ -320,7 +322,7 @@ class Request:
     flags: NbdCmdFlag
     offset: int
     length: int
-    data: bytes | None = attrs.field(default=None, repr=False)
+    data: bytes | bytearray | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -508,6 +510,9 @@ class NbdServerConnection:
         self._min_block = 1
         self._max_payload = DEFAULT_MAX_PAYLOAD
         self._request: wire.RequestHeader | None = None
+        # A WRITE payload being received in place (see payload_buffer)
+        self._payload: bytearray | None = None
+        self._payload_pos = 0
         self._rejection: _Rejection | None = None
         self._option_handlers: dict[int, Callable[[int, bytes], Event | None]] = {
             NbdOption.NBD_OPT_EXPORT_NAME: self._opt_export_name,
@@ -644,6 +649,53 @@ class NbdServerConnection:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    def payload_wanted(self) -> int:
+        """Bytes of the current WRITE payload not received yet (0 if none is pending)."""
+        if self._rx is not _Rx.WRITE_PAYLOAD:
+            return 0
+        assert self._request is not None
+        have = self._payload_pos if self._payload is not None else 0
+        return max(0, self._request.length - have - len(self._buf))
+
+    def payload_buffer(self) -> memoryview:
+        """Where the rest of the current WRITE payload can be received in place.
+
+        Instead of :meth:`receive_data`, the I/O layer may receive straight into this
+        view (``recv_into``) and report with :meth:`payload_received`: the payload then
+        lands in its final buffer, copied once by the kernel and never joined from
+        pieces.  The buffer is allocated here, once, with the payload's length (which
+        was checked against the maximum payload): call this only for a payload that
+        :meth:`payload_wanted` says is pending, and count it against your memory budget.
+
+        Raises:
+            LocalProtocolError: no WRITE payload is pending.
+        """
+        if not self.payload_wanted():
+            raise LocalProtocolError("payload_buffer() without a pending WRITE payload")
+        hdr = self._request
+        assert hdr is not None
+        if self._payload is None:
+            self._payload = bytearray(hdr.length)
+            self._payload_pos = 0
+        # What receive_data already brought goes first.
+        have = len(self._buf)
+        if have:
+            piece = self._buf.consume_exactly(have)
+            assert piece is not None
+            self._payload[self._payload_pos : self._payload_pos + have] = piece
+            self._payload_pos += have
+        return memoryview(self._payload)[self._payload_pos :]
+
+    def payload_received(self, n: int) -> None:
+        """``n`` more bytes of the payload were received into :meth:`payload_buffer`.
+
+        Raises:
+            LocalProtocolError: no payload buffer, or more than it holds.
+        """
+        if self._payload is None or not 0 < n <= len(self._payload) - self._payload_pos:
+            raise LocalProtocolError(f"payload_received({n}) does not fit the payload buffer")
+        self._payload_pos += n
 
     def buffers_to_send(self) -> list[bytes | bytearray | memoryview]:
         """Return (and forget) the queued output as a list of buffers, uncopied.
@@ -926,9 +978,22 @@ class NbdServerConnection:
     def _rx_write_payload(self) -> Event | NeedData | None:
         hdr = self._request
         assert hdr is not None
-        data = self._buf.consume_exactly(hdr.length)
-        if data is None:
-            return NEED_DATA
+        data: bytes | bytearray | None
+        if self._payload is not None:
+            # Receiving in place; bytes fed with receive_data meanwhile go there too.
+            take = min(len(self._buf), hdr.length - self._payload_pos)
+            if take:
+                piece = self._buf.consume_exactly(take)
+                assert piece is not None
+                self._payload[self._payload_pos : self._payload_pos + take] = piece
+                self._payload_pos += take
+            if self._payload_pos < hdr.length:
+                return NEED_DATA
+            data, self._payload = self._payload, None
+        else:
+            data = self._buf.consume_exactly(hdr.length)
+            if data is None:
+                return NEED_DATA
         self._rx = _Rx.REQUEST_HEADER
         self._request = None
         return Request(

@@ -295,10 +295,13 @@ class VmaWriter:
 
     # -- writes -----------------------------------------------------------------------
 
-    def write(self, dev_id: int, offset: int, data: Buffer) -> None:
+    def write(self, dev_id: int, offset: int, data: Buffer, *, owned: bool = False) -> None:
         """Write ``data`` at ``offset`` of a disk (or append to the stream at its end).
 
-        Complete clusters go to the archive at once; partial ones are assembled.
+        Complete clusters go to the archive at once; partial ones are assembled.  Whole
+        clusters wait in the current extent as views of ``data``: ``bytes`` are kept as
+        they are, anything else is copied first unless ``owned`` says that the caller
+        hands the buffer over and will never change it.
 
         Raises:
             VmaWriterError: out of range, or a stream written anywhere but at its end.
@@ -309,7 +312,7 @@ class VmaWriter:
         self._check_open()
         self._started = True
         dev = self._device(dev_id)
-        view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
+        view = memoryview(data if owned or isinstance(data, bytes) else bytes(data)).cast("B")
         if dev.stream:
             if offset != dev.length:
                 raise VmaWriterError(
