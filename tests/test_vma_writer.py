@@ -551,3 +551,25 @@ def test_finish_retried_after_the_directory_fsync_failed(
     w.finish()  # the file was closed and renamed already: only what is left is done
     assert w.finished
     assert parse(path.read_bytes()).disk(dev) == b"\x05" * 2 * C
+
+
+def test_large_payloads_are_not_pinned_by_pending_clusters(tmp_path: Path) -> None:
+    import sys
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    w, path = new_writer(tmp_path / "a")
+    w2, path2 = new_writer(tmp_path / "b")
+    dev = w.add_device("d", 4 * C)
+    dev2 = w2.add_device("d", 80 * C)
+    small = random.Random(9).randbytes(2 * C)
+    huge = random.Random(11).randbytes(80 * C)  # 5 MiB: over the retention limit
+    before_small, before_huge = sys.getrefcount(small), sys.getrefcount(huge)
+    w.write(dev, 0, small)  # its clusters wait in the extent as views of ``small``
+    w2.write(dev2, 0, huge)  # 58 clusters written, 22 pending as copies
+    assert sys.getrefcount(small) > before_small
+    assert sys.getrefcount(huge) == before_huge
+    w.finish()
+    w2.finish()
+    assert parse(path.read_bytes()).disk(dev) == small + bytes(2 * C)
+    assert parse(path2.read_bytes()).disk(dev2) == huge

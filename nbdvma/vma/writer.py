@@ -77,6 +77,9 @@ UNTOUCHED, PARTIAL, ZERO, PENDING, STORED = range(5)
 _ZERO_CLUSTER = bytes(VMA_CLUSTER_SIZE)
 _ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
 _MAX_NAME = 200  # bytes; Proxmox device names are short ("drive-scsi0")
+# Pending clusters are views of the caller's buffers; buffers larger than this are not
+# kept alive for them (58 pending clusters could otherwise pin 58 payloads of 32 MiB).
+_MAX_RETAINED = 4 * 1024 * 1024
 # Runs of clusters that finish() still has to emit as zero clusters.
 _EMPTY_RUNS = re.compile(b"[\\x00\\x02]+")
 _ZERO_STATES = bytes([ZERO]) * 65536
@@ -449,6 +452,11 @@ class VmaWriter:
         if mask == 0 and not dev.stream:
             dev.state[cluster] = ZERO
         else:
+            obj = data.obj
+            if isinstance(obj, bytes | bytearray) and len(obj) > _MAX_RETAINED:
+                # A view keeps its whole buffer alive until the extent is written: for
+                # a large payload that left only a few clusters pending, copy them.
+                blocks = [memoryview(bytes(b)) for b in blocks]
             self._queue(_Slot(dev, cluster, mask, blocks))
             dev.state[cluster] = PENDING
             dev.stored_bytes += stored
