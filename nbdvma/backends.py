@@ -15,6 +15,7 @@ transmission flags, and maps any exception a backend raises to an NBD error with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Protocol
 
 import attrs
@@ -90,9 +91,9 @@ class Backend(Protocol):
 class VmaBackend:
     """Exports that write into one shared VMA archive writer.
 
-    Calls into the writer are serialised by one lock.  Writes run on the event loop:
-    they copy bytes and, every 58 clusters, write one extent (a few MiB into the page
-    cache).  Whatever may block for long (fsync for FLUSH and FUA, finishing) runs in
+    Calls into the writer are serialised by one lock.  Writes that only assemble
+    clusters run on the event loop; one that may write an extent (every 58 clusters, a
+    few MiB), and whatever else may block (fsync for FLUSH and FUA, finishing), runs in
     a worker thread while the lock is held.
     """
 
@@ -122,8 +123,17 @@ class VmaBackend:
 
     async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
         """See :meth:`Backend.pwrite`."""
+        dev_id = self._dev_ids[export]
         async with self.lock:
-            self.writer.write(self._dev_ids[export], offset, data, owned=True)
+            if self.writer.may_write_extent(len(data)):
+                # An extent goes to the disk: off the event loop, so that a write the
+                # kernel throttles (dirty pages) does not also stop every connection's
+                # receive.  The lock keeps the writer to one caller at a time.
+                await trio.to_thread.run_sync(
+                    partial(self.writer.write, owned=True), dev_id, offset, data
+                )
+            else:
+                self.writer.write(dev_id, offset, data, owned=True)
             if fua:
                 await trio.to_thread.run_sync(self.writer.flush)
 

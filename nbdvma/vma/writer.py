@@ -779,6 +779,16 @@ class VmaWriter:
             self._state = "aborted"
             self._sink.abort()
 
+    def may_write_extent(self, length: int) -> bool:
+        """Whether writing ``length`` more bytes may write an extent to the sink.
+
+        A hint for callers on an event loop, which can then make such a call in a
+        worker thread: true when the clusters waiting plus those ``length`` bytes could
+        fill the current extent.
+        """
+        clusters = length // VMA_CLUSTER_SIZE + 2  # the ends may complete partial clusters
+        return len(self._pending) + clusters >= WRITER_CLUSTERS_PER_EXTENT
+
     @property
     def finished(self) -> bool:
         """Whether :meth:`finish` completed: the archive has its final name."""
