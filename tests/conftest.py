@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import pytest
+from servehelpers import ServeProcess, StartServe, start_serve
 
 #: Seconds to wait for a started QEMU to accept QMP connections.
 QEMU_START_TIMEOUT = 30.0
@@ -332,3 +333,24 @@ def qemu_vm(
     finally:
         for vm in started:
             vm.kill()
+
+
+@pytest.fixture
+def serve(sockdir: Path, workdir: Path) -> Iterator[StartServe]:
+    """``serve(disks, extra, **kw) -> ServeProcess``: ``nbdvma serve`` writing
+    ``workdir/out.vma`` (see ``servehelpers.start_serve`` for ``kw``); every server
+    started is killed at teardown."""
+    started: list[ServeProcess] = []
+
+    def start(disks: dict[str, int], extra: list[str], **kw: Any) -> ServeProcess:
+        server = start_serve(
+            workdir / "out.vma", disks, sockdir=sockdir, logdir=workdir, extra=extra, **kw
+        )
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -106,6 +106,10 @@ def serve_command(
     for address in listen:
         cmd += ["--listen", address]
     return [*cmd, *extra]
+
+
+#: The ``serve`` fixture (tests/conftest.py): ``serve(disks, extra, **kw) -> ServeProcess``.
+StartServe = Callable[..., "ServeProcess"]
 
 
 def start_serve(

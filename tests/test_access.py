@@ -13,16 +13,14 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from nbd_client_sansio import Reader, client_flags, info_payload, option, request
-from servehelpers import ServeProcess, poll_until, start_serve
+from servehelpers import ServeProcess, StartServe, poll_until
 
 from nbdvma.backends import Export, NullBackend
 from nbdvma.nbd.constants import NbdCommand, NbdOption, NbdRep
@@ -210,27 +208,6 @@ async def test_idle_deadline_only_without_requests_in_flight(
 
 
 # -- nbdvma serve --------------------------------------------------------------------------
-
-StartServe = Callable[..., ServeProcess]
-
-
-@pytest.fixture
-def serve(sockdir: Path, workdir: Path) -> Iterator[StartServe]:
-    """``serve(disks, extra, **kw) -> ServeProcess``; every server is killed after."""
-    started: list[ServeProcess] = []
-
-    def start(disks: dict[str, int], extra: list[str], **kw: Any) -> ServeProcess:
-        server = start_serve(
-            workdir / "out.vma", disks, sockdir=sockdir, logdir=workdir, extra=extra, **kw
-        )
-        started.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.kill()
 
 
 def connect(server: ServeProcess) -> socket.socket:

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import pytest
 from nbd_client_sansio import Reader, client_flags, info_payload, option
-from servehelpers import ServeProcess, extract_disks, poll_until, run_tool, start_serve
+from servehelpers import ServeProcess, StartServe, extract_disks, poll_until, run_tool
 
 from nbdvma.nbd.constants import NbdOption, NbdRep
 
@@ -143,27 +143,6 @@ def tls_args(pki: Pki, mode: str = "require", *, verify: bool = False) -> list[s
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-
-StartServe = Callable[..., ServeProcess]
-
-
-@pytest.fixture
-def serve(sockdir: Path, workdir: Path) -> Iterator[StartServe]:
-    """``serve(disks, extra) -> ServeProcess`` writing ``workdir/out.vma``; killed after."""
-    started: list[ServeProcess] = []
-
-    def start(disks: dict[str, int], extra: list[str], **kw: Any) -> ServeProcess:
-        server = start_serve(
-            workdir / "out.vma", disks, sockdir=sockdir, logdir=workdir, extra=extra, **kw
-        )
-        started.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.kill()
 
 
 @pytest.fixture
