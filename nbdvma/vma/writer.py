@@ -76,6 +76,7 @@ UNTOUCHED, PARTIAL, ZERO, PENDING, STORED = range(5)
 
 _ZERO_CLUSTER = bytes(VMA_CLUSTER_SIZE)
 _ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
+_BLOCK_RANGES = [(j * VMA_BLOCK_SIZE, (j + 1) * VMA_BLOCK_SIZE) for j in range(BLOCKS_PER_CLUSTER)]
 _MAX_NAME = 200  # bytes; Proxmox device names are short ("drive-scsi0")
 # Pending clusters are views of the caller's buffers; buffers larger than this are not
 # kept alive for them (58 pending clusters could otherwise pin 58 payloads of 32 MiB).
@@ -569,7 +570,7 @@ class VmaWriter:
         self._write_header()
         slots = self._pending
         infos = [s.mask << 48 | s.dev.dev_id << 32 | s.cluster for s in slots]
-        count = sum(bin(s.mask).count("1") for s in slots)
+        count = sum(s.mask.bit_count() for s in slots)
         parts: list[Buffer] = [encode_extent_header(self.uuid, count, infos)]
         for s in slots:
             parts.extend(s.blocks)
@@ -632,7 +633,7 @@ class VmaWriter:
         )
         offset = VMA_EXTENT_HEADER_SIZE
         for info in head.slots:
-            nblocks = bin(info.mask).count("1")
+            nblocks = info.mask.bit_count()
             if info.dev_id == dev.dev_id and info.cluster == cluster:
                 data = self._sink.read_unit(index, offset, nblocks * VMA_BLOCK_SIZE)
                 return _expand(info.mask, data)
@@ -823,9 +824,14 @@ def _mask_and_blocks(data: memoryview, limit: int) -> tuple[int, list[memoryview
         padded[:limit] = data[:limit]
         full = memoryview(bytes(padded))
     mask = 0
-    for j in range(-(-limit // VMA_BLOCK_SIZE)):
-        if not _ZERO_BLOCK.startswith(full[j * VMA_BLOCK_SIZE : (j + 1) * VMA_BLOCK_SIZE]):
-            mask |= 1 << j
+    bit = 1
+    is_zero = _ZERO_BLOCK.startswith
+    for a, b in _BLOCK_RANGES[: -(-limit // VMA_BLOCK_SIZE)]:
+        if not is_zero(full[a:b]):
+            mask |= bit
+        bit <<= 1
+    if mask == 0xFFFF:  # the common case of data: one run, nothing to split
+        return mask, [full], VMA_CLUSTER_SIZE
     blocks: list[memoryview] = []
     j = 0
     while j < BLOCKS_PER_CLUSTER:
@@ -837,7 +843,7 @@ def _mask_and_blocks(data: memoryview, limit: int) -> tuple[int, list[memoryview
             j = k
         else:
             j += 1
-    return mask, blocks, bin(mask).count("1") * VMA_BLOCK_SIZE
+    return mask, blocks, mask.bit_count() * VMA_BLOCK_SIZE
 
 
 def _expand(mask: int, stored: bytes) -> bytes:
