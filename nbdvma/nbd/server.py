@@ -678,14 +678,18 @@ class NbdServerConnection:
         if self._payload is None:
             self._payload = bytearray(hdr.length)
             self._payload_pos = 0
-        # What receive_data already brought goes first.
-        have = len(self._buf)
-        if have:
-            piece = self._buf.consume_exactly(have)
-            assert piece is not None
-            self._payload[self._payload_pos : self._payload_pos + have] = piece
-            self._payload_pos += have
+        self._absorb_buffered_payload()  # what receive_data already brought goes first
         return memoryview(self._payload)[self._payload_pos :]
+
+    def _absorb_buffered_payload(self) -> None:
+        """Move received bytes of the current payload into its in-place buffer."""
+        assert self._payload is not None
+        take = min(len(self._buf), len(self._payload) - self._payload_pos)
+        if take:
+            piece = self._buf.consume_exactly(take)
+            assert piece is not None
+            self._payload[self._payload_pos : self._payload_pos + take] = piece
+            self._payload_pos += take
 
     def payload_received(self, n: int) -> None:
         """``n`` more bytes of the payload were received into :meth:`payload_buffer`.
@@ -981,12 +985,7 @@ class NbdServerConnection:
         data: bytes | bytearray | None
         if self._payload is not None:
             # Receiving in place; bytes fed with receive_data meanwhile go there too.
-            take = min(len(self._buf), hdr.length - self._payload_pos)
-            if take:
-                piece = self._buf.consume_exactly(take)
-                assert piece is not None
-                self._payload[self._payload_pos : self._payload_pos + take] = piece
-                self._payload_pos += take
+            self._absorb_buffered_payload()
             if self._payload_pos < hdr.length:
                 return NEED_DATA
             data, self._payload = self._payload, None
