@@ -573,3 +573,21 @@ def test_large_payloads_are_not_pinned_by_pending_clusters(tmp_path: Path) -> No
     w2.finish()
     assert parse(path.read_bytes()).disk(dev) == small + bytes(2 * C)
     assert parse(path2.read_bytes()).disk(dev2) == huge
+
+
+def test_release_writes_the_extent_that_still_holds_a_reused_buffer(tmp_path: Path) -> None:
+    w, path = new_writer(tmp_path)
+    dev = w.add_device("d", 8 * C)
+    buf = bytearray(random.Random(3).randbytes(2 * C))
+    first = bytes(buf)
+    other = bytearray(random.Random(4).randbytes(C))
+    w.write(dev, 0, memoryview(buf), owned=True)  # two clusters wait as views of buf
+    w.release(other)  # not held: nothing is written
+    assert path.with_name("out.vma.part").stat().st_size == 0
+    w.release(buf)  # held: the short extent goes out now
+    buf[:] = random.Random(5).randbytes(2 * C)  # the caller reuses its buffer
+    w.write(dev, 4 * C, memoryview(buf), owned=True)
+    w.finish()
+    parsed = parse(path.read_bytes())
+    assert parsed.extent_slots[0] == 2
+    assert parsed.disk(dev) == first + bytes(2 * C) + bytes(buf) + bytes(2 * C)

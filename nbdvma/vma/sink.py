@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 from nbdvma.errors import VmaWriterError
+from nbdvma.writeback import Writeback
 
 __all__ = ["FileSink", "Sink", "StreamSink", "open_sink"]
 
@@ -162,6 +163,8 @@ class FileSink:
         self._cache: tuple[int, bytes] | None = None
         self._closed = False
         self._renamed = False
+        # The final fsync (or a FLUSH's) then finds little left to write.
+        self._writeback = Writeback(self._fd)
 
     def _write_unit(self, parts: Sequence[Buffer]) -> None:
         try:
@@ -171,7 +174,8 @@ class FileSink:
             os.ftruncate(self._fd, self._pos)
             os.lseek(self._fd, self._pos, os.SEEK_SET)
             raise
-        self._pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+        start, self._pos = self._pos, os.lseek(self._fd, 0, os.SEEK_CUR)
+        self._writeback.wrote(start, self._pos - start)
 
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`."""
@@ -252,6 +256,7 @@ class FileSink:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._writeback.close()
             os.close(self._fd)
             os.close(self._rfd)
 

@@ -1,0 +1,99 @@
+"""Early write-back (nbdvma.writeback): what is asked of the kernel, and when."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import nbdvma.writeback as wb
+from nbdvma.writeback import Writeback
+
+MiB = 1 << 20
+
+
+def helpers_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("writeback-")]
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, int]]:
+    """Record the sync_file_range calls instead of making them."""
+    seen: list[tuple[int, int, int, int]] = []
+
+    def record(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        seen.append((fd, offset, nbytes, flags))
+        return 0
+
+    monkeypatch.setattr(wb, "_sync_file_range", record)
+    return seen
+
+
+def test_ranges_are_started_a_step_at_a_time(calls: list[tuple[int, int, int, int]]) -> None:
+    w = Writeback(7, step=4 * MiB)
+    for off in range(0, 3 * MiB, MiB):
+        w.wrote(off, MiB)
+    assert not helpers_alive()
+    assert not calls
+    w.wrote(3 * MiB, MiB)  # the step is reached: [0, 4 MiB) is started
+    for off in range(4 * MiB, 9 * MiB, MiB):
+        w.wrote(off, MiB)  # [4, 8 MiB) next; the last MiB stays for fsync
+    w.close()
+    assert not helpers_alive()
+    # Requests that queued up may have been merged; together they cover [0, 8 MiB).
+    covered = sorted((off, off + n) for _, off, n, _ in calls)
+    assert covered[0][0] == 0
+    assert covered[-1][1] == 8 * MiB
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+    assert {(fd, flags) for fd, _, _, flags in calls} == {(7, 2)}  # SYNC_FILE_RANGE_WRITE
+
+
+def test_out_of_order_writes_are_started_as_their_hull(
+    calls: list[tuple[int, int, int, int]],
+) -> None:
+    w = Writeback(3, step=2 * MiB)
+    w.wrote(10 * MiB, MiB)
+    w.wrote(2 * MiB, MiB)
+    w.close()
+    assert calls == [(3, 2 * MiB, 9 * MiB, 2)]
+
+
+def test_closed_means_silent(calls: list[tuple[int, int, int, int]]) -> None:
+    w = Writeback(3, step=MiB)
+    w.close()
+    w.close()  # idempotent
+    w.wrote(0, 8 * MiB)
+    assert not calls
+    assert not helpers_alive()
+
+
+def test_without_sync_file_range_nothing_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wb, "_sync_file_range", None)
+    w = Writeback(3, step=MiB)
+    assert not w.available
+    w.wrote(0, 8 * MiB)
+    assert not helpers_alive()
+    w.close()
+
+
+def test_real_call_on_a_file(tmp_path: Path) -> None:
+    # On this Linux the call exists; the data written is what fsync makes durable.
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        w = Writeback(fd, step=MiB)
+        assert w.available
+        chunk = os.urandom(MiB)
+        for off in range(0, 6 * MiB, MiB):
+            os.pwrite(fd, chunk, off)
+            w.wrote(off, MiB)
+        assert helpers_alive()
+        w.close()
+        assert not helpers_alive()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == chunk * 6
