@@ -390,20 +390,109 @@ def test_create_sparse_image_zstd_and_stdout(tmp_path: Path) -> None:
     assert run("verify", "--strict", "-", stdin=proc.stdout).returncode == 0
 
 
-def test_create_reuses_its_read_buffers_without_losing_pending_clusters(tmp_path: Path) -> None:
-    # create reads into a ring of buffers; a cluster still waiting in the extent when
-    # its buffer comes round again (long runs of written zeros in between fill no
-    # extent) must be written first.  Data, then written zeros longer than the ring,
-    # then data: the first buffer is reused while its data cluster is pending.
-    img = tmp_path / "zeros-between.raw"
-    head = data_of(3 * C + 4096, 11)
-    tail = data_of(5 * C, 12)
-    img.write_bytes(head + bytes(12 << 20) + tail)
-    arch = tmp_path / "z.vma"
-    assert main(["create", str(arch), str(img)]) == 0
+def mixed_image(path: Path, seed: int) -> None:
+    """Runs of data (some with zero 4 KiB blocks), holes and written zeros; odd tail."""
+    rnd = random.Random(seed)
+    with path.open("wb") as f:
+        for _ in range(40):
+            n = rnd.randrange(1, 40) * 4096
+            kind = rnd.randrange(3)
+            if kind == 0:
+                data = bytearray(rnd.randbytes(n))
+                k = rnd.randrange(n // 4096) * 4096
+                data[k : k + 4096] = bytes(4096)
+                f.write(data)
+            elif kind == 1:
+                f.seek(n, os.SEEK_CUR)
+            else:
+                f.write(bytes(n))
+        f.write(rnd.randbytes(1234))
+
+
+@pytest.mark.parametrize(
+    ("window", "keep", "mapped"),
+    [(64 * 1024, 1, True), (128 * 1024, 2, True), (1 << 20, 3, True), (192 * 1024, 2, False)],
+)
+def test_create_reads_images_through_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int, keep: int, mapped: bool
+) -> None:
+    # create maps an image a window at a time and gives a window back only when the
+    # writer and the sink's worker no longer read from it; small windows make every
+    # image cross many of them.  Without mmap, windows are read into buffers.
+    import nbdvma.tools as tools
+
+    monkeypatch.setattr(tools, "_WINDOW", window)
+    monkeypatch.setattr(tools, "_KEEP_WINDOWS", keep)
+    if not mapped:
+
+        def no_mmap(*args: object, **kwargs: object) -> None:
+            raise OSError(19, "No such device")
+
+        monkeypatch.setattr(tools.mmap, "mmap", no_mmap)
+    imgs = [tmp_path / "a.raw", tmp_path / "b.raw"]
+    mixed_image(imgs[0], 5)
+    # Data, then written zeros longer than all kept windows, then data: the first
+    # window's clusters still wait in the extent when it is due to be given back.
+    imgs[1].write_bytes(data_of(3 * C + 4096, 11) + bytes(4 << 20) + data_of(5 * C, 12))
+    arch = tmp_path / "w.vma"
+    assert main(["create", str(arch), *map(str, imgs)]) == 0
     assert main(["verify", "--strict", str(arch)]) == 0
     assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
-    assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == img.read_bytes()
+    for n, img in enumerate(imgs):
+        data = img.read_bytes()
+        padded = data.ljust(-(-len(data) // 512) * 512, b"\0")
+        assert (tmp_path / "o" / f"disk-disk{n}.raw").read_bytes() == padded
+
+
+def test_create_reports_an_image_that_shrinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mapped file that shrinks would end the process with SIGBUS: each window
+    # checks the size first.  The image is cut while its first window is read.
+    import nbdvma.tools as tools
+
+    monkeypatch.setattr(tools, "_WINDOW", 64 * 1024)
+    img = tmp_path / "s.raw"
+    img.write_bytes(data_of(8 * C, 3))
+    real_write = VmaWriter.write
+
+    def write_then_truncate(self: VmaWriter, *args: object, **kwargs: object) -> None:
+        real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+        os.truncate(img, 2 * C)
+
+    monkeypatch.setattr(VmaWriter, "write", write_then_truncate)
+    arch = tmp_path / "s.vma"
+    assert main(["create", str(arch), str(img)]) == 1
+    assert capsys.readouterr().err == f"image {img}: it shrank while being read\n"
+    assert not arch.exists()
+    assert not (tmp_path / "s.vma.part").exists()
+
+
+def test_create_write_failure_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Extents are written by a worker thread: its error ends create all the same.
+    import errno
+
+    import nbdvma.vma.sink as sink_module
+
+    real = sink_module._write_all
+    calls = [0]
+
+    def fail_third(fd: int, parts: list[bytes]) -> int:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, parts)
+
+    monkeypatch.setattr(sink_module, "_write_all", fail_third)
+    img = tmp_path / "f.raw"
+    img.write_bytes(data_of(300 * C, 4))
+    arch = tmp_path / "f.vma"
+    assert main(["create", str(arch), str(img)]) == 1
+    assert capsys.readouterr().err == "create failed - No space left on device\n"
+    assert not arch.exists()
+    assert not (tmp_path / "f.vma.part").exists()
 
 
 def test_create_configs_only(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 import struct
@@ -31,10 +32,11 @@ from array import array
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
+from nbdvma.background import BackgroundWriter
 from nbdvma.errors import VmaWriterError
-from nbdvma.writeback import Writeback
+from nbdvma.fileio import Writeback, preallocate
 
-__all__ = ["FileSink", "Sink", "StreamSink", "open_sink"]
+__all__ = ["BackgroundSink", "FileSink", "Sink", "StreamSink", "open_sink"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -51,6 +53,9 @@ class Sink(Protocol):
     #: The header can be rewritten in place with :meth:`patch_header`.
     seekable: bool
 
+    def reserve(self, nbytes: int) -> None:
+        """A hint: about ``nbytes`` more will be written (space may be set aside)."""
+
     def write_header(self, header: bytes) -> None:
         """Write the archive header: the first unit, exactly once."""
 
@@ -62,6 +67,9 @@ class Sink(Protocol):
 
     def read_unit(self, index: int, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset`` inside unit ``index``."""
+
+    def release(self, buffer: object) -> None:
+        """Return once no part given to :meth:`append` is still to be read from ``buffer``."""
 
     def patch_header(self, header: bytes) -> None:
         """Rewrite the header (same length) in place."""
@@ -116,8 +124,10 @@ class _Compressor:
         return data
 
 
-def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """Write all of ``parts`` at the file position; return the number of bytes."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(len(v) for v in views)
     while views:
         written = os.writev(fd, views[:1024])  # IOV_MAX
         while written:
@@ -126,6 +136,7 @@ def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
+    return total
 
 
 class FileSink:
@@ -165,17 +176,22 @@ class FileSink:
         self._renamed = False
         # The final fsync (or a FLUSH's) then finds little left to write.
         self._writeback = Writeback(self._fd)
+        self._reserved = False
 
     def _write_unit(self, parts: Sequence[Buffer]) -> None:
         try:
-            _write_all(self._fd, parts)
+            written = _write_all(self._fd, parts)
         except BaseException:
             # Cut the half-written unit off so the next one starts at a boundary.
             os.ftruncate(self._fd, self._pos)
             os.lseek(self._fd, self._pos, os.SEEK_SET)
             raise
-        start, self._pos = self._pos, os.lseek(self._fd, 0, os.SEEK_CUR)
-        self._writeback.wrote(start, self._pos - start)
+        self._writeback.wrote(self._pos, written)
+        self._pos += written
+
+    def reserve(self, nbytes: int) -> None:
+        """See :meth:`Sink.reserve`: disk blocks past the end, given back at commit."""
+        self._reserved |= preallocate(self._fd, self._pos, nbytes)
 
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`."""
@@ -200,6 +216,9 @@ class FileSink:
             frame = os.pread(self._rfd, end - start, start)
             self._cache = (index, self._zstd.decompress(frame))
         return self._cache[1][offset : offset + length]
+
+    def release(self, buffer: object) -> None:
+        """See :meth:`Sink.release`: :meth:`append` is done with its parts on return."""
 
     def patch_header(self, header: bytes) -> None:
         """See :meth:`Sink.patch_header`."""
@@ -239,6 +258,9 @@ class FileSink:
         """See :meth:`Sink.commit`.  Each step is done once, so a failed commit can be
         retried (a failing fsync of the directory, say)."""
         if not self._closed:
+            if self._reserved:
+                # Free the reserved blocks that were not needed (the size stays).
+                os.ftruncate(self._fd, self._pos)
             os.fsync(self._fd)
             self._close()
         if not self._renamed:
@@ -285,6 +307,9 @@ class StreamSink:
             self._broken = True
             raise
 
+    def reserve(self, nbytes: int) -> None:
+        """Nothing to set aside in a stream."""
+
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`."""
         self._write([_zstd_raw_frame(header) if self._zstd else header])
@@ -298,6 +323,9 @@ class StreamSink:
     def read_unit(self, index: int, offset: int, length: int) -> bytes:
         """Not possible on a stream."""
         raise VmaWriterError("the archive is a stream: what was written cannot be read back")
+
+    def release(self, buffer: object) -> None:
+        """See :meth:`Sink.release`: :meth:`append` is done with its parts on return."""
 
     def patch_header(self, header: bytes) -> None:
         """Not possible on a stream."""
@@ -320,6 +348,80 @@ class StreamSink:
 
     def abort(self) -> None:
         """Nothing to undo: the reader of the stream sees it end early."""
+
+
+class BackgroundSink:
+    """Another sink whose extents are written by a worker thread (``nbdvma create``).
+
+    :meth:`append` queues the extent and returns at once, so the caller reads and
+    zero-detects the next clusters while the previous ones are being written.  For
+    one-shot writers that give up at the first error: a failed extent write is raised
+    by a *later* call (and by every one after), so it cannot be retried the way the
+    plain sinks allow.  Everything else first waits for the extents in flight; the
+    caller must not reuse a buffer given to :meth:`append` before :meth:`release`.
+    """
+
+    def __init__(self, inner: FileSink | StreamSink, *, max_bytes: int = 16 << 20) -> None:
+        self.inner = inner
+        self.readable = inner.readable
+        self.seekable = inner.seekable
+        # At most max_bytes of extents in flight: four to five extents of 3.7 MiB.
+        self._worker = BackgroundWriter(max_bytes=max_bytes, name="vma-sink")
+        self._count = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """See :meth:`Sink.reserve`."""
+        self._worker.drain()
+        self.inner.reserve(nbytes)
+
+    def write_header(self, header: bytes) -> None:
+        """See :meth:`Sink.write_header`."""
+        self._worker.drain()
+        self.inner.write_header(header)
+
+    def append(self, parts: Sequence[Buffer]) -> int:
+        """See :meth:`Sink.append`; the write itself happens later."""
+        parts = list(parts)
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        self._worker.submit(functools.partial(self.inner.append, parts), parts, nbytes)
+        # The inner sink numbers its units in the same order, one per append.
+        self._count += 1
+        return self._count - 1
+
+    def read_unit(self, index: int, offset: int, length: int) -> bytes:
+        """See :meth:`Sink.read_unit`."""
+        self._worker.drain()
+        return self.inner.read_unit(index, offset, length)
+
+    def release(self, buffer: object) -> None:
+        """See :meth:`Sink.release`: waits for the extents that still read from it."""
+        self._worker.release(buffer)
+
+    def patch_header(self, header: bytes) -> None:
+        """See :meth:`Sink.patch_header`."""
+        self._worker.drain()
+        self.inner.patch_header(header)
+
+    def sync(self) -> None:
+        """See :meth:`Sink.sync`."""
+        self._worker.drain()
+        self.inner.sync()
+
+    def write_journal(self, data: bytes | None) -> None:
+        """See :meth:`Sink.write_journal`."""
+        self._worker.drain()
+        self.inner.write_journal(data)
+
+    def commit(self) -> None:
+        """See :meth:`Sink.commit`."""
+        self._worker.drain()
+        self._worker.close()
+        self.inner.commit()
+
+    def abort(self) -> None:
+        """See :meth:`Sink.abort`: extents not yet written are dropped."""
+        self._worker.close()
+        self.inner.abort()
 
 
 def _fsync_dir(path: str) -> None:

@@ -783,10 +783,11 @@ class VmaWriter:
     def release(self, buffer: object) -> None:
         """Hold no view of ``buffer`` any more, so that the caller may fill it again.
 
-        For callers that hand over reused buffers with ``owned=True`` (reading an image
-        into the same few buffers costs far less than a fresh allocation per read):
-        if a cluster waiting in the current extent refers to ``buffer``, that extent is
-        written now, short of 59 clusters (as the C writer's flush writes one).
+        For callers that hand over buffers with ``owned=True`` that they later reuse or
+        unmap (``nbdvma create`` passes views of a mapped image): if a cluster waiting
+        in the current extent refers to ``buffer``, that extent is written now, short of
+        59 clusters (as the C writer's flush writes one); a sink that writes in the
+        background is then waited for.
 
         Raises:
             OSError: the sink failed.
@@ -794,6 +795,7 @@ class VmaWriter:
         self._check_open()
         if any(b.obj is buffer for s in self._pending for b in s.blocks):
             self._flush_extent()
+        self._sink.release(buffer)  # a sink that writes in the background waits here
 
     def may_write_extent(self, length: int) -> bool:
         """Whether writing ``length`` more bytes may write an extent to the sink.

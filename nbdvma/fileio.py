@@ -1,34 +1,42 @@
-"""Early write-back: the kernel starts writing a file's data while more is being written.
+"""Two Linux hints that make writing a large file cheaper; neither changes what is written.
 
-A program that writes a large file and then fsyncs it leaves everything in the page
-cache until the fsync, which then writes the whole file out at once: on a disk that
-takes 0.3 s per GiB here, that is 0.3 s of waiting at the end (and a page cache full
-of dirty pages, which makes the kernel throttle every writer on the machine).
-:class:`Writeback` asks the kernel to *start* writing each range as soon as a few MiB
-of it have accumulated (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, from a helper
-thread, so that the submission work runs on another core).  The final fsync then
-waits only for the last few MiB.
+**Early write-back.**  A program that writes a large file and then fsyncs it leaves
+everything in the page cache until the fsync, which then writes the whole file out at
+once: on a disk that takes 0.3 s per GiB here, that is 0.3 s of waiting at the end
+(and a page cache full of dirty pages, which makes the kernel throttle every writer on
+the machine).  :class:`Writeback` asks the kernel to *start* writing each range as
+soon as a few MiB of it have accumulated (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
+from a helper thread, so that the submission work runs on another core).  The final
+fsync then waits only for the last few MiB.  Durability still comes from fsync alone;
+errors of ``sync_file_range`` are ignored because the fsync that follows reports the
+same ones (``SYNC_FILE_RANGE_WRITE`` without a wait does not consume write-back errors).
 
-It is a hint and nothing more: durability still comes from fsync alone, and errors of
-``sync_file_range`` are ignored because the fsync that follows reports the same ones
-(``SYNC_FILE_RANGE_WRITE`` without a wait does not consume write-back errors).  Where
-the call does not exist (not Linux, not glibc) nothing is done.
+**Preallocation.**  Buffered writes into blocks that ext4 has already allocated skip
+its delayed-allocation bookkeeping for every 4 KiB page (a third of the cost of the
+write system call here).  :func:`preallocate` reserves blocks past the end of a file
+without changing its size (``fallocate(FALLOC_FL_KEEP_SIZE)``); truncating the file to
+its own size gives back what was not used.  Unlike ``posix_fallocate`` it never falls
+back to writing zeros where the file system cannot allocate.
+
+Where the calls do not exist (not Linux, not glibc) both do nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import queue
 import threading
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_STEP", "Writeback"]
+__all__ = ["DEFAULT_STEP", "Writeback", "preallocate"]
 
 #: Start the write-back of a range once this many bytes of it have been written.
 DEFAULT_STEP = 8 << 20
 
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the value is part of the kernel ABI
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the values are part of the kernel ABI
+_FALLOC_FL_KEEP_SIZE = 1
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -43,7 +51,35 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return func
 
 
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func
+
+
 _sync_file_range = _load_sync_file_range()
+_fallocate = _load_fallocate()
+
+
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve disk blocks for ``length`` bytes at ``offset``, keeping the file size.
+
+    A hint: returns whether it was done (not on a file system without ``fallocate``,
+    nor when the space is not there; the writes themselves then report ``ENOSPC``).
+    """
+    if _fallocate is None or length <= 0:
+        return False
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    # A failed fallocate may have allocated part of the range: give it back (a
+    # truncation to the file's own size frees the blocks past its end).
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, os.fstat(fd).st_size)
+    return False
 
 
 class Writeback:

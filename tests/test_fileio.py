@@ -1,4 +1,4 @@
-"""Early write-back (nbdvma.writeback): what is asked of the kernel, and when."""
+"""Early write-back (nbdvma.fileio): what is asked of the kernel, and when."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import nbdvma.writeback as wb
-from nbdvma.writeback import Writeback
+import nbdvma.fileio as wb
+from nbdvma.fileio import Writeback
 
 MiB = 1 << 20
 
@@ -97,3 +97,47 @@ def test_real_call_on_a_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == chunk * 6
+
+
+def test_preallocate_keeps_the_size_and_truncation_gives_it_back(tmp_path: Path) -> None:
+    path = tmp_path / "p"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 4096)
+        assert wb.preallocate(fd, 4096, 32 * MiB)
+        st = os.fstat(fd)
+        assert st.st_size == 4096
+        assert st.st_blocks * 512 >= 32 * MiB
+        os.ftruncate(fd, st.st_size)
+        assert os.fstat(fd).st_blocks * 512 < MiB
+    finally:
+        os.close(fd)
+
+
+def test_preallocate_that_cannot_be_done_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "p"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        # Far more than the disk holds: ENOSPC, and what part was allocated is freed.
+        assert not wb.preallocate(fd, 0, 1 << 60)
+        assert os.fstat(fd).st_blocks == 0
+        monkeypatch.setattr(wb, "_fallocate", None)
+        assert not wb.preallocate(fd, 0, MiB)
+    finally:
+        os.close(fd)
+
+
+def test_file_sink_gives_back_what_it_reserved(tmp_path: Path) -> None:
+    from nbdvma.vma.sink import FileSink
+
+    sink = FileSink(str(tmp_path / "r.vma"))
+    sink.reserve(64 * MiB)
+    sink.write_header(b"h" * 4096)
+    sink.append([b"e" * 8192])
+    assert os.stat(tmp_path / "r.vma.part").st_blocks * 512 >= 64 * MiB
+    sink.commit()
+    st = os.stat(tmp_path / "r.vma")
+    assert st.st_size == 4096 + 8192
+    assert st.st_blocks * 512 < MiB

@@ -1,0 +1,150 @@
+"""Writes that run in a worker thread while the caller goes on producing the next ones.
+
+The archive tools are a loop of "read, look at the bytes in Python, write": on two
+cores, the write system calls (copying into the page cache and ext4's bookkeeping, about
+half the time of a ``create``) can run beside the rest, since the GIL is released
+for the duration of a system call.  :class:`BackgroundWriter` is that worker: jobs run
+one at a time in submission order; the bytes in flight are bounded, so memory is too.
+
+Failure model, for one-shot tools that give up on the first I/O error: the first
+job that raises stops the worker, the jobs queued behind it are dropped, and the error
+is raised to the caller from its next :meth:`~BackgroundWriter.submit`,
+:meth:`~BackgroundWriter.release` or :meth:`~BackgroundWriter.drain` (and from every
+one after: the writer stays failed).  Nothing may be assumed written until
+:meth:`~BackgroundWriter.drain` has returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Sequence
+
+__all__ = ["BackgroundWriter"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class _Job:
+    __slots__ = ("fn", "nbytes", "parts")
+
+    def __init__(self, fn: Callable[[], object], parts: Sequence[Buffer], nbytes: int) -> None:
+        self.fn = fn
+        self.parts = parts
+        self.nbytes = nbytes
+
+    def holds(self, buffer: object) -> bool:
+        return any(
+            p is buffer or (isinstance(p, memoryview) and p.obj is buffer) for p in self.parts
+        )
+
+
+class BackgroundWriter:
+    """Runs write jobs in one worker thread, in order, with a bound on bytes in flight."""
+
+    def __init__(self, *, max_bytes: int = 16 << 20, name: str = "nbdvma-writer") -> None:
+        self.max_bytes = max_bytes
+        self.name = name
+        self._cond = threading.Condition()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._running: _Job | None = None
+        self._bytes = 0  # of the queued and the running jobs
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], object], parts: Sequence[Buffer], nbytes: int) -> None:
+        """Queue ``fn`` (which writes ``parts``, ``nbytes`` in all) behind the others.
+
+        The caller must not change ``parts`` until the job is done (see :meth:`release`).
+        Waits while more than ``max_bytes`` are in flight.
+
+        Raises:
+            BaseException: the error of a job that failed before.
+        """
+        with self._cond:
+            while True:
+                self._check()
+                if not self._bytes or self._bytes + nbytes <= self.max_bytes:
+                    break
+                self._cond.wait()
+            self._jobs.append(_Job(fn, parts, nbytes))
+            self._bytes += nbytes
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def release(self, buffer: object) -> None:
+        """Wait until no queued or running job writes from ``buffer`` (or a view of it).
+
+        Raises:
+            BaseException: the error of a job that failed.
+        """
+        with self._cond:
+            while True:
+                self._check()
+                running = self._running is not None and self._running.holds(buffer)
+                if not running and not any(job.holds(buffer) for job in self._jobs):
+                    return
+                self._cond.wait()
+
+    def drain(self) -> None:
+        """Wait until every job submitted so far is done.
+
+        Raises:
+            BaseException: the error of a job that failed.
+        """
+        with self._cond:
+            while True:
+                self._check()
+                if self._running is None and not self._jobs:
+                    return
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Drop the queued jobs, wait for the running one and stop the thread.
+
+        Does not raise a job's error (for clean-up after a failure; :meth:`drain`
+        first to finish the work).  Idempotent.
+        """
+        with self._cond:
+            self._closed = True
+            self._jobs.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise RuntimeError(f"{self.name}: closed")
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._jobs and not self._closed:
+                    cond.wait()
+                if self._closed:
+                    return
+                job = self._running = self._jobs.popleft()
+            try:
+                job.fn()
+            except BaseException as exc:  # handed to the caller, who decides
+                with cond:
+                    self._error = exc
+                    self._running = None
+                    self._bytes = 0
+                    self._jobs.clear()
+                    cond.notify_all()
+                return
+            with cond:
+                self._running = None
+                self._bytes -= job.nbytes
+                # Drop the last reference to the parts before saying the job is done:
+                # the caller may close the buffer they come from (an mmap) at once.
+                del job
+                cond.notify_all()
