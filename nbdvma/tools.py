@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import stat
@@ -22,12 +23,14 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
+from nbdvma.background import BackgroundWriter
 from nbdvma.errors import VmaFormatError, VmaWriterError
-from nbdvma.fileio import Writeback
+from nbdvma.fileio import Writeback, preallocate
 from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
     VMA_MAX_DEVICES,
+    VMA_MAX_EXTENT_SIZE,
     WRITER_CLUSTERS_PER_EXTENT,
     DeviceInfo,
 )
@@ -56,6 +59,8 @@ _WINDOW = 8 << 20
 _KEEP_WINDOWS = 3
 # ... and lets this many bytes of extents wait for the sink's worker thread.
 _IN_FLIGHT = 8 << 20
+# extract reads extents into this many buffers, writing one while reading the next.
+_EXTRACT_BUFFERS = 3
 _MAX_CONFIG_READ = 65536 + 1  # one byte more than any config may hold
 
 
@@ -291,22 +296,27 @@ def _pwrite_all(fd: int, views: Sequence[memoryview | bytes], offset: int) -> No
         views[: len(batch)] = rest
 
 
+#: Contiguous bytes for an output file: (offset, views, end offset).
+_Range = tuple[int, list[memoryview | bytes], int]
+
+
 class _Target:
-    """One output file of extract: coalesces adjacent writes into few pwritev calls."""
+    """One output file of extract: collects an extent's writes as few contiguous ranges,
+    which :func:`_write_ranges` then writes (in the worker thread)."""
 
     def __init__(self, tmp: str, final: str, size: int | None) -> None:
         self.tmp = tmp
         self.final = final
         self.size = size  # the disk size; None for vmstate (grows as it is written)
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.pending: list[memoryview | bytes] = []
-        self.pending_at = 0
-        self.pending_end = 0
+        # The writes not yet handed to the worker.
+        self.ranges: list[_Range] = []
         self.length = 0  # vmstate: bytes of clusters stored so far
         if size is not None:
             os.ftruncate(self.fd, size)
         # Each disk is fsynced at the end: start writing it to disk meanwhile.
         self.writeback = Writeback(self.fd)
+        self.preallocate = True  # until the file system says it cannot
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         if self.size is not None:
@@ -314,24 +324,50 @@ class _Target:
                 return
             if offset + len(data) > self.size:
                 data = data[: self.size - offset]
-        if self.pending and offset != self.pending_end:
-            self.flush()
-        if not self.pending:
-            self.pending_at = self.pending_end = offset
-        self.pending.append(data)
-        self.pending_end += len(data)
-
-    def flush(self) -> None:
-        if self.pending:
-            _pwrite_all(self.fd, self.pending, self.pending_at)
-            self.pending = []
-            self.writeback.wrote(self.pending_at, self.pending_end - self.pending_at)
+        ranges = self.ranges
+        if ranges and ranges[-1][2] == offset:
+            at, views, end = ranges[-1]
+            views.append(data)
+            ranges[-1] = (at, views, end + len(data))
+        else:
+            ranges.append((offset, [data], offset + len(data)))
 
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             self.writeback.close()
             os.close(fd)
+
+
+def _write_ranges(
+    batch: list[tuple[_Target, list[tuple[int, list[memoryview | bytes], int]]]],
+) -> None:
+    """Write the ranges an extent gave each target (a job of the worker thread)."""
+    for target, ranges in batch:
+        for at, views, end in ranges:
+            # Blocks allocated first are written without ext4's per-page delayed
+            # allocation (a third of the write's cost); only what is written is
+            # allocated, so holes stay holes.
+            if target.preallocate:
+                target.preallocate = preallocate(target.fd, at, end - at)
+            _pwrite_all(target.fd, views, at)
+        target.writeback.wrote(ranges[0][0], ranges[-1][2] - ranges[0][0])
+
+
+def _submit_writes(worker: BackgroundWriter, targets: Iterable[_Target]) -> None:
+    """Hand the writes collected from one extent to the worker, as one job."""
+    batch = []
+    parts: list[memoryview | bytes] = []
+    nbytes = 0
+    for target in targets:
+        if target.ranges:
+            batch.append((target, target.ranges))
+            for at, views, end in target.ranges:
+                parts.extend(views)
+                nbytes += end - at
+            target.ranges = []
+    if batch:
+        worker.submit(functools.partial(_write_ranges, batch), parts, nbytes)
 
 
 def _write_cluster(target: _Target, cluster: Cluster) -> None:
@@ -405,6 +441,10 @@ def extract_archive(
     disks = [d for d in selected if not d.is_vmstate]
     reader.skip_devices(d.dev_id for d in present if d not in selected)
     targets: dict[int, _Target] = {}
+    # Writes of one extent run in a worker thread while the next extents are read
+    # into the reader's other buffers (bounded: the reader waits for a buffer's
+    # writes before it fills it again).
+    worker = BackgroundWriter(max_bytes=_EXTRACT_BUFFERS * VMA_MAX_EXTENT_SIZE)
     try:
         try:
             os.mkdir(dirname)
@@ -445,7 +485,7 @@ def extract_archive(
         out.flush()
         progress = _Progress(reader, disks, out if verbose else None)
         try:
-            for extent in reader.extents():
+            for extent in reader.extents(buffers=_EXTRACT_BUFFERS, reuse=worker.release):
                 for cluster in extent:
                     target = targets.get(cluster.dev.dev_id)
                     if target is not None:
@@ -454,9 +494,9 @@ def extract_archive(
                         else:
                             _write_cluster(target, cluster)
                     progress.update()
-                for target in targets.values():
-                    target.flush()
+                _submit_writes(worker, targets.values())
             reader.check_missing(disks)
+            worker.drain()
             for target in targets.values():
                 if target.size is None:
                     _finish_vmstate(target, reader.device(reader.vmstate_id))
@@ -475,12 +515,14 @@ def extract_archive(
                 ) from exc
         progress.totals()
     except BaseException:
+        worker.close()  # no write may touch a descriptor after it is closed
         for target in targets.values():
             target.close()
             with contextlib.suppress(OSError):
                 os.unlink(target.tmp)
         raise
     finally:
+        worker.close()
         _close(source)
         reader.close()
 

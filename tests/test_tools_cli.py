@@ -268,6 +268,57 @@ def test_extract_failure_leaves_no_partial_file(
     assert os.listdir(tmp_path / "p") == ["qemu-server.conf"]
 
 
+def test_extract_write_failure_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # extract writes from a worker thread while it reads on: a failed write still
+    # ends it with the reason, and no disk image is left.
+    import errno
+
+    import nbdvma.tools as tools
+
+    img = tmp_path / "a.raw"
+    mixed_image(img, 8)
+    arch = tmp_path / "a.vma"
+    assert main(["create", str(arch), str(img)]) == 0
+    real = tools._pwrite_all
+    calls = [0]
+
+    def fail_fifth(fd: int, views: list[bytes], offset: int) -> None:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, views, offset)
+
+    monkeypatch.setattr(tools, "_pwrite_all", fail_fifth)
+    out = tmp_path / "o"
+    assert main(["extract", str(arch), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == "restore failed - write failed: No space left on device\n"
+    assert os.listdir(out) == []
+    assert calls[0] == 5
+
+
+def test_extract_without_preallocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # extract allocates each range before writing it, and stops trying where the file
+    # system cannot: the result is the same, holes included.
+    import nbdvma.fileio as fileio
+
+    img = tmp_path / "a.raw"
+    mixed_image(img, 9)
+    arch = tmp_path / "a.vma"
+    assert main(["create", str(arch), str(img)]) == 0
+    for name, fallocate in (("with", fileio._fallocate), ("without", None)):
+        monkeypatch.setattr(fileio, "_fallocate", fallocate)
+        out = tmp_path / name
+        assert main(["extract", str(arch), str(out)]) == 0
+        data = img.read_bytes()
+        restored = out / "disk-disk0.raw"
+        assert restored.read_bytes() == data.ljust(-(-len(data) // 512) * 512, b"\0")
+        # Sparse: no more blocks than the image's own data need.
+        assert restored.stat().st_blocks <= img.stat().st_blocks
+
+
 def test_extract_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "x.vma"
     path.write_bytes(

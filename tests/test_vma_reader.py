@@ -28,7 +28,7 @@ from vmagen import (
 
 from nbdvma.errors import VmaFormatError
 from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_MAX_EXTENT_SIZE
-from nbdvma.vma.reader import VmaReader, open_source
+from nbdvma.vma.reader import Cluster, VmaReader, open_source
 
 C = VMA_CLUSTER_SIZE
 
@@ -152,7 +152,33 @@ def test_memory_stays_one_extent_for_many_extents() -> None:
     reader = VmaReader(io.BytesIO(data))  # type: ignore[arg-type]
     sizes = [len(e) for e in reader.extents()]
     assert sizes == [58, 58, 58, 26]
-    assert len(reader._buf) == VMA_MAX_EXTENT_SIZE
+    assert [len(b) for b in reader._bufs] == [VMA_MAX_EXTENT_SIZE]
+
+
+def test_extents_in_turns_of_buffers_keep_views_valid() -> None:
+    # With buffers=3, an extent's views stay valid while the next two are read, and
+    # reuse(buffer) is called before a buffer is filled again.
+    expect = pattern(200 * C)
+    reader = VmaReader(io.BytesIO(image_archive([("disk0", expect)])))  # type: ignore[arg-type]
+    reused: list[int] = []
+    kept: list[list[Cluster]] = []
+    for ext_clusters in reader.extents(buffers=3, reuse=lambda b: reused.append(id(b))):
+        kept.append(ext_clusters)
+        if len(kept) > 3:
+            kept.pop(0)
+        for ext in kept:  # the last three extents still hold their data
+            for cl in ext:
+                base = cl.cluster * C
+                stored = [
+                    expect[base + j * VMA_BLOCK_SIZE : base + (j + 1) * VMA_BLOCK_SIZE]
+                    for j in range(16)
+                    if cl.mask >> j & 1
+                ]
+                assert bytes(cl.data) == b"".join(stored)
+    ids = [id(b) for b in reader._bufs]
+    assert len(set(ids)) == 3
+    assert reused == [ids[k % 3] for k in range(len(reused))]
+    assert len(reused) == 5  # four extents and the read that finds the end
 
 
 # ----------------------------------------------------------------------- header H1-H9

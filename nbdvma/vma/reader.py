@@ -8,12 +8,13 @@ pipe, stdin or a zstd decompression stream (:func:`open_source`).
 1. :class:`VmaReader` reads the header region and applies H1-H9 (format doc §7) via
    :func:`~nbdvma.vma.format.header_size_untrusted` and
    :meth:`~nbdvma.vma.format.VmaHeader.from_bytes_untrusted`.
-2. :meth:`VmaReader.extents` reads one extent at a time into a single reused buffer
-   of ``VMA_MAX_EXTENT_SIZE`` bytes (so memory stays bounded by one extent), applies
+2. :meth:`VmaReader.extents` reads one extent at a time into a reused buffer of
+   ``VMA_MAX_EXTENT_SIZE`` bytes (so memory stays bounded by one extent, or by a few
+   when the consumer asks for more buffers to write in the background), applies
    S2-S6 to its header and S7-S13 to its blockinfo slots in slot order, and only then
    yields the extent's clusters: a consumer never sees a cluster of an extent that
    fails a check.  The cluster data are memoryview slices of that buffer, valid until
-   the next extent is requested.
+   the buffer's turn comes again.
 3. :meth:`VmaReader.check_missing` is S15 (``vma extract`` only) and is called by the
    consumer after the last extent.
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
 import attrs
@@ -108,7 +109,7 @@ class Cluster(NamedTuple):
     #: Bit ``j`` set: 4 KiB block ``j`` is stored; unset: a zero block.
     mask: int
     #: The stored blocks, in bit order (``popcount(mask) * 4096`` bytes); a view into
-    #: the reader's extent buffer, valid until the next extent is read.
+    #: the reader's extent buffer, valid until that buffer is read into again.
     data: memoryview
 
 
@@ -222,7 +223,7 @@ class VmaReader:
             for d in self.header.devices
             if d.dev_id <= VMA_MAX_DEVICES and not d.is_vmstate
         }
-        self._buf = bytearray(VMA_MAX_EXTENT_SIZE)
+        self._bufs = [bytearray(VMA_MAX_EXTENT_SIZE)]
         self._done = False
 
     def _read_header(self) -> VmaHeader:
@@ -256,10 +257,16 @@ class VmaReader:
         """The present device with this id (1..255), or ``None``."""
         return self._devices.get(dev_id)
 
-    def extents(self) -> Iterator[list[Cluster]]:
+    def extents(
+        self, *, buffers: int = 1, reuse: Callable[[bytearray], object] | None = None
+    ) -> Iterator[list[Cluster]]:
         """Read, check and yield the remaining extents, each as its list of clusters.
 
-        The clusters' data views are valid until the next extent is requested.
+        The clusters' data views are valid until the next extent is requested, or
+        with ``buffers=N``, until N more have been: extents are read into N buffers
+        in turn, so that a consumer can still be writing out one extent while the
+        next is read.  ``reuse(buffer)`` is called before a buffer is filled again
+        (a consumer that writes in the background waits there for its writes).
 
         Raises:
             VmaFormatError: S1-S13, with the real tool's message (or a clear one where
@@ -267,8 +274,15 @@ class VmaReader:
         """
         if self._done:
             return
-        buf = memoryview(self._buf)
+        while len(self._bufs) < buffers:
+            self._bufs.append(bytearray(VMA_MAX_EXTENT_SIZE))
+        turn = 0
         while True:
+            raw = self._bufs[turn]
+            turn = (turn + 1) % buffers
+            if reuse is not None:
+                reuse(raw)
+            buf = memoryview(raw)
             got = _read_into(self._source, buf[:VMA_EXTENT_HEADER_SIZE])
             if got == 0:
                 break
@@ -412,6 +426,6 @@ class VmaReader:
                 raise VmaFormatError(f"detected missing cluster {missing} for stream {dev.name}")
 
     def close(self) -> None:
-        """Drop the extent buffer (the source is the caller's to close)."""
-        self._buf = bytearray()
+        """Drop the extent buffers (the source is the caller's to close)."""
+        self._bufs = []
         self._done = True
