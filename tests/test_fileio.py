@@ -141,3 +141,23 @@ def test_file_sink_gives_back_what_it_reserved(tmp_path: Path) -> None:
     st = os.stat(tmp_path / "r.vma")
     assert st.st_size == 4096 + 8192
     assert st.st_blocks * 512 < MiB
+
+
+def test_file_sink_reserves_a_step_ahead_never_all_at_once(tmp_path: Path) -> None:
+    import nbdvma.vma.sink as sink_module
+
+    ahead = sink_module._RESERVE_AHEAD
+    sink = sink_module.FileSink(str(tmp_path / "s.vma"))
+    sink.reserve(1 << 40)  # an estimate far beyond the disk: only a step is taken
+    assert ahead <= os.stat(tmp_path / "s.vma.part").st_blocks * 512 < 2 * ahead
+    sink.write_header(b"h" * 512)
+    unit = b"u" * (4 * MiB)
+    for _ in range(ahead // len(unit)):
+        sink.append([unit])
+    # The writes went past half the step: the next step was set aside.
+    size = 512 + ahead
+    assert os.stat(tmp_path / "s.vma.part").st_blocks * 512 >= size + ahead // 2
+    sink.commit()
+    st = os.stat(tmp_path / "s.vma")
+    assert st.st_size == size
+    assert st.st_blocks * 512 < size + MiB

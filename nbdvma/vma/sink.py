@@ -43,6 +43,8 @@ Buffer = bytes | bytearray | memoryview
 _ZSTD_MAGIC = struct.pack("<I", 0xFD2FB528)
 _ZSTD_MAX_RAW_BLOCK = 128 * 1024
 _ZSTD_LEVEL = 3  # zstd's own default, which vzdump also uses
+# FileSink.reserve sets disk blocks aside this many bytes ahead of the writes.
+_RESERVE_AHEAD = 64 << 20
 
 
 class Sink(Protocol):
@@ -176,9 +178,15 @@ class FileSink:
         self._renamed = False
         # The final fsync (or a FLUSH's) then finds little left to write.
         self._writeback = Writeback(self._fd)
-        self._reserved = False
+        self._reserved = False  # whether blocks were ever set aside past the end
+        self._reserve_end = 0  # set aside up to here ...
+        self._reserve_limit = 0  # ... of what reserve() announced
 
     def _write_unit(self, parts: Sequence[Buffer]) -> None:
+        if self._reserve_end < self._reserve_limit and (
+            self._pos + _RESERVE_AHEAD // 2 >= self._reserve_end
+        ):
+            self._reserve_more()
         try:
             written = _write_all(self._fd, parts)
         except BaseException:
@@ -190,8 +198,24 @@ class FileSink:
         self._pos += written
 
     def reserve(self, nbytes: int) -> None:
-        """See :meth:`Sink.reserve`: disk blocks past the end, given back at commit."""
-        self._reserved |= preallocate(self._fd, self._pos, nbytes)
+        """See :meth:`Sink.reserve`: disk blocks past the end, given back at commit.
+
+        Set aside ``_RESERVE_AHEAD`` bytes at a time as the archive grows, never more
+        than announced: a large estimate (every allocated byte of the images, most
+        of them zeros perhaps) never holds disk space that others could use.
+        """
+        self._reserve_end = self._pos
+        self._reserve_limit = self._pos + nbytes
+        self._reserve_more()
+
+    def _reserve_more(self) -> None:
+        start = max(self._reserve_end, self._pos)
+        length = min(_RESERVE_AHEAD, self._reserve_limit - start)
+        if preallocate(self._fd, start, length):
+            self._reserved = True
+            self._reserve_end = start + length
+        else:  # no space, or no fallocate: stop trying
+            self._reserve_limit = 0
 
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`."""
