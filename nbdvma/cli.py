@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -38,6 +40,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 _SERVER_COMMANDS = ("serve", "backup")
+
+
+class _Terminated(BaseException):
+    """SIGTERM during an archive command: unwinds as Ctrl-C does, so that the
+    temporary files (``ARCHIVE.part``, ``tmp-disk-*.raw``) are removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
@@ -148,9 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.images.extend(extra)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    # The servers handle their signals themselves (on trio's loop).
+    on_term = args.command not in _SERVER_COMMANDS and (
+        threading.current_thread() is threading.main_thread()
+    )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_term else None
     try:
         _run(args)
         sys.stdout.flush()
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except ToolError as exc:
@@ -175,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _flush_quietly()
         print(exc.strerror or str(exc), file=sys.stderr)
         return 1
+    finally:
+        if on_term:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

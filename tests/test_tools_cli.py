@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -640,3 +641,40 @@ def test_writer_then_extract_property(
     assert main(["extract", str(arch), str(tmp / "o")]) == 0
     for i, want in enumerate(model):
         assert (tmp / "o" / f"disk-disk{i}.raw").read_bytes() == bytes(want)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", ["create", "extract"])
+def test_signal_mid_run_leaves_no_temporary_file(
+    tmp_path: Path, sig: signal.Signals, command: str
+) -> None:
+    # Ctrl-C or a SIGTERM (an admin's kill, systemd stopping a unit) while create or
+    # extract runs: the temporary files are removed, the exit status says why.
+    img = tmp_path / "big.raw"
+    img.write_bytes(data_of(64 << 20, 13))  # long enough to be caught mid-run
+    arch = tmp_path / "big.vma"
+    out = tmp_path / "out"
+    if command == "extract":
+        assert main(["create", str(arch), str(img)]) == 0
+        argv = ["extract", str(arch), str(out)]
+    else:
+        argv = ["create", str(arch), str(img)]
+    # The child is stopped as soon as its temporary file appears (64 MiB of work
+    # still ahead), signalled, and continued: the signal lands mid-run.
+    proc = subprocess.Popen([NBDVMA, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    temporary = (tmp_path / "big.vma.part") if command == "create" else (out / "tmp-disk-disk0.raw")
+    deadline = time.monotonic() + 20
+    while not temporary.exists() and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert (proc.returncode, err) == (
+        (130, "interrupted\n") if sig == signal.SIGINT else (143, "terminated\n")
+    )
+    assert not (tmp_path / "big.vma.part").exists()
+    if command == "extract":
+        assert os.listdir(out) == []
+    else:
+        assert not arch.exists()
