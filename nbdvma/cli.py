@@ -12,12 +12,12 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
 from nbdvma import __version__
 from nbdvma.errors import NbdvmaError
+from nbdvma.interrupts import Terminated, install
 from nbdvma.tools import (
     DEFAULT_CONFIG,
     ToolError,
@@ -40,15 +40,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 _SERVER_COMMANDS = ("serve", "backup")
-
-
-class _Terminated(BaseException):
-    """SIGTERM during an archive command: unwinds as Ctrl-C does, so that the
-    temporary files (``ARCHIVE.part``, ``tmp-disk-*.raw``) are removed."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
@@ -159,15 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.images.extend(extra)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
-    # The servers handle their signals themselves (on trio's loop).
-    on_term = args.command not in _SERVER_COMMANDS and (
-        threading.current_thread() is threading.main_thread()
-    )
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_term else None
+    # SIGTERM ends an archive command as Ctrl-C does, so that it removes its
+    # temporary files (ARCHIVE.part, tmp-disk-*.raw); the servers handle their
+    # signals themselves, on trio's loop.
+    signals = contextlib.nullcontext() if args.command in _SERVER_COMMANDS else install()
     try:
-        _run(args)
-        sys.stdout.flush()
-    except _Terminated:
+        with signals:
+            _run(args)
+            sys.stdout.flush()
+    except Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except SystemExit as exc:
@@ -194,9 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _flush_quietly()
         print(exc.strerror or str(exc), file=sys.stderr)
         return 1
-    finally:
-        if on_term:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TextIO
 from nbdvma.background import BackgroundWriter
 from nbdvma.errors import VmaFormatError, VmaWriterError
 from nbdvma.fileio import Writeback, preallocate
+from nbdvma.interrupts import deferred
 from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
@@ -441,6 +442,10 @@ def extract_archive(
     disks = [d for d in selected if not d.is_vmstate]
     reader.skip_devices(d.dev_id for d in present if d not in selected)
     targets: dict[int, _Target] = {}
+    # The temporary files, named before they are created: the directory is new and
+    # ours, so whatever of them exists after a failure (or a signal that landed while
+    # one was being opened) is removed.
+    temporary: list[str] = []
     # Writes of one extent run in a worker thread while the next extents are read
     # into the reader's other buffers (bounded: the reader waits for a buffer's
     # writes before it fills it again).
@@ -476,6 +481,7 @@ def extract_archive(
                 tmp = os.path.join(dirname, f"tmp-disk-{dev.name}.raw")
                 final = os.path.join(dirname, f"disk-{dev.name}.raw")
                 size = dev.size
+            temporary.append(tmp)
             try:
                 targets[dev.dev_id] = _Target(tmp, final, size)
             except OSError as exc:
@@ -518,8 +524,9 @@ def extract_archive(
         worker.close()  # no write may touch a descriptor after it is closed
         for target in targets.values():
             target.close()
+        for tmp in temporary:
             with contextlib.suppress(OSError):
-                os.unlink(target.tmp)
+                os.unlink(tmp)
         raise
     finally:
         worker.close()
@@ -605,7 +612,7 @@ def create_archive(
         ToolError: bad input, a limit of the format, or an I/O error; the partial
             archive is removed.
     """
-    from nbdvma.vma.sink import BackgroundSink, open_sink
+    from nbdvma.vma.sink import BackgroundSink, FileSink, StreamSink, open_sink
     from nbdvma.vma.writer import VmaWriter
 
     config_data: list[tuple[str, bytes]] = []
@@ -628,20 +635,24 @@ def create_archive(
                 os.close(fd)
                 raise ToolError(f"image {image} is empty")
             opened.append((name, image, fd, size))
-        try:
-            output = open_sink(path, None)
-        except OSError as exc:
-            raise ToolError(f"can't create file {path} - {_strerror(exc)}") from exc
-        except VmaWriterError as exc:
-            raise ToolError(str(exc)) from exc
-        # Extents are written by a worker thread while the next clusters are read
-        # and zero-detected: the two halves of the work run on two cores.
-        sink = BackgroundSink(output, max_bytes=_IN_FLIGHT)
-        # At most every allocated byte of the images, plus headers (the unused rest
-        # is given back at the end); writes into allocated blocks cost less.
-        sink.reserve(sum(_archive_bound(fd, size) for _, _, fd, size in opened))
-        writer = VmaWriter(sink)
-        try:
+        output: FileSink | StreamSink | None = None
+        sink: BackgroundSink | None = None
+        writer: VmaWriter | None = None
+        try:  # once output exists, any failure (a signal too) removes the .part file
+            with deferred():  # a signal is raised only once output holds the file
+                try:
+                    output = open_sink(path, None)
+                except OSError as exc:
+                    raise ToolError(f"can't create file {path} - {_strerror(exc)}") from exc
+                except VmaWriterError as exc:
+                    raise ToolError(str(exc)) from exc
+            # Extents are written by a worker thread while the next clusters are read
+            # and zero-detected: the two halves of the work run on two cores.
+            sink = BackgroundSink(output, max_bytes=_IN_FLIGHT)
+            writer = VmaWriter(sink)
+            # At most every allocated byte of the images, plus headers (the unused
+            # rest is given back at the end); writes into allocated blocks cost less.
+            sink.reserve(sum(_archive_bound(fd, size) for _, _, fd, size in opened))
             for cname, data in config_data:
                 writer.add_config(cname, data)
             # Device sizes are whole 512-byte sectors, as QEMU reports a raw image's
@@ -657,7 +668,11 @@ def create_archive(
                     err.write(f"image {name}: size={size} zeros={zeros} saved={zeros}\n")
             writer.finish()
         except BaseException:
-            writer.abort()
+            if output is None:  # nothing was created
+                raise
+            if writer is not None:
+                writer.abort()
+            (sink or output).abort()  # idempotent: what the writer did not close yet
             if path != "-":
                 with contextlib.suppress(OSError):
                     os.unlink(path + ".part")

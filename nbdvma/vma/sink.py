@@ -167,6 +167,19 @@ class FileSink:
             raise VmaWriterError(
                 f"{self.part_path} exists (left by an earlier run?): remove it first"
             ) from None
+        try:
+            self._init_rest(compress)
+        except BaseException:
+            # Ours since the O_EXCL open, and nobody else will remove it: a Ctrl-C
+            # that lands here (a signal is handled at the next Python call).
+            rfd = getattr(self, "_rfd", -1)
+            if rfd >= 0:
+                os.close(rfd)
+            os.close(self._fd)
+            os.unlink(self.part_path)
+            raise
+
+    def _init_rest(self, compress: str | None) -> None:
         self._rfd = os.open(self.part_path, os.O_RDONLY | os.O_CLOEXEC)
         self._zstd = _Compressor() if compress == "zstd" else None
         self._pos = 0
