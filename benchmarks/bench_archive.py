@@ -181,19 +181,20 @@ def table(title: str, rounds: list[dict[str, Run]]) -> dict[str, Summary]:
     """Print median and best time and max peak RSS per command; return them."""
     names = list(rounds[0])
     summary: dict[str, Summary] = {}
+    width = max(12, 5 * len(rounds) - 1)  # "0.33 " per round
     print(f"\n{title}")
     print(
         f"| {'command':<20} | {'median s':>8} | {'best s':>6} "
-        f"| {'all rounds s':<40} | {'peak RSS':>10} |"
+        f"| {'all rounds s':<{width}} | {'peak RSS':>10} |"
     )
-    print(f"|{'-' * 22}|{'-' * 10}|{'-' * 8}|{'-' * 42}|{'-' * 12}|")
+    print(f"|{'-' * 22}|{'-' * 10}|{'-' * 8}|{'-' * (width + 2)}|{'-' * 12}|")
     for name in names:
         times = [r[name].seconds for r in rounds]
         s = Summary(statistics.median(times), min(times), max(r[name].max_rss for r in rounds))
         summary[name] = s
         all_s = " ".join(f"{t:.2f}" for t in times)
         rss = fmt_rss(s.max_rss)
-        print(f"| {name:<20} | {s.median:8.2f} | {s.best:6.2f} | {all_s:<40} | {rss:>10} |")
+        print(f"| {name:<20} | {s.median:8.2f} | {s.best:6.2f} | {all_s:<{width}} | {rss:>10} |")
     return summary
 
 
