@@ -30,6 +30,7 @@ from nbdvma.interrupts import deferred
 from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
+    VMA_EXTENT_HEADER_SIZE,
     VMA_MAX_DEVICES,
     VMA_MAX_EXTENT_SIZE,
     WRITER_CLUSTERS_PER_EXTENT,
@@ -317,7 +318,7 @@ class _Target:
             os.ftruncate(self.fd, size)
         # Each disk is fsynced at the end: start writing it to disk meanwhile.
         self.writeback = Writeback(self.fd)
-        self.preallocate = True  # until the file system says it cannot
+        self.allocate_first = True  # until the file system says it cannot
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         if self.size is not None:
@@ -340,19 +341,17 @@ class _Target:
             os.close(fd)
 
 
-def _write_ranges(
-    batch: list[tuple[_Target, list[tuple[int, list[memoryview | bytes], int]]]],
-) -> None:
+def _write_ranges(batch: list[tuple[_Target, list[_Range]]]) -> None:
     """Write the ranges an extent gave each target (a job of the worker thread)."""
     for target, ranges in batch:
         for at, views, end in ranges:
             # Blocks allocated first are written without ext4's per-page delayed
             # allocation (a third of the write's cost); only what is written is
             # allocated, so holes stay holes.
-            if target.preallocate:
-                target.preallocate = preallocate(target.fd, at, end - at)
+            if target.allocate_first:
+                target.allocate_first = preallocate(target.fd, at, end - at)
             _pwrite_all(target.fd, views, at)
-        target.writeback.wrote(ranges[0][0], ranges[-1][2] - ranges[0][0])
+            target.writeback.wrote(at, end - at)
 
 
 def _submit_writes(worker: BackgroundWriter, targets: Iterable[_Target]) -> None:
@@ -578,9 +577,12 @@ def _extents(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
 
 
 def _archive_bound(fd: int, size: int) -> int:
-    """The most archive bytes an image can take: its data and their extent headers."""
-    data = sum(end - start for start, end, is_data in _extents(fd, size) if is_data)
-    return data + (size // VMA_CLUSTER_SIZE // WRITER_CLUSTERS_PER_EXTENT + 2) * 512
+    """The most archive bytes an image can take: its allocated blocks (all of it for
+    a device) and the extent headers."""
+    st = os.fstat(fd)
+    data = min(st.st_blocks * 512, size) if stat.S_ISREG(st.st_mode) else size
+    headers = size // VMA_CLUSTER_SIZE // WRITER_CLUSTERS_PER_EXTENT + 2
+    return data + headers * VMA_EXTENT_HEADER_SIZE
 
 
 def _parse_image(arg: str, index: int) -> tuple[str, str]:

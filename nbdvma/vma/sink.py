@@ -168,19 +168,12 @@ class FileSink:
                 f"{self.part_path} exists (left by an earlier run?): remove it first"
             ) from None
         try:
-            self._init_rest(compress)
+            self._rfd = os.open(self.part_path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
-            # Ours since the O_EXCL open, and nobody else will remove it: a Ctrl-C
-            # that lands here (a signal is handled at the next Python call).
-            rfd = getattr(self, "_rfd", -1)
-            if rfd >= 0:
-                os.close(rfd)
+            # The .part file is ours since the O_EXCL open: nobody else removes it.
             os.close(self._fd)
             os.unlink(self.part_path)
             raise
-
-    def _init_rest(self, compress: str | None) -> None:
-        self._rfd = os.open(self.part_path, os.O_RDONLY | os.O_CLOEXEC)
         self._zstd = _Compressor() if compress == "zstd" else None
         self._pos = 0
         self._header_len = 0
@@ -191,7 +184,6 @@ class FileSink:
         self._renamed = False
         # The final fsync (or a FLUSH's) then finds little left to write.
         self._writeback = Writeback(self._fd)
-        self._reserved = False  # whether blocks were ever set aside past the end
         self._reserve_end = 0  # set aside up to here ...
         self._reserve_limit = 0  # ... of what reserve() announced
 
@@ -225,7 +217,6 @@ class FileSink:
         start = max(self._reserve_end, self._pos)
         length = min(_RESERVE_AHEAD, self._reserve_limit - start)
         if preallocate(self._fd, start, length):
-            self._reserved = True
             self._reserve_end = start + length
         else:  # no space, or no fallocate: stop trying
             self._reserve_limit = 0
@@ -295,9 +286,8 @@ class FileSink:
         """See :meth:`Sink.commit`.  Each step is done once, so a failed commit can be
         retried (a failing fsync of the directory, say)."""
         if not self._closed:
-            if self._reserved:
-                # Free the reserved blocks that were not needed (the size stays).
-                os.ftruncate(self._fd, self._pos)
+            # Frees what reserve() set aside and was not needed (the size stays).
+            os.ftruncate(self._fd, self._pos)
             os.fsync(self._fd)
             self._close()
         if not self._renamed:
