@@ -20,6 +20,8 @@ import collections
 import threading
 from collections.abc import Callable, Sequence
 
+from nbdvma.interrupts import deferred
+
 __all__ = ["BackgroundWriter"]
 
 Buffer = bytes | bytearray | memoryview
@@ -71,8 +73,13 @@ class BackgroundWriter:
             self._jobs.append(_Job(fn, parts, nbytes))
             self._bytes += nbytes
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+                # A signal raised between start() and the assignment would leave a
+                # thread that close() cannot stop; one before start(), a thread that
+                # close() cannot join.
+                with deferred():
+                    thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                    thread.start()
+                    self._thread = thread
             self._cond.notify_all()
 
     def release(self, buffer: object) -> None:

@@ -30,6 +30,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+from nbdvma.interrupts import deferred
+
 __all__ = ["DEFAULT_STEP", "Writeback", "preallocate"]
 
 #: Start the write-back of a range once this many bytes of it have been written.
@@ -121,10 +123,13 @@ class Writeback:
             self._low, self._high, self._bytes = -1, 0, 0
             if self._thread is None:
                 # Started on the first full step only: small files never pay for a thread.
-                self._thread = threading.Thread(
-                    target=self._run, name=f"writeback-{self.fd}", daemon=True
-                )
-                self._thread.start()
+                # Deferred signals: see BackgroundWriter.submit.
+                with deferred():
+                    thread = threading.Thread(
+                        target=self._run, name=f"writeback-{self.fd}", daemon=True
+                    )
+                    thread.start()
+                    self._thread = thread
 
     def close(self) -> None:
         """Stop the helper thread, waiting for a request it has begun.  Idempotent."""
@@ -144,11 +149,16 @@ class Writeback:
             low, high = item
             # Requests that queued up meanwhile become one (the ranges of an archive
             # follow each other; a gap in between costs nothing to scan).
-            with contextlib.suppress(queue.Empty):
-                while True:
+            last = False
+            while not last:
+                try:
                     more = self._queue.get_nowait()
-                    if more is None:
-                        func(self.fd, low, high - low, _SYNC_FILE_RANGE_WRITE)
-                        return
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                else:
                     low, high = min(low, more[0]), max(high, more[1])
             func(self.fd, low, high - low, _SYNC_FILE_RANGE_WRITE)
+            if last:
+                return
