@@ -1,7 +1,7 @@
 """``nbdvma create`` / ``nbdvma extract`` vs ``cp --sparse=always``: time and peak RSS.
 
 The image is a mix of random data, real holes and written zero blocks (about half
-data).  Every round runs the three commands back to back, in an order that alternates
+data).  Every round runs the commands back to back, in an order that alternates
 between rounds (the page cache cannot be dropped here, so the runs are interleaved),
 each after a ``sync`` so that none pays for the write-back of another.  Both the
 median and the best round of each command are compared: on a shared virtual machine
@@ -9,6 +9,12 @@ the disturbances only ever add time, and they hit whichever command is running (
 ``cp`` round of 0.33 s can take 1.7 s), so the best rounds are the steadier measure;
 the medians are printed beside them.  Peak RSS is each child's own
 (``/usr/bin/time -f %M``).
+
+nbdvma is timed as a user runs it: a wheel of this checkout installed by pip into a
+new venv under the work directory (``--dev`` times this venv's editable install, whose
+start-up is 15 ms slower).  Two reference rows show where the time goes: ``cp`` plus
+a ``sync`` of its copy, and create / extract run through ``no_flush.py``, without
+the fsync that makes their output durable (which ``cp`` leaves to the kernel).
 A second, sparse image (default 8 GiB, 1 MiB of data every 256 MiB) shows that the
 memory does not grow with the image size.
 
@@ -38,9 +44,50 @@ MiB = 1 << 20
 GiB = 1 << 30
 TIME_TARGET = 1.1
 RSS_TARGET = 100 * MiB
-# The installed command, as a user runs it (``python -m nbdvma`` starts 5 ms slower).
-_SCRIPT = Path(sys.executable).with_name("nbdvma")
-NBDVMA = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "nbdvma"]
+ROOT = Path(__file__).resolve().parent.parent
+#: The command timed; :func:`install` sets it (``--dev``: this venv's own script).
+NBDVMA: list[str] = []
+#: The same, without durability (reference rows only).
+NO_FLUSH: list[str] = []
+
+
+def install(work: Path) -> list[str]:
+    """Install this checkout as a user would, into a new venv; its ``nbdvma`` command.
+
+    The start-up is part of every timed command, and a development checkout pays more
+    for it than an installed package: its editable-install import hook loads pathlib
+    and friends, and with ``PYTHONDONTWRITEBYTECODE`` set, as on the machines here,
+    every module of the package is compiled again at each start.  A wheel installed
+    by pip has neither (pip byte-compiles on install): ``nbdvma --version`` takes
+    49 ms instead of 64 ms.
+    """
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            str(ROOT),
+        ],
+        check=True,
+    )
+    return [str(venv / "bin" / "nbdvma")]
+
+
+def start_up(command: Sequence[str], times: int = 10) -> float:
+    """The best wall time of ``nbdvma --version``: the start-up inside every run."""
+    best = float("inf")
+    for _ in range(times):
+        t0 = time.perf_counter()
+        subprocess.run([*command, "--version"], stdout=subprocess.DEVNULL, check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 @attrs.frozen
@@ -129,10 +176,12 @@ def one_round(work: Path, image: Path, order: int) -> dict[str, Run]:
     """cp, create and extract once each (order alternates between rounds)."""
     archive = work / "a.vma"
     out = work / "out"
+    out2 = work / "out-no-flush"
     copy = work / "copy.raw"
-    for p in (archive, copy):
+    for p in (archive, copy, work / "no-flush.vma"):
         p.unlink(missing_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
+    for d in (out, out2):
+        shutil.rmtree(d, ignore_errors=True)
     results: dict[str, Run] = {}
 
     def cp() -> None:
@@ -148,6 +197,13 @@ def one_round(work: Path, image: Path, order: int) -> dict[str, Run]:
     def create_extract() -> None:
         results["nbdvma create"] = run([*NBDVMA, "create", str(archive), f"disk={image}"])
         results["nbdvma extract"] = run([*NBDVMA, "extract", str(archive), str(out)])
+        # For reference only: the same commands without the fsync that makes what
+        # they write durable (see no_flush.py): what is left is what cp also does.
+        flushless = work / "no-flush.vma"
+        results["(create, no flush)"] = run([*NO_FLUSH, "create", str(flushless), f"disk={image}"])
+        flushless.unlink()
+        results["(extract, no flush)"] = run([*NO_FLUSH, "extract", str(archive), str(out2)])
+        shutil.rmtree(out2)
 
     steps = [cp, create_extract] if order % 2 == 0 else [create_extract, cp]
     for step in steps:
@@ -204,12 +260,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sparse-size", default="8G", help="sparse image size (default 8G; 0: skip)")
     ap.add_argument("--rounds", type=int, default=8, help="rounds (default 8)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument(
+        "--dev",
+        action="store_true",
+        help="time this venv's own nbdvma (an editable install) instead of a wheel",
+    )
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     sparse_size = parse_size(args.sparse_size)
     base = Path(tempfile.mkdtemp(prefix="nbdvma-bench-", dir=args.dir))
     ok = True
     try:
+        if args.dev:
+            script = Path(sys.executable).with_name("nbdvma")
+            NBDVMA[:] = [str(script)] if script.exists() else [sys.executable, "-m", "nbdvma"]
+        else:
+            NBDVMA[:] = install(base)
+        python = sys.executable if args.dev else str(Path(NBDVMA[0]).with_name("python"))
+        NO_FLUSH[:] = [python, str(ROOT / "benchmarks" / "no_flush.py")]
+        print(f"timing {NBDVMA[0]} (start-up {start_up(NBDVMA) * 1000:.0f} ms, best of 10)")
         image = base / "mixed.raw"
         t0 = time.perf_counter()
         data, holes, zeros = make_mixed_image(image, size)
@@ -238,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name:<15} {best:5.2f}x cp best to best, {median:5.2f}x median to median"
                 f" (target <= {TIME_TARGET}x), peak RSS {fmt_rss(s[name].max_rss)}"
                 f" (target < 100 MiB): {'ok' if good else 'MISSED'}"
+            )
+            ref = s[f"({name.split()[1]}, no flush)"]
+            print(
+                f"{'':<15} {ref.best / cp.best:5.2f}x and {ref.median / cp.median:5.2f}x"
+                " without its fsync (reference only)"
             )
         image.unlink()
         if sparse_size:
