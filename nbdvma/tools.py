@@ -167,26 +167,28 @@ class _Progress:
         self.percent = 0
         self.read = 0
 
-    def update(self) -> None:
-        """Count one cluster; print a line when the percentage changes.
+    def update(self, clusters: int = 1) -> None:
+        """Count clusters; print a line for each percentage reached on the way.
 
-        As in ``vma``, the total counts whole clusters only (``size // 65536``), so
-        a disk with a partial last cluster ends above 100%.
+        The lines are those that ``vma`` prints counting one cluster at a time.  As in
+        ``vma``, the total counts whole clusters only (``size // 65536``), so a disk
+        with a partial last cluster ends above 100%.
         """
-        self.read += 1
+        read = self.read
+        self.read = read + clusters
         # The real tool divides by zero when every device is < 64 KiB; we stay quiet.
         if self.out is None or not self.total:
             return
-        read = self.read
-        percent = read * 100 // self.total
-        if percent != self.percent:
-            duration = int(time.time()) - self.start
-            self.out.write(
-                f"progress {percent}% (read {read * VMA_CLUSTER_SIZE} bytes, "
-                f"duration {duration} sec)\n"
-            )
-            self.out.flush()
-            self.percent = percent
+        for count in range(read + 1, read + clusters + 1):
+            percent = count * 100 // self.total
+            if percent != self.percent:
+                duration = int(time.time()) - self.start
+                self.out.write(
+                    f"progress {percent}% (read {count * VMA_CLUSTER_SIZE} bytes, "
+                    f"duration {duration} sec)\n"
+                )
+                self.out.flush()
+                self.percent = percent
 
     def totals(self) -> None:
         if self.out is None:
@@ -247,10 +249,11 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
         progress = _Progress(
             reader, [d for d in disks if not d.is_vmstate], out if verbose else None
         )
-        for cluster in reader.clusters():
+        for extent in reader.extents():
             if strict:
-                _strict_check(cluster)
-            progress.update()
+                for cluster in extent:
+                    _strict_check(cluster)
+            progress.update(len(extent))
         try:
             reader.check_missing()
         except VmaFormatError as exc:
@@ -493,12 +496,13 @@ def extract_archive(
             for extent in reader.extents(buffers=_EXTRACT_BUFFERS, reuse=worker.release):
                 for cluster in extent:
                     target = targets.get(cluster.dev.dev_id)
-                    if target is not None:
-                        if target.size is None:
-                            _write_vmstate(target, cluster)
-                        else:
-                            _write_cluster(target, cluster)
-                    progress.update()
+                    if target is None:
+                        continue
+                    if target.size is None:
+                        _write_vmstate(target, cluster)
+                    elif cluster.mask:  # a zero cluster is a hole: nothing to write
+                        _write_cluster(target, cluster)
+                progress.update(len(extent))
                 _submit_writes(worker, targets.values())
             reader.check_missing(disks)
             worker.drain()

@@ -678,3 +678,30 @@ def test_signal_mid_run_leaves_no_temporary_file(
         assert os.listdir(out) == []
     else:
         assert not arch.exists()
+
+
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    batches=st.lists(st.integers(0, 70), min_size=1, max_size=40),
+)
+def test_progress_lines_do_not_depend_on_batching(sizes: list[int], batches: list[int]) -> None:
+    """Counting an extent's clusters at once prints the lines of one-by-one counting."""
+    import io
+
+    from nbdvma.tools import _Progress
+    from nbdvma.vma.format import DeviceInfo
+
+    disks = [DeviceInfo(i, f"d{i}", n * VMA_CLUSTER_SIZE) for i, n in enumerate(sizes, 1)]
+
+    def lines(steps: list[int]) -> list[str]:
+        out = io.StringIO()
+        progress = _Progress(None, disks, out)  # type: ignore[arg-type]  # totals() unused
+        for n in steps:
+            progress.update(n)
+        # The duration is the one part that depends on the clock.
+        return [line.split(", duration")[0] for line in out.getvalue().splitlines()]
+
+    one_by_one = lines([1] * sum(batches))
+    assert lines(batches) == one_by_one
+    if sum(sizes) and sum(batches) >= sum(sizes):
+        assert f"progress 100% (read {sum(sizes) * VMA_CLUSTER_SIZE} bytes" in one_by_one

@@ -388,6 +388,16 @@ def test_past_end_data_is_accepted_and_reported() -> None:
     assert reader.stats.past_end == {1: 2}
 
 
+def test_zero_cluster_just_past_a_whole_cluster_disk_is_past_end() -> None:
+    # A disk of exactly two clusters: cluster 2 starts at its end (inside the bitmap).
+    data = arch(extent([Slot(1, 0, 0), Slot(1, 1, 0), Slot(1, 2, 0)]),
+                devices=[("disk0", 2 * C)])  # fmt: skip
+    reader = VmaReader(io.BytesIO(data))  # type: ignore[arg-type]
+    assert len(list(reader.clusters())) == 3
+    reader.check_missing()
+    assert reader.stats.past_end == {1: 1}
+
+
 def test_writer_style_partial_cluster_is_not_past_end() -> None:
     a = pattern(C + 5000)
     data = image_archive([("disk0", a)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import NamedTuple
 
 import attrs
 
@@ -75,6 +76,8 @@ _BLOB_LEN = struct.Struct("<H")  # the one little-endian field of the format
 
 _EXTENT_FIXED = struct.Struct(">4sHH16s16s")  # magic, reserved1, block_count, uuid, md5
 _BLOCKINFO = struct.Struct(">59Q")
+#: The dev_id byte of a packed blockinfo value (0: an unused slot).
+_SLOT_DEV_ID_BITS = 0xFF << 32
 _EXTENT_MD5_SLICE = slice(24, 40)
 assert _EXTENT_FIXED.size + _BLOCKINFO.size == VMA_EXTENT_HEADER_SIZE
 
@@ -289,9 +292,13 @@ def build_header(
     return bytes(head)
 
 
-@attrs.frozen
-class BlockInfo:
-    """One blockinfo slot: a cluster of a device and its 16-bit zero mask."""
+class BlockInfo(NamedTuple):
+    """One blockinfo slot: a cluster of a device and its 16-bit zero mask.
+
+    A named tuple rather than an attrs record: the reader makes one per cluster of
+    an archive (millions for a large disk), and a tuple is made and unpacked
+    several times faster.
+    """
 
     dev_id: int
     cluster: int
@@ -351,9 +358,11 @@ class ExtentHeader:
         if magic != VMA_EXTENT_MAGIC or reserved1 != 0:
             raise VmaFormatError("wrong vma extent header magic")
         slots = tuple(
-            BlockInfo.unpack(v)
-            for v in _BLOCKINFO.unpack_from(head, _EXTENT_FIXED.size)
-            if (v >> 32) & 0xFF
+            [
+                BlockInfo((v >> 32) & 0xFF, v & 0xFFFFFFFF, v >> 48)  # as BlockInfo.unpack
+                for v in _BLOCKINFO.unpack_from(head, _EXTENT_FIXED.size)
+                if v & _SLOT_DEV_ID_BITS
+            ]
         )
         return cls(block_count, slots)
 
