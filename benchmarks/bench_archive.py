@@ -6,10 +6,11 @@ between rounds (the page cache cannot be dropped here, so the runs are interleav
 each right after deleting its own output of the round before (see :func:`one_round`)
 and a ``sync``, so that none pays for the write-back of another; a first round is
 not counted.  Both the
-median and the best round of each command are compared: on a shared virtual machine
-the disturbances only ever add time, and they hit whichever command is running (a
-``cp`` round of 0.33 s can take 1.7 s), so the best rounds are the steadier measure;
-the medians are printed beside them.  Peak RSS is each child's own
+median and the best round of each command are compared, and the target holds only
+if it holds for both: the disturbances of a shared virtual machine only ever add
+time, which favours the best rounds, but ``cp``'s best round is also its luckiest
+(its copy waits for no disk, so its time follows the state of the page cache, while
+nbdvma's follows the disk's steady pace), which favours the medians.  Peak RSS is each child's own
 (``/usr/bin/time -f %M``).
 
 nbdvma is timed as a user runs it: a wheel of this checkout installed by pip into a
@@ -20,7 +21,8 @@ the fsync that makes their output durable (which ``cp`` leaves to the kernel).
 A second, sparse image (default 8 GiB, 1 MiB of data every 256 MiB) shows that the
 memory does not grow with the image size.
 
-Targets: create and extract each at most 1.1x the time of cp; peak RSS under 100 MiB.
+Targets: create and extract each at most 1.1x the time of cp (best round against best
+round, and median against median); peak RSS under 100 MiB.
 
     .venv/bin/python benchmarks/bench_archive.py --size 256M --rounds 3   # quick
     .venv/bin/python benchmarks/bench_archive.py                          # 2 GiB
@@ -326,14 +328,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cp = s["cp --sparse=always"]
         print()
         for name in ("nbdvma create", "nbdvma extract"):
+            # Met only if both the best rounds and the medians are within the target.
             best = s[name].best / cp.best
             median = s[name].median / cp.median
-            good = best <= TIME_TARGET and s[name].max_rss < RSS_TARGET
-            ok &= good
+            rss = s[name].max_rss
+            ok &= best <= TIME_TARGET and median <= TIME_TARGET and rss < RSS_TARGET
+
+            def mark(good: bool) -> str:
+                return "ok" if good else "MISSED"
+
             print(
-                f"{name:<15} {best:5.2f}x cp best to best, {median:5.2f}x median to median"
-                f" (target <= {TIME_TARGET}x), peak RSS {fmt_rss(s[name].max_rss)}"
-                f" (target < 100 MiB): {'ok' if good else 'MISSED'}"
+                f"{name:<15} {best:5.2f}x cp best to best: {mark(best <= TIME_TARGET)},"
+                f" {median:5.2f}x median to median: {mark(median <= TIME_TARGET)}"
+                f" (target <= {TIME_TARGET}x); peak RSS {fmt_rss(rss)}: {mark(rss < RSS_TARGET)}"
             )
             ref = s[f"({name.split()[1]}, no flush)"]
             print(
