@@ -248,6 +248,10 @@ def same_content(a: Path, b: Path) -> bool:
     return subprocess.run(["cmp", "-s", str(a), str(b)], check=False).returncode == 0
 
 
+def mark(good: bool) -> str:
+    return "ok" if good else "MISSED"
+
+
 def fmt_rss(n: int) -> str:
     return f"{n / MiB:6.1f} MiB"
 
@@ -333,9 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             median = s[name].median / cp.median
             rss = s[name].max_rss
             ok &= best <= TIME_TARGET and median <= TIME_TARGET and rss < RSS_TARGET
-
-            def mark(good: bool) -> str:
-                return "ok" if good else "MISSED"
 
             print(
                 f"{name:<15} {best:5.2f}x cp best to best: {mark(best <= TIME_TARGET)},"

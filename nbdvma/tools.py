@@ -500,7 +500,7 @@ def extract_archive(
                         continue
                     if target.size is None:
                         _write_vmstate(target, cluster)
-                    elif cluster.mask:  # a zero cluster is a hole: nothing to write
+                    else:
                         _write_cluster(target, cluster)
                 progress.update(len(extent))
                 _submit_writes(worker, targets.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 from vmagen import CTIME, Slot, block, extent, header, image_archive
 
 from nbdvma.cli import main
-from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE
+from nbdvma.tools import _Progress
+from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, DeviceInfo
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
 
@@ -686,11 +688,6 @@ def test_signal_mid_run_leaves_no_temporary_file(
 )
 def test_progress_lines_do_not_depend_on_batching(sizes: list[int], batches: list[int]) -> None:
     """Counting an extent's clusters at once prints the lines of one-by-one counting."""
-    import io
-
-    from nbdvma.tools import _Progress
-    from nbdvma.vma.format import DeviceInfo
-
     disks = [DeviceInfo(i, f"d{i}", n * VMA_CLUSTER_SIZE) for i, n in enumerate(sizes, 1)]
 
     def lines(steps: list[int]) -> list[str]:

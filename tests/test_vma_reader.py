@@ -398,6 +398,18 @@ def test_zero_cluster_just_past_a_whole_cluster_disk_is_past_end() -> None:
     assert reader.stats.past_end == {1: 1}
 
 
+def test_cluster_overhanging_the_end_by_one_sector_is_checked_for_data_there() -> None:
+    # The disk ends 512 bytes before the end of its second cluster, which is stored
+    # whole: past the end only if those 512 bytes are not zero.
+    devs = [("disk0", 2 * C - 512)]
+    for tail, past in ((b"\0" * 512, {}), (b"\1" * 512, {1: 1})):
+        stored = block(5) * 15 + block(5)[:-512] + tail
+        data = arch(extent([Slot(1, 0, 0), Slot(1, 1, 0xFFFF, stored)]), devices=devs)
+        reader = VmaReader(io.BytesIO(data))  # type: ignore[arg-type]
+        assert len(list(reader.clusters())) == 2
+        assert reader.stats.past_end == past
+
+
 def test_writer_style_partial_cluster_is_not_past_end() -> None:
     a = pattern(C + 5000)
     data = image_archive([("disk0", a)])

@@ -357,9 +357,10 @@ class ExtentHeader:
             raise VmaFormatError("wrong vma extent uuid")
         if magic != VMA_EXTENT_MAGIC or reserved1 != 0:
             raise VmaFormatError("wrong vma extent header magic")
+        unpack = BlockInfo.unpack
         slots = tuple(
             [
-                BlockInfo((v >> 32) & 0xFF, v & 0xFFFFFFFF, v >> 48)  # as BlockInfo.unpack
+                unpack(v)
                 for v in _BLOCKINFO.unpack_from(head, _EXTENT_FIXED.size)
                 if v & _SLOT_DEV_ID_BITS
             ]

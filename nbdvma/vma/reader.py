@@ -351,26 +351,24 @@ class VmaReader:
                         )
                 end_byte = dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
             base = cluster * VMA_CLUSTER_SIZE
-            if mask == 0:
-                zero_clusters += 1
-                # Stores nothing; S11/S12 cannot apply.  Past the end only if it lies
-                # wholly past it (accepted by the real reader, counted here).
-                if end_byte is not None and base >= dev.size:
-                    self._count_past_end(dev_id)
-                append(Cluster(dev, cluster, 0, buf[start:start]))
-                continue
-            nblocks = 16 if mask == _FULL_MASK else mask.bit_count()
-            stop = start + nblocks * VMA_BLOCK_SIZE
-            if stop > extent_size or (end_byte is not None and base + VMA_CLUSTER_SIZE > end_byte):
-                room = (extent_size - start) // VMA_BLOCK_SIZE
-                self._check_edge(mask, base, room, end_byte)
-            stored_blocks += nblocks
+            if mask:
+                nblocks = 16 if mask == _FULL_MASK else mask.bit_count()
+                stop = start + nblocks * VMA_BLOCK_SIZE
+                if stop > extent_size or (
+                    end_byte is not None and base + VMA_CLUSTER_SIZE > end_byte
+                ):
+                    self._check_edge(mask, base, (extent_size - start) // VMA_BLOCK_SIZE, end_byte)
+                stored_blocks += nblocks
+            else:
+                zero_clusters += 1  # stores nothing: S11/S12 cannot apply
+                stop = start
             if (
                 end_byte is not None
                 and base + VMA_CLUSTER_SIZE > dev.size
                 and self._past_end(dev, cluster, mask, buf, start)
             ):
-                self._count_past_end(dev_id)
+                past_end = self.stats.past_end
+                past_end[dev_id] = past_end.get(dev_id, 0) + 1
             append(Cluster(dev, cluster, mask, buf[start:stop]))
             start = stop
         if start != extent_size:  # S13
@@ -383,10 +381,6 @@ class VmaReader:
             (len(out) - zero_clusters) * 16 - stored_blocks
         ) * VMA_BLOCK_SIZE
         return out
-
-    def _count_past_end(self, dev_id: int) -> None:
-        past_end = self.stats.past_end
-        past_end[dev_id] = past_end.get(dev_id, 0) + 1
 
     @staticmethod
     def _check_edge(mask: int, base: int, room: int, end_byte: int | None) -> None:
@@ -408,10 +402,9 @@ class VmaReader:
 
     @staticmethod
     def _past_end(dev: DeviceInfo, cluster: int, mask: int, buf: memoryview, start: int) -> bool:
-        """Whether a disk cluster reaches past ``dev.size`` with anything but zeros."""
+        """Whether a disk cluster that reaches past ``dev.size`` stores anything there
+        but zeros (the caller has checked that it reaches past)."""
         base = cluster * VMA_CLUSTER_SIZE
-        if base + VMA_CLUSTER_SIZE <= dev.size:
-            return False
         if base >= dev.size:
             return True  # a (mask 0) cluster wholly past the end
         if mask != _FULL_MASK:
