@@ -214,7 +214,13 @@ _ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
 
 
 def _strict_check(cluster: Cluster) -> None:
-    """``verify --strict``: what the C writer never produces."""
+    """``verify --strict``: what the C writer never produces.
+
+    VM-state clusters are exempt: they must be stored whole, zero blocks included,
+    or Proxmox's reader would drop those blocks from the stream (vma-format.md §6).
+    """
+    if cluster.dev.is_vmstate:
+        return
     data = cluster.data
     for i in range(0, len(data), VMA_BLOCK_SIZE):
         if data[i : i + VMA_BLOCK_SIZE] == _ZERO_BLOCK:

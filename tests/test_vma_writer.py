@@ -16,6 +16,7 @@ import tracemalloc
 from pathlib import Path
 
 import attrs
+import pverules
 import pytest
 import zstandard
 
@@ -72,20 +73,23 @@ def parse(data: bytes) -> Parsed:
         pos += VMA_EXTENT_HEADER_SIZE
         used = 0
         for slot in ext.slots:
+            is_vmstate = vmstate is not None and slot.dev_id == vmstate.dev_id
+            # VM-state clusters are stored whole (vma-format.md §6).
+            assert slot.mask == 0xFFFF or not is_vmstate, f"vmstate mask {slot.mask:#06x}"
             out = bytearray(C)
             for j in range(16):
                 if slot.mask >> j & 1:
                     out[j * VMA_BLOCK_SIZE : (j + 1) * VMA_BLOCK_SIZE] = data[
                         pos : pos + VMA_BLOCK_SIZE
                     ]
-                    # A stored block is never all zero: zero blocks are mask bits.
-                    assert data[pos : pos + VMA_BLOCK_SIZE] != bytes(VMA_BLOCK_SIZE)
+                    # A disk's stored block is never all zero: zero blocks are mask bits.
+                    assert is_vmstate or data[pos : pos + VMA_BLOCK_SIZE] != bytes(VMA_BLOCK_SIZE)
                     pos += VMA_BLOCK_SIZE
                     used += 1
             key = (slot.dev_id, slot.cluster)
             assert key not in clusters, f"duplicate cluster {key}"
             clusters[key] = (slot.mask, bytes(out))
-            if vmstate is not None and slot.dev_id == vmstate.dev_id:
+            if is_vmstate:
                 stream_order.append(slot.cluster)
         assert used == ext.block_count
     assert pos == len(data)
@@ -420,6 +424,9 @@ def test_vmstate_stream_unaligned_appends(tmp_path: Path) -> None:
     joined = b"".join(clusters)
     assert joined[: len(stream)] == stream
     assert joined[len(stream) :] == bytes(len(joined) - len(stream))
+    # Proxmox's reader appends only the stored blocks of each VM-state cluster: with
+    # every cluster stored whole it gets the stream exactly, zero runs included.
+    assert pverules.vmstate_as_proxmox_extracts(path.read_bytes()) == joined
 
 
 def test_zstd_file_sink_reads_back_and_decompresses(tmp_path: Path) -> None:

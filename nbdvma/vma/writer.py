@@ -29,7 +29,10 @@ Zero detection is per 4 KiB block against a zero buffer (memcmp speed); blocks a
 past the device end are always zero-marked, as the C writer has done since 2020.
 
 The VM state is a *stream* device: appends of any size, packed into clusters in order
-(the reader demands 0, 1, 2, ...), zero clusters included, the tail padded at finish.
+(the reader demands 0, 1, 2, ...), the tail padded at finish.  Every one of its clusters
+is stored whole (mask ``0xffff``, zero blocks written as data): Proxmox's reader appends
+only the stored blocks of a VM-state cluster to ``vmstate.bin``, so a masked zero block
+would vanish from the stream and shift everything after it (``vma-format.md`` §6).
 Its size in the header is a hint until finish, which rewrites the header with the true
 length when the sink allows it.
 
@@ -448,8 +451,14 @@ class VmaWriter:
     def _complete(
         self, dev: _Device, cluster: int, data: memoryview, limit: int, *, counted: bool = False
     ) -> None:
-        """A cluster is whole (``limit`` bytes): zero-detect it and queue it."""
-        mask, blocks, stored = _mask_and_blocks(data, limit)
+        """A cluster is whole (``limit`` bytes): zero-detect it and queue it.
+
+        A stream's cluster is never zero-detected: it is stored whole (module docstring).
+        """
+        if dev.stream:
+            mask, blocks, stored = 0xFFFF, [data], VMA_CLUSTER_SIZE
+        else:
+            mask, blocks, stored = _mask_and_blocks(data, limit)
         if mask == 0 and not dev.stream:
             dev.state[cluster] = ZERO
         else:
