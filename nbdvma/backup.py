@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -68,6 +69,22 @@ import trio
 
 from nbdvma.addresses import Address, UnixAddress, parse_address
 from nbdvma.errors import NbdvmaError
+from nbdvma.pve import (
+    CONFIG_NAME,
+    VMID_MAX,
+    VMID_MIN,
+    ConfigDisk,
+    GuestDisk,
+    VmInfo,
+    archive_configs,
+    archive_log_name,
+    assign_keys,
+    format_size,
+    generate_config,
+    parse_config_disks,
+    vzdump_name,
+    vzdump_vmid,
+)
 from nbdvma.qmp import (
     QmpClient,
     QmpConnectionClosed,
@@ -82,19 +99,21 @@ from nbdvma.serve import (
     config_argument,
     format_bytes,
     parse_size,
+    read_configs,
 )
 from nbdvma.tls import TlsConfig, TlsMode, qemu_nbd_tls_fields, qemu_tls_object
+from nbdvma.vminfo import describe_vm
+from nbdvma.vzdump import BackupLog, archive_size, render_bytes, render_duration, render_hms
 
 __all__ = [
     "BackupError",
     "BackupOptions",
     "Disk",
     "add_arguments",
-    "discover_disks",
     "main",
-    "proxmox_name",
     "run",
     "run_backup",
+    "select_disks",
 ]
 
 #: Run states ``--vmstate`` knows how to return a VM to.
@@ -126,16 +145,19 @@ class Disk:
     """One guest disk to back up.
 
     Attributes:
-        name: the archive device name, ``drive-<id>`` as Proxmox names it.
+        name: the archive device name, ``drive-KEY`` as vzdump names it.
         node: the block node the backup job reads (``query-block``'s ``node-name``).
         size: its exact size in bytes.
-        ident: the id it was found by (qdev id or BlockBackend name), for ``--drive``.
+        key: its Proxmox config key (``scsi0``).
+        volume: what it is called in the log: the volume of its config line, else
+            QEMU's image name.
     """
 
     name: str
     node: str
     size: int
-    ident: str
+    key: str
+    volume: str = ""
 
 
 def _absolute(path: str | None) -> str | None:
@@ -147,10 +169,19 @@ class BackupOptions:
     """What ``nbdvma backup``'s command line says."""
 
     qmp: Address
+    #: The archive file, or an existing directory for a vzdump-named one (``vmid``).
     archive: str
-    configs: tuple[tuple[str, bytes], ...] = ()
+    #: ``--config [NAME=]FILE``: ``(NAME or None, FILE, its bytes)``.
+    configs: tuple[tuple[str | None, str, bytes], ...] = ()
+    #: Store a ``qemu-server.conf`` made from what QEMU says when none is given.
+    generate_config: bool = True
     vmstate: bool = False
     drives: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    #: The Proxmox VM id, for vzdump's names and lines (needed with a directory).
+    vmid: int | None = None
+    #: ``--notes``: written to ``ARCHIVE.notes``.
+    notes: str | None = None
     compress: str | None = None
     #: Backup job ``speed`` in bytes/s (``None``: unlimited).
     bandwidth_limit: int | None = None
@@ -189,110 +220,72 @@ class BackupOptions:
 # -- discovery ---------------------------------------------------------------------------
 
 
-def _qdev_id(qdev: str) -> str | None:
-    """The user-given id in ``query-block``'s ``qdev``: ``scsi0`` or the first
-    component under ``/machine/peripheral/`` (``/machine/peripheral/scsi0/virtio-backend``);
-    ``None`` for an anonymous device."""
-    if not qdev:
-        return None
-    if not qdev.startswith("/"):
-        return qdev
-    prefix = "/machine/peripheral/"
-    if qdev.startswith(prefix):
-        return qdev[len(prefix) :].split("/", 1)[0] or None
-    return None
-
-
-def proxmox_name(info: Mapping[str, Any]) -> tuple[str, str]:
-    """The archive name and the id of one ``query-block`` entry.
-
-    Proxmox starts a disk as ``-drive id=drive-scsi0 -device ...,id=scsi0`` and names it
-    ``drive-scsi0`` in the archive.  The device id comes first (``-blockdev`` setups
-    have no BlockBackend name); a BlockBackend name is used as is when it already starts
-    with ``drive-``; the node name is the last resort.
-
-    Returns:
-        ``(name, ident)``, e.g. ``("drive-scsi0", "scsi0")``.
-    """
-    ident = _qdev_id(str(info.get("qdev", "")))
-    if ident is not None:
-        return f"drive-{ident}", ident
-    device = str(info.get("device", ""))
-    if device:
-        return (device if device.startswith("drive-") else f"drive-{device}"), device
-    node = str(info.get("inserted", {}).get("node-name", ""))
-    return f"drive-{node}", node
-
-
-def discover_disks(
-    blocks: Sequence[Mapping[str, Any]], drives: Sequence[str] = ()
+def select_disks(
+    guest: Sequence[GuestDisk],
+    *,
+    drives: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    config_disks: Mapping[str, ConfigDisk] | None = None,
 ) -> tuple[list[Disk], list[str]]:
-    """Choose the disks to back up from ``query-block``'s answer.
+    """Choose the disks to back up among the VM's (:func:`nbdvma.pve.assign_keys`).
 
-    Args:
-        blocks: the answer of ``query-block``.
-        drives: ids to back up (``scsi0``, ``drive-scsi0``, a BlockBackend or node
-            name); empty means every writable, non-removable disk with a medium.
+    Every disk is backed up, read-only ones included, but those left out on purpose:
+    not named by ``--drive`` when it is given, named by ``--exclude``, or ``backup=0``
+    in the user's config (as vzdump).  A disk is named by its key (``scsi0``), archive
+    name (``drive-scsi0``), qdev id, BlockBackend or node name.
 
     Returns:
-        The disks in QEMU's order, and one line per device skipped (why).
+        The disks in key order, and vzdump's ``exclude disk ...`` line for each one
+        left out.
 
     Raises:
-        BackupError: a ``--drive`` matches nothing, or names an empty or read-only
-            device; or nothing is left to back up.
+        BackupError: a ``--drive`` or ``--exclude`` names no disk, or no disk is left.
     """
+    config_disks = config_disks or {}
+    picked: set[str] = set()
     disks: list[Disk] = []
-    skipped: list[str] = []
-    wanted = set(drives)
-    found: set[str] = set()
-    for info in blocks:
-        name, ident = proxmox_name(info)
-        inserted = info.get("inserted")
-        aliases = {name, ident, str(info.get("device", ""))}
-        if isinstance(inserted, Mapping):
-            aliases.add(str(inserted.get("node-name", "")))
-        aliases.discard("")
-        picked = aliases & wanted
-        found |= picked
-        if wanted and not picked:
+    lines: list[str] = []
+    for g in guest:
+        aliases = {g.key, g.name, g.block.qdev_id, g.block.backend, g.block.node} - {None, ""}
+        entry = config_disks.get(g.key)
+        volume = entry.volume if entry is not None else g.block.filename
+        reason = None
+        if drives and not aliases & set(drives):
+            reason = "not named by --drive"
+        if aliases & set(excludes):
+            reason = "--exclude"
+        if entry is not None and entry.excluded:
+            reason = "backup=no"
+        picked |= {str(a) for a in aliases}
+        if reason is not None:
+            lines.append(f"exclude disk '{g.key}' '{volume}' ({reason})")
             continue
-        if not isinstance(inserted, Mapping):
-            if picked:
-                raise BackupError(f"drive {ident} has no medium")
-            skipped.append(f"{name}: no medium")
-            continue
-        if inserted.get("ro"):
-            if picked:
-                raise BackupError(f"drive {ident} is read-only")
-            skipped.append(f"{name}: read-only")
-            continue
-        if info.get("removable") and not picked:
-            skipped.append(f"{name}: removable (cdrom or floppy); pick it with --drive")
-            continue
-        size = inserted.get("image", {}).get("virtual-size")
-        if not isinstance(size, int) or size <= 0:
-            raise BackupError(f"drive {ident}: QEMU reports no size")
-        disks.append(Disk(name, str(inserted["node-name"]), size, ident))
-    missing = wanted - found
-    if missing:
-        raise BackupError(f"no such drive: {', '.join(sorted(missing))}")
-    names = [d.name for d in disks]
-    if len(set(names)) != len(names):
-        raise BackupError(f"two disks would have the same name: {', '.join(names)}")
+        if g.block.node is None or g.block.size <= 0:
+            raise BackupError(f"disk {g.key}: QEMU reports no node or size for it")
+        disks.append(Disk(g.name, g.block.node, g.block.size, g.key, volume))
+    for option, names in (("--drive", drives), ("--exclude", excludes)):
+        unknown = sorted(set(names) - picked)
+        if unknown:
+            raise BackupError(f"{option} {', '.join(unknown)}: the VM has no such disk")
     if not disks:
-        raise BackupError("the VM has no writable disk to back up")
-    return disks, skipped
+        raise BackupError("no disk left to back up")
+    return disks, lines
 
 
 # -- the run -------------------------------------------------------------------------------
 
 
+def _rate(n: float, seconds: float) -> str:
+    """vzdump's ``read: …/s``: ``0 B/s`` when nothing moved."""
+    return f"{render_bytes(n / seconds, 1)}/s" if n > 0 else "0 B/s"
+
+
 class _Progress:
     """vzdump's progress lines: ``INFO: 42% (860.0 MiB of 2.0 GiB) in 3s, read: ...``."""
 
-    def __init__(self, session: ArchiveSession, disks: Sequence[Disk], out: TextIO) -> None:
+    def __init__(self, session: ArchiveSession, disks: Sequence[Disk], log: BackupLog) -> None:
         self.session = session
-        self.out = out
+        self.log = log
         self.total = sum(d.size for d in disks)
         self.names = [d.name for d in disks]
         self.start = time.monotonic()
@@ -314,15 +307,11 @@ class _Progress:
         if percent == self.last_percent and not force:
             return
         written = self.stored()
-        dt = max(now - self.last_time, 1e-3)
-        rate_read = (read - self.last_read) / dt
-        rate_write = (written - self.last_written) / dt
-        print(
-            f"INFO: {percent:3d}% ({format_bytes(read)} of {format_bytes(self.total)}) "
-            f"in {int(now - self.start)}s, read: {format_bytes(rate_read)}/s, "
-            f"write: {format_bytes(rate_write)}/s",
-            file=self.out,
-            flush=True,
+        dt = max(now - self.last_time, 1.0)  # as vzdump: rates over at least a second
+        self.log.info(
+            f"{percent:3d}% ({render_bytes(read, 1)} of {render_bytes(self.total, 1)}) "
+            f"in {render_duration(now - self.start)}, read: {_rate(read - self.last_read, dt)}, "
+            f"write: {_rate(written - self.last_written, dt)}"
         )
         self.last_time, self.last_read, self.last_written = now, read, written
         self.last_percent = percent
@@ -336,7 +325,7 @@ class _Backup:
     session: ArchiveSession
     options: BackupOptions
     disks: list[Disk]
-    out: TextIO
+    log: BackupLog
     token: str = attrs.field(factory=lambda: secrets.token_hex(3))
     #: Target node names we added (and have not removed yet).
     nodes: list[str] = attrs.Factory(list)
@@ -358,7 +347,7 @@ class _Backup:
         return f"nbdvma-{self.token}-j{i}"
 
     def info(self, text: str) -> None:
-        print(f"INFO: {text}", file=self.out, flush=True)
+        self.log.info(text)
 
     # -- the successful path ------------------------------------------------------------
 
@@ -502,7 +491,7 @@ class _Backup:
 
     async def wait_jobs(self, events: QmpEvents) -> None:
         """Wait for every job to complete, printing progress; raise on any failure."""
-        progress = _Progress(self.session, self.disks, self.out)
+        progress = _Progress(self.session, self.disks, self.log)
         done: dict[str, int] = {}
         offsets: dict[str, int] = {job: 0 for job in self.jobs}
         last_change = time.monotonic()
@@ -731,13 +720,95 @@ class _SessionWarnings(logging.Handler):
             self.messages.append(message)
 
 
+def archive_path(options: BackupOptions, now: datetime.datetime) -> tuple[str, int | None]:
+    """Where the archive goes (an absolute path), and the VMID for vzdump's lines.
+
+    An existing directory gets vzdump's name (``--vmid`` required); a file name is used
+    as given, its VMID read from it when it is vzdump's.
+
+    Raises:
+        BackupError: a directory without ``--vmid``, or a VMID out of range.
+    """
+    if os.path.isdir(options.archive):
+        if options.vmid is None:
+            raise BackupError(
+                f"{options.archive} is a directory: --vmid N is needed to name the archive "
+                "as vzdump does (vzdump-qemu-N-DATE-TIME.vma)"
+            )
+        try:
+            name = vzdump_name(options.vmid, now, options.compress)
+        except ValueError as exc:
+            raise BackupError(str(exc)) from None
+        return os.path.abspath(os.path.join(options.archive, name)), options.vmid
+    vmid = options.vmid
+    if vmid is not None and not VMID_MIN <= vmid <= VMID_MAX:
+        raise BackupError(f"VMID {vmid} is outside {VMID_MIN}..{VMID_MAX}")
+    return os.path.abspath(options.archive), vmid or vzdump_vmid(os.path.basename(options.archive))
+
+
+def _configs(
+    options: BackupOptions, vm: VmInfo, guest: Sequence[GuestDisk], log: BackupLog
+) -> tuple[list[Disk], list[tuple[str, bytes]]]:
+    """Choose the disks and the config blobs (the user's with map lines, or one made
+    from what QEMU says)."""
+    user = {}
+    for name, path, data in options.configs:
+        if name in (None, CONFIG_NAME) and not path.endswith(".fw"):
+            user = parse_config_disks(data)
+            break
+    disks, excluded = select_disks(
+        guest, drives=options.drives, excludes=options.excludes, config_disks=user
+    )
+    for line in excluded:
+        log.info(line)
+    names = [d.name for d in disks]
+    try:
+        left_out = {g.key for g in guest} - {d.key for d in disks}
+        configs, infos, warnings = archive_configs(list(options.configs), names, left_out)
+    except ValueError as exc:
+        raise BackupError(str(exc)) from None
+    for line in infos:
+        log.info(line)
+    for line in warnings:
+        log.warn(line)
+    if options.generate_config and not any(name == CONFIG_NAME for name, _ in configs):
+        chosen = {d.key for d in disks}
+        configs.append((CONFIG_NAME, generate_config(vm, [g for g in guest if g.key in chosen])))
+        log.info(f"{CONFIG_NAME}: made from what QEMU tells (no --config given)")
+    for g in guest:
+        if g.bus_note and g.key in {d.key for d in disks}:
+            log.warn(f"disk {g.key}: {g.bus_note}")
+    return disks, configs
+
+
 async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
-    """Run one backup; print progress, the summary or one line of error to ``out``.
+    """Run one backup; print progress, the summary or one line of error to ``out``
+    (and to vzdump's ``.log`` beside a vzdump-named archive).
 
     Returns:
         0 on success; 1 on failure; 128 + the signal number when interrupted.
     """
     started = time.monotonic()
+    try:
+        archive, vmid = archive_path(options, datetime.datetime.now())
+    except BackupError as exc:
+        print(f"ERROR: {exc}", file=out, flush=True)
+        return 1
+    basename = os.path.basename(archive)
+    log_path = archive_log_name(archive) if vzdump_vmid(basename) is not None else None
+    try:
+        log = BackupLog(out, log_path)
+    except OSError as exc:
+        print(f"ERROR: log file {log_path}: {exc.strerror}", file=out, flush=True)
+        return 1
+    options = attrs.evolve(options, archive=archive)
+    vm_label = f"VM {vmid}" if vmid is not None else "VM"
+    log.info(f"Starting Backup of {vm_label} (qemu)")
+    if log_path is None:
+        log.warn(
+            f"{basename} is not a vzdump name (vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma): "
+            "Proxmox restores it from a file only under such a name"
+        )
     tmpdir = tempfile.mkdtemp(prefix="nbdvma-backup-")  # mode 0700
     interrupted: int | None = None
     failure: str | None = None
@@ -765,21 +836,30 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
                     # while QMP is still connected, so the clean-up below still runs.
                     with work:
                         async with trio.open_nursery() as session_tasks:
-                            blocks = await qmp.execute("query-block")
-                            disks, skipped = discover_disks(blocks, options.drives)
+                            status = (await qmp.execute("query-status"))["status"]
+                            log.info(f"status = {status}")
+                            vm = await describe_vm(qmp)
+                            if vm.name:
+                                log.info(f"VM Name: {vm.name}")
+                            try:
+                                guest, skipped = assign_keys(vm.blocks)
+                            except ValueError as exc:
+                                raise BackupError(str(exc)) from None
                             for line in skipped:
-                                print(f"INFO: skipping {line}", file=out)
+                                log.info(f"skipping {line}")
+                            disks, configs = _configs(options, vm, guest, log)
                             for disk in disks:
-                                print(
-                                    f"INFO: include disk '{disk.name}' (node {disk.node}) "
-                                    f"{format_bytes(disk.size)}",
-                                    file=out,
+                                log.info(
+                                    f"include disk '{disk.key}' '{disk.volume}' "
+                                    f"{format_size(disk.size)}"
                                 )
+                            log.info("backup mode: snapshot")
+                            log.info(f"creating vzdump archive '{archive}'")
                             session = ArchiveSession(
                                 SessionOptions(
-                                    archive=options.archive,
+                                    archive=archive,
                                     disks=tuple((d.name, d.size) for d in disks),
-                                    configs=options.configs,
+                                    configs=tuple(configs),
                                     vmstate=(
                                         UnixAddress(os.path.join(tmpdir, "vmstate.sock"))
                                         if options.vmstate
@@ -795,7 +875,7 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
                                 )
                             )
                             await session.start(session_tasks)
-                            backup = _Backup(qmp, session, options, disks, out)
+                            backup = _Backup(qmp, session, options, disks, log)
                             await backup.run()
                             session_tasks.cancel_scope.cancel()
                 except Exception as exc:  # reported as one line
@@ -815,22 +895,61 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
                 session.abort()
             session.remove_sockets()
         shutil.rmtree(tmpdir, ignore_errors=True)
-    if failure is not None:
-        if warnings.messages:  # e.g. why the TLS handshake QEMU reports failed
-            failure += f" (nbdvma: {'; '.join(warnings.messages)})"
-        print(_failure_line(failure, options.archive, problems), file=out, flush=True)
-        return 128 + interrupted if interrupted is not None else 1
-    assert session is not None
-    for message in warnings.messages:
-        print(f"WARN: {message}", file=out)
-    for line in session.summary_lines()[:-1]:
-        print(f"INFO: {line}", file=out)
-    print(
-        f"INFO: backup finished in {time.monotonic() - started:.1f}s: {options.archive}",
-        file=out,
-        flush=True,
-    )
-    return 0
+    try:
+        if failure is not None:
+            if warnings.messages:  # e.g. why the TLS handshake QEMU reports failed
+                failure += f" (nbdvma: {'; '.join(warnings.messages)})"
+            log.error(_failure_line(failure, archive, problems).removeprefix("ERROR: "))
+            return 128 + interrupted if interrupted is not None else 1
+        assert session is not None
+        for message in warnings.messages:
+            log.warn(message)
+        _summary(session, disks, archive, vm_label, started, log)
+        if options.notes is not None:
+            try:
+                _write_notes(f"{archive}.notes", options.notes)
+            except OSError as exc:
+                log.error(f"backup written, but not its notes: {archive}.notes: {exc.strerror}")
+                return 1
+        return 0
+    finally:
+        log.close()
+
+
+def _write_notes(path: str, text: str) -> None:
+    """Proxmox's notes file: the text as given, UTF-8 (as pve-storage writes it)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _summary(
+    session: ArchiveSession,
+    disks: Sequence[Disk],
+    archive: str,
+    vm_label: str,
+    started: float,
+    log: BackupLog,
+) -> None:
+    """vzdump's closing lines, after nbdvma's per-disk figures."""
+    for line in session.summary_lines()[:-2]:
+        log.info(line)
+    vma = session.vma
+    total = sum(d.size for d in disks)
+    zero = sum(vma.progress(d.name).zero_bytes for d in disks) if vma is not None else 0
+    elapsed = time.monotonic() - started
+    if zero:
+        log.info(
+            f"backup is sparse: {render_bytes(zero)} ({int(zero * 100 / total)}%) total zero data"
+        )
+    seconds = int(elapsed)
+    if seconds:
+        rate = render_bytes(total / seconds, 1)
+        log.info(f"transferred {render_bytes(total)} in {seconds} seconds ({rate}/s)")
+    else:
+        log.info(f"transferred {render_bytes(total)} in <1 seconds")
+    log.info(f"archive file size: {archive_size(os.path.getsize(archive))}")
+    log.info(f"Finished Backup of {vm_label} ({render_hms(elapsed)})")
+    log.info("Backup job finished successfully")
 
 
 # -- command line --------------------------------------------------------------------------
@@ -838,7 +957,12 @@ async def run_backup(options: BackupOptions, out: TextIO = sys.stderr) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``nbdvma backup``."""
-    parser.add_argument("archive", metavar="ARCHIVE", help="the VMA archive to write")
+    parser.add_argument(
+        "archive",
+        metavar="ARCHIVE",
+        help="the VMA archive to write, or an existing directory: the archive is then "
+        "DIR/vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma[.zst] (needs --vmid), with its .log",
+    )
     parser.add_argument(
         "--qmp",
         required=True,
@@ -852,7 +976,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         type=config_argument,
         metavar="[NAME=]FILE",
-        help="store FILE in the archive as config NAME (default: its basename); repeatable",
+        help="store FILE in the archive as config NAME (default: qemu-server.conf, or "
+        "qemu-server.fw for *.fw), with #qmdump#map lines for the disks; 'none' stores "
+        "no config (default: a qemu-server.conf made from what QEMU tells); repeatable",
     )
     parser.add_argument(
         "--vmstate",
@@ -865,6 +991,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ID",
         help="back up only this drive (scsi0, drive-scsi0, a node name); repeatable",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="leave this disk out (scsi0, drive-scsi0, a node name); repeatable",
+    )
+    parser.add_argument(
+        "--vmid",
+        type=int,
+        metavar="N",
+        help=f"the Proxmox VM id ({VMID_MIN}..{VMID_MAX}) for vzdump's archive name and log",
+    )
+    parser.add_argument(
+        "--notes", metavar="TEXT", help="write TEXT to ARCHIVE.notes (Proxmox's backup notes)"
     )
     parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
     parser.add_argument(
@@ -910,14 +1052,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``nbdvma backup`` from parsed arguments; return the exit status."""
-    configs = []
-    for name, path in args.config:
-        try:
-            with open(path, "rb") as f:
-                configs.append((name, f.read()))
-        except OSError as exc:
-            print(f"ERROR: config {path}: {exc.strerror}", file=sys.stderr)
-            return 1
+    generate = True
+    config_args = list(args.config)
+    if (None, "none") in config_args:
+        config_args.remove((None, "none"))
+        generate = False
+    try:
+        configs = read_configs(config_args)
+    except NbdvmaError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
     if args.archive == "-":
         print("ERROR: backup writes a file; '-' is not supported", file=sys.stderr)
         return 1
@@ -926,8 +1070,12 @@ def run(args: argparse.Namespace) -> int:
             qmp=args.qmp,
             archive=args.archive,
             configs=tuple(configs),
+            generate_config=generate,
             vmstate=args.vmstate,
             drives=tuple(args.drive),
+            excludes=tuple(args.exclude),
+            vmid=args.vmid,
+            notes=args.notes,
             compress=args.compress,
             bandwidth_limit=args.bandwidth_limit,
             stall_timeout=args.stall_timeout if args.stall_timeout > 0 else math.inf,

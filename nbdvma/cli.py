@@ -77,7 +77,14 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("create", help="write an archive of config files and raw images")
     p.add_argument("file", help="new archive (- for stdout; .zst compresses)")
-    p.add_argument("-c", "--config", action="append", default=[], help="config file (repeatable)")
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        help="[NAME=]FILE: a config file (repeatable); with images named drive-KEY "
+        "it is stored as qemu-server.conf with #qmdump#map lines",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print per-image figures")
     p.add_argument("images", nargs="*", metavar="[NAME=]IMAGE", help="raw disk images")
 

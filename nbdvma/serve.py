@@ -33,6 +33,7 @@ from nbdvma.addresses import Address, TcpAddress, UnixAddress, parse_address
 from nbdvma.backends import Export, NullBackend, VmaBackend
 from nbdvma.errors import NbdvmaError
 from nbdvma.listeners import open_listener
+from nbdvma.pve import archive_configs
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.vma.sink import open_sink
@@ -405,12 +406,31 @@ def _disk(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def config_argument(text: str) -> tuple[str, str]:
-    """``--config [NAME=]FILE`` → ``(NAME, FILE)``; NAME defaults to FILE's basename."""
+def config_argument(text: str) -> tuple[str | None, str]:
+    """``--config [NAME=]FILE`` → ``(NAME, FILE)``; NAME is ``None`` when not given
+    (:func:`nbdvma.pve.archive_configs` chooses it)."""
     name, sep, path = text.partition("=")
-    if not sep:
-        return os.path.basename(text), text
+    if not sep or "/" in name:
+        return None, text
     return name, path
+
+
+def read_configs(
+    args: Sequence[tuple[str | None, str]],
+) -> list[tuple[str | None, str, bytes]]:
+    """Read the files of ``--config`` options.
+
+    Raises:
+        NbdvmaError: one cannot be read (the message names it and why).
+    """
+    items = []
+    for name, path in args:
+        try:
+            with open(path, "rb") as f:
+                items.append((name, path, f.read()))
+        except OSError as exc:
+            raise NbdvmaError(f"config {path}: {exc.strerror or exc}") from None
+    return items
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -511,10 +531,15 @@ def _seconds(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``nbdvma serve`` from parsed arguments."""
-    configs = []
-    for name, path in args.config:
-        with open(path, "rb") as f:
-            configs.append((name, f.read()))
+    try:
+        configs, _, warnings = archive_configs(
+            read_configs(args.config), [name for name, _ in args.disk]
+        )
+    except (NbdvmaError, ValueError) as exc:
+        print(f"nbdvma serve: {exc}", file=sys.stderr)
+        return 1
+    for warning in warnings:
+        _warn(warning)
     options = SessionOptions(
         archive=args.archive,
         disks=tuple(args.disk),

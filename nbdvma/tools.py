@@ -27,6 +27,7 @@ from nbdvma.background import BackgroundWriter
 from nbdvma.errors import VmaFormatError, VmaWriterError
 from nbdvma.fileio import Writeback, preallocate
 from nbdvma.interrupts import deferred
+from nbdvma.pve import archive_configs
 from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
@@ -615,7 +616,9 @@ def create_archive(
     Args:
         path: the new archive (must not exist; ``-`` for stdout; ``.zst``
             compresses).
-        configs: config files, stored under their basename.
+        configs: ``[NAME=]FILE`` config files; when a device is named ``drive-KEY``
+            an unnamed FILE is stored as ``qemu-server.conf`` with ``#qmdump#map``
+            lines (:func:`nbdvma.pve.archive_configs`), else under its basename.
         images: ``[NAME=]PATH``; the default name is ``disk<N>``.
         err: where ``-v`` prints its ``image ...`` lines.
         verbose: print per-image statistics.
@@ -627,13 +630,16 @@ def create_archive(
     from nbdvma.vma.sink import BackgroundSink, FileSink, StreamSink, open_sink
     from nbdvma.vma.writer import VmaWriter
 
-    config_data: list[tuple[str, bytes]] = []
+    config_items: list[tuple[str | None, str, bytes]] = []
     for cfg in configs:
+        cname, sep, cpath = cfg.partition("=")
+        if not sep or "/" in cname:
+            cname, cpath = "", cfg
         try:
-            with open(cfg, "rb") as f:
-                config_data.append((os.path.basename(cfg), f.read(_MAX_CONFIG_READ)))
+            with open(cpath, "rb") as f:
+                config_items.append((cname or None, cpath, f.read(_MAX_CONFIG_READ)))
         except OSError as exc:
-            raise ToolError(f"unable to read file '{cfg}' - {_strerror(exc)}") from exc
+            raise ToolError(f"unable to read file '{cpath}' - {_strerror(exc)}") from exc
     opened: list[tuple[str, str, int, int]] = []  # name, path, fd, size
     try:
         for index, arg in enumerate(images):
@@ -647,6 +653,12 @@ def create_archive(
                 os.close(fd)
                 raise ToolError(f"image {image} is empty")
             opened.append((name, image, fd, size))
+        try:
+            config_data, _, warnings = archive_configs(config_items, [o[0] for o in opened])
+        except ValueError as exc:
+            raise ToolError(str(exc)) from exc
+        for warning in warnings:
+            err.write(f"warning: {warning}\n")
         output: FileSink | StreamSink | None = None
         sink: BackgroundSink | None = None
         writer: VmaWriter | None = None

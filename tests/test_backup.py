@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,12 +19,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pverules
 import pytest
 import trio
 from conftest import QemuVm
 
-from nbdvma.backup import Disk, discover_disks, proxmox_name
+from nbdvma.backup import Disk, select_disks
 from nbdvma.errors import NbdvmaError
+from nbdvma.pve import BlockDevice, GuestDisk, assign_keys, parse_config_disks
 from nbdvma.qmp import QmpClient
 
 pytestmark = pytest.mark.interop
@@ -155,51 +158,48 @@ def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float = 
     pytest.fail(f"no {needle!r} in: {''.join(seen)}")
 
 
-# -- discovery (no QEMU) -------------------------------------------------------------------------
+# -- choosing the disks (no QEMU) ---------------------------------------------------------------
 
 
-def _block(qdev: str, device: str = "", **inserted: Any) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": device, "qdev": qdev, "removable": False}
-    if inserted:
-        info["inserted"] = {"ro": False, "image": {"virtual-size": 1024}, **inserted}
-    return info
-
-
-def test_proxmox_names() -> None:
-    assert proxmox_name(_block("/machine/peripheral/scsi0/virtio-backend")) == (
-        "drive-scsi0",
-        "scsi0",
-    )
-    assert proxmox_name(_block("ide2")) == ("drive-ide2", "ide2")
-    # Proxmox's own command line: -drive id=drive-scsi0 ... -device ...,id=scsi0
-    assert proxmox_name(_block("scsi0", "drive-scsi0")) == ("drive-scsi0", "scsi0")
-    assert proxmox_name(_block("/machine/peripheral-anon/device[0]", "drive-virtio1")) == (
-        "drive-virtio1",
-        "drive-virtio1",
-    )
-    assert proxmox_name(_block("", "", **{"node-name": "n0"})) == ("drive-n0", "n0")
-
-
-def test_discover_skips_and_picks() -> None:
+def _guest() -> list[GuestDisk]:
     blocks = [
-        _block("/machine/peripheral/scsi0/virtio-backend", **{"node-name": "d0"}),
-        _block("/machine/peripheral/scsi1/virtio-backend", **{"node-name": "d1", "ro": True}),
-        {**_block("ide2", **{"node-name": "cd"}), "removable": True},
-        {"device": "", "qdev": "ide3", "removable": True},
+        BlockDevice("", "scsi0", "scsi-hd", node="d0", size=1024, filename="/a"),
+        BlockDevice("", "scsi1", "scsi-hd", node="d1", size=2048, filename="/b", read_only=True),
+        BlockDevice("drive-virtio0", None, "virtio-blk-pci", node="d2", size=4096, filename="/c"),
+        BlockDevice("", "ide2", "ide-cd", node="cd", size=4096),
     ]
-    found, skipped = discover_disks(blocks)
-    assert found == [Disk("drive-scsi0", "d0", 1024, "scsi0")]
-    assert len(skipped) == 3
-    assert discover_disks(blocks, ["ide2"])[0] == [Disk("drive-ide2", "cd", 1024, "ide2")]
-    assert discover_disks(blocks, ["drive-scsi0"])[0][0].node == "d0"
-    with pytest.raises(NbdvmaError, match="read-only"):
-        discover_disks(blocks, ["scsi1"])
-    with pytest.raises(NbdvmaError, match="no medium"):
-        discover_disks(blocks, ["ide3"])
-    with pytest.raises(NbdvmaError, match="no such drive: nope"):
-        discover_disks(blocks, ["scsi0", "nope"])
-    with pytest.raises(NbdvmaError, match="no writable disk"):
-        discover_disks(blocks[1:])
+    disks, skipped = assign_keys(blocks)
+    assert skipped == ["'ide2': CD-ROM drive"]
+    return disks
+
+
+def test_select_every_disk_read_only_included() -> None:
+    disks, excluded = select_disks(_guest())
+    assert disks == [
+        Disk("drive-scsi0", "d0", 1024, "scsi0", "/a"),
+        Disk("drive-scsi1", "d1", 2048, "scsi1", "/b"),
+        Disk("drive-virtio0", "d2", 4096, "virtio0", "/c"),
+    ]
+    assert excluded == []
+
+
+def test_select_drive_exclude_and_backup_0() -> None:
+    disks, excluded = select_disks(_guest(), drives=["drive-scsi1", "d2"])
+    assert [d.key for d in disks] == ["scsi1", "virtio0"]
+    assert excluded == ["exclude disk 'scsi0' '/a' (not named by --drive)"]
+    disks, excluded = select_disks(_guest(), excludes=["scsi1"])
+    assert [d.key for d in disks] == ["scsi0", "virtio0"]
+    assert excluded == ["exclude disk 'scsi1' '/b' (--exclude)"]
+    config = parse_config_disks(b"scsi0: local-lvm:vm-1-disk-0,backup=0\n")
+    disks, excluded = select_disks(_guest(), config_disks=config)
+    assert [d.key for d in disks] == ["scsi1", "virtio0"]
+    assert excluded == ["exclude disk 'scsi0' 'local-lvm:vm-1-disk-0' (backup=no)"]
+    with pytest.raises(NbdvmaError, match="--exclude ide2, nope: the VM has no such disk"):
+        select_disks(_guest(), excludes=["nope", "ide2"])
+    with pytest.raises(NbdvmaError, match="--drive nope: the VM has no such disk"):
+        select_disks(_guest(), drives=["scsi0", "nope"])
+    with pytest.raises(NbdvmaError, match="no disk left"):
+        select_disks(_guest(), excludes=["scsi0", "scsi1", "virtio0"])
 
 
 # -- nbdvma backup -------------------------------------------------------------------------------
@@ -209,11 +209,15 @@ def test_backup_prelaunch_vm_with_vmstate_and_config(
     qemu_vm: Callable[..., QemuVm], disks: list[Path], workdir: Path
 ) -> None:
     vm = qemu_vm(disks)
-    config = workdir / "qemu-server.conf"
-    config.write_text("name: demo\nmemory: 128\n")
+    config = workdir / "some.conf"
+    config.write_text("name: demo\nmemory: 128\nscsi0: local:100/vm-100-disk-0.qcow2,size=6M\n")
     archive = workdir / "vm.vma"
     result = backup("--qmp", vm.qmp_address, archive, "--vmstate", "--config", config)
     assert result.returncode == 0, result.stderr
+    # The file's name does not matter: Proxmox reads qemu-server.conf.  scsi1 has no
+    # line in it: said once, and the backup goes on.
+    assert result.stderr.count("WARN: the VM's disk scsi1 has no line in") == 1
+    assert "WARN: vm.vma is not a vzdump name" in result.stderr
     assert "INFO: 100% (9.0 MiB of 9.0 MiB)" in result.stderr
     assert "drive-scsi1: size 3.0 MiB" in result.stderr
     assert not Path(f"{archive}.part").exists()
@@ -222,7 +226,9 @@ def test_backup_prelaunch_vm_with_vmstate_and_config(
     verify = nbdvma("verify", archive)
     assert verify.returncode == 0, verify.stderr
     shown = nbdvma("config", archive, "-c", "qemu-server.conf")
-    assert shown.stdout == config.read_text()
+    assert shown.stdout == config.read_text() + (
+        "#qmdump#map:scsi0:drive-scsi0:local:qcow2:\n#qmdump#map:scsi1:drive-scsi1:::\n"
+    )
     target = extract(archive, workdir / "restore")
     assert_disks_equal(target, vm)
     vmstate = (target / "vmstate.bin").read_bytes()
@@ -271,44 +277,241 @@ def test_backup_without_vmstate_never_touches_the_run_state(
     assert_disks_equal(target, vm)
 
 
-def test_backup_picks_drives_and_skips_cdroms_and_read_only_disks(
-    qemu_vm: Callable[..., QemuVm], disks: list[Path], workdir: Path, raw_image: Callable[..., Path]
-) -> None:
-    iso = raw_image("cd.iso", MiB, {0: b"CD001"})
-    ro = raw_image("ro.raw", MiB, {0: b"RO"})
-    vm = qemu_vm(
-        disks,
+def pve_topology(scsi: Path, virtio: Path, readonly: Path, iso: Path) -> list[str]:
+    """QEMU arguments of a VM set up as Proxmox would: a scsi-hd on virtio-scsi
+    (``scsi0``), a virtio-blk disk with an id that is no Proxmox key (``data``, so
+    ``virtio0``), a read-only virtio-blk disk (``virtio1``), a CD-ROM and an empty
+    CD-ROM drive, a drive without medium nor device, and a NIC."""
+    return [
+        *("-device", "virtio-scsi-pci,id=virtioscsi0"),
+        *("-blockdev", f"driver=file,filename={scsi},node-name=f0"),
+        *("-blockdev", "driver=raw,file=f0,node-name=d0"),
+        *("-device", "scsi-hd,drive=d0,id=scsi0,bus=virtioscsi0.0,bootindex=100"),
+        *("-blockdev", f"driver=file,filename={virtio},node-name=f1"),
+        *("-blockdev", "driver=raw,file=f1,node-name=d1"),
+        *("-device", "virtio-blk-pci,drive=d1,id=data"),
+        *("-blockdev", f"driver=file,filename={readonly},node-name=f2,read-only=on"),
+        *("-blockdev", "driver=raw,file=f2,node-name=d2,read-only=on"),
+        *("-device", "virtio-blk-pci,drive=d2,id=virtio1"),
+        *("-blockdev", f"driver=file,filename={iso},node-name=cdf,read-only=on"),
+        *("-blockdev", "driver=raw,file=cdf,node-name=cd0,read-only=on"),
+        *("-device", "ide-cd,drive=cd0,id=ide2,bus=ide.0"),
+        *("-device", "ide-cd,id=ide3,bus=ide.1"),
+        *("-drive", "if=none,id=spare"),
+        *(
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,id=net0,mac=bc:24:11:00:00:01",
+        ),
+    ]
+
+
+@pytest.fixture
+def pve_images(raw_image: Callable[..., Path]) -> dict[str, Path]:
+    """The images of :func:`pve_topology`, by the key each one gets."""
+    return {
+        "scsi0": raw_image("scsi.raw", 4 * MiB, {0: os.urandom(65536), 2 * MiB: b"S" * 5000}),
+        "virtio0": raw_image("virtio.raw", ODD_SIZE, {4096: os.urandom(70000)}),
+        "virtio1": raw_image("ro.raw", 2 * MiB, {0: b"read-only disk", MiB: os.urandom(4096)}),
+        "iso": raw_image("cd.iso", MiB, {0: b"CD001"}),
+    }
+
+
+def pve_vm(qemu_vm: Callable[..., QemuVm], images: Mapping[str, Path], *extra: str) -> QemuVm:
+    return qemu_vm(
+        [],
         extra_args=[
-            *("-blockdev", f"driver=file,filename={iso},node-name=cdf,read-only=on"),
-            *("-blockdev", "driver=raw,file=cdf,node-name=cd0,read-only=on"),
-            *("-device", "ide-cd,drive=cd0,id=ide2,bus=ide.0"),
-            *("-device", "ide-cd,id=ide3,bus=ide.1"),
-            *("-blockdev", f"driver=file,filename={ro},node-name=rof,read-only=on"),
-            *("-blockdev", "driver=raw,file=rof,node-name=ro0,read-only=on"),
-            *("-device", "virtio-blk-pci,drive=ro0,id=virtio5"),
+            *pve_topology(images["scsi0"], images["virtio0"], images["virtio1"], images["iso"]),
+            *extra,
         ],
     )
-    result = backup("--qmp", vm.qmp_address, workdir / "all.vma")
-    assert result.returncode == 0, result.stderr
-    for skipped in ("drive-ide2: read-only", "drive-ide3: no medium", "drive-virtio5: read-only"):
-        assert f"INFO: skipping {skipped}" in result.stderr
-    listing = nbdvma("list", workdir / "all.vma").stdout
-    assert "drive-scsi0" in listing
-    assert "drive-scsi1" in listing
-    assert "ide" not in listing
-    assert "virtio5" not in listing
 
-    result = backup("--qmp", vm.qmp_address, workdir / "one.vma", "--drive", "scsi1")
-    assert result.returncode == 0, result.stderr
-    assert_disks_equal(extract(workdir / "one.vma", workdir / "one"), vm, only=[1])
 
-    for drive, why in [("virtio5", "read-only"), ("ide3", "no medium"), ("nope", "no such")]:
-        result = backup("--qmp", vm.qmp_address, workdir / f"{drive}.vma", "--drive", drive)
-        assert result.returncode == 1
-        assert why in result.stderr
-        assert result.stderr.count("\n") == 1, result.stderr
-        assert not (workdir / f"{drive}.vma").exists()
-        assert not (workdir / f"{drive}.vma.part").exists()
+def assert_restorable(archive: Path) -> bytes:
+    """Proxmox's restore rules hold for the archive; returns its qemu-server.conf."""
+    _, devices = pverules.archive_devices(archive.read_bytes())
+    shown = nbdvma("config", archive, "-c", "qemu-server.conf")
+    assert shown.returncode == 0, shown.stderr
+    config = shown.stdout.encode()
+    assert pverules.restore_problems(config, devices) == []
+    return config
+
+
+def assert_images_restored(target: Path, images: Mapping[str, Path], keys: list[str]) -> None:
+    for key in keys:
+        restored = target / f"disk-drive-{key}.raw"
+        assert restored.read_bytes() == images[key].read_bytes(), key
+    assert sorted(p.name for p in target.glob("disk-*.raw")) == [
+        f"disk-drive-{k}.raw" for k in sorted(keys)
+    ]
+
+
+def load_vmstate(
+    qemu_vm: Callable[..., QemuVm], images: Mapping[str, Path], workdir: Path, state: bytes
+) -> str:
+    """Start a VM like :func:`pve_vm` with ``-incoming defer`` and feed it ``state``;
+    return the final ``query-migrate`` status (``completed`` when QEMU accepted it)."""
+    path = workdir / "incoming.state"
+    path.write_bytes(state)
+    copies = {}
+    for key, image in images.items():  # the first VM holds the images' locks
+        copies[key] = workdir / f"incoming-{image.name}"
+        copies[key].write_bytes(image.read_bytes())
+    vm = pve_vm(qemu_vm, copies, "-incoming", "defer")
+    qmp(vm, "migrate-incoming", {"uri": f"exec:cat {path}"})
+    deadline = time.monotonic() + 60
+    status = "timeout"
+    while time.monotonic() < deadline:
+        try:
+            status = str(qmp(vm, "query-migrate").get("status"))
+        except OSError:  # QEMU exits when an incoming migration fails
+            vm.process.wait(10)
+            status = "failed"
+        if status in ("completed", "failed"):
+            break
+        time.sleep(0.05)
+    vm.kill()
+    return status if status == "completed" else f"{status}: {vm.output()}"
+
+
+def test_backup_generated_config_vzdump_names_and_a_vm_state_proxmox_restores(
+    qemu_vm: Callable[..., QemuVm], pve_images: dict[str, Path], workdir: Path
+) -> None:
+    vm = pve_vm(qemu_vm, pve_images, "-name", "pve test")
+    dumpdir = workdir / "dump"
+    dumpdir.mkdir()
+    result = backup(
+        "--qmp",
+        vm.qmp_address,
+        dumpdir,
+        "--vmid",
+        "100",
+        "--vmstate",
+        "--compress",
+        "zstd",
+        "--notes",
+        "before the upgrade\nsecond line",
+    )
+    assert result.returncode == 0, result.stderr
+    assert_qemu_clean(vm, "prelaunch")
+    (archive,) = dumpdir.glob("*.vma.zst")
+    assert pverules.VZDUMP_ARCHIVE.match(archive.name), archive.name
+    assert sorted(p.name for p in dumpdir.iterdir()) == sorted(
+        [archive.name, f"{archive.name}.notes", archive.name.replace(".vma.zst", ".log")]
+    )
+    assert Path(f"{archive}.notes").read_text() == "before the upgrade\nsecond line"
+
+    # vzdump's wording, on stderr and with timestamps in the .log.
+    err = result.stderr
+    for line in [
+        "INFO: Starting Backup of VM 100 (qemu)",
+        "INFO: status = prelaunch",
+        "INFO: VM Name: pve test",
+        "INFO: skipping 'ide2': CD-ROM drive",
+        "INFO: skipping 'ide3': CD-ROM drive",
+        "INFO: skipping 'spare': empty drive",
+        f"INFO: include disk 'scsi0' '{pve_images['scsi0']}' 4M",
+        f"INFO: include disk 'virtio0' '{pve_images['virtio0']}' {ODD_SIZE}",
+        f"INFO: include disk 'virtio1' '{pve_images['virtio1']}' 2M",
+        f"INFO: creating vzdump archive '{archive}'",
+        "INFO: Backup job finished successfully",
+    ]:
+        assert line in err.splitlines(), line
+    assert re.search(r"^INFO: 100% \(9\.0 MiB of 9\.0 MiB\) in \d+s, read: ", err, re.M), err
+    assert re.search(r"^INFO: transferred 9\.00 MiB in (<1|\d+) seconds", err, re.M), err
+    assert re.search(r"^INFO: Finished Backup of VM 100 \(00:00:\d\d\)$", err, re.M), err
+    log = archive.with_name(archive.name.replace(".vma.zst", ".log")).read_text()
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR): ")
+    assert all(stamped.match(line) for line in log.splitlines()), log
+    assert [stamped.sub(r"\1: ", line) for line in log.splitlines()] == err.splitlines()
+
+    # The config: three disks, three map lines, the VM as QEMU knows it.
+    config = assert_restorable(archive).decode()
+    assert config.count("#qmdump#map:") == 3
+    for line in [
+        "memory: 128",
+        "name: pve-test",
+        "machine: q35",
+        "scsihw: virtio-scsi-pci",
+        "boot: order=scsi0",
+        "net0: virtio=BC:24:11:00:00:01,bridge=vmbr0",
+        f"scsi0: {pve_images['scsi0']},size=4M",
+        f"virtio0: {pve_images['virtio0']},size={ODD_SIZE}",
+        f"virtio1: {pve_images['virtio1']},size=2M",
+        "#qmdump#map:virtio1:drive-virtio1:::",
+    ]:
+        assert line in config.splitlines(), line
+    target = extract(archive, workdir / "restore")
+    assert_images_restored(target, pve_images, ["scsi0", "virtio0", "virtio1"])
+
+    # The VM state as Proxmox's reader extracts it loads into a matching QEMU.
+    state = pverules.vmstate_as_proxmox_extracts(archive.read_bytes())
+    assert state.startswith(b"QEVM")
+    # nbdvma's extract gives the same stream, without the last cluster's padding.
+    ours = (target / "vmstate.bin").read_bytes()
+    assert len(state) - 65536 < len(ours) <= len(state)
+    assert state == ours + bytes(len(state) - len(ours))
+    assert load_vmstate(qemu_vm, pve_images, workdir, state) == "completed"
+
+
+def test_backup_user_config_named_100_conf_and_exclude(
+    qemu_vm: Callable[..., QemuVm], pve_images: dict[str, Path], workdir: Path
+) -> None:
+    vm = pve_vm(qemu_vm, pve_images)
+    config = workdir / "100.conf"
+    config.write_bytes(
+        b"boot: order=scsi0\r\nlock: backup\r\nmemory: 128\r\n"
+        b"scsi0: local-lvm:vm-100-disk-0,iothread=1,size=4M\r\n"
+        b"virtio0: local:100/vm-100-disk-1.qcow2,size=3M\r\n"
+        b"virtio1: local-lvm:vm-100-disk-2,size=2M\r\n"
+        b"scsihw: virtio-scsi-single\r\n"
+    )
+    archive = workdir / "vzdump-qemu-100-2026_01_02-03_04_05.vma"
+    result = backup("--qmp", vm.qmp_address, archive, "--config", config, "--exclude", "virtio1")
+    assert result.returncode == 0, result.stderr
+    assert "WARN" not in result.stderr
+    assert "INFO: exclude disk 'virtio1' 'local-lvm:vm-100-disk-2' (--exclude)" in result.stderr
+    assert "INFO: include disk 'scsi0' 'local-lvm:vm-100-disk-0' 4M" in result.stderr
+    assert archive.with_suffix(".log").exists()  # a vzdump name given: its log too
+    listing = nbdvma("list", archive).stdout
+    assert "CFG: size: " in listing
+    assert "name: qemu-server.conf" in listing
+    assert "100.conf" not in listing
+    stored = assert_restorable(archive).decode()
+    assert stored == (
+        "boot: order=scsi0\nmemory: 128\n"
+        "scsi0: local-lvm:vm-100-disk-0,iothread=1,size=4M\n"
+        "virtio0: local:100/vm-100-disk-1.qcow2,size=3M\n"
+        "virtio1: local-lvm:vm-100-disk-2,size=2M\n"
+        "scsihw: virtio-scsi-single\n"
+        "#qmdump#map:scsi0:drive-scsi0:local-lvm::\n"
+        "#qmdump#map:virtio0:drive-virtio0:local:qcow2:\n"
+    )
+    assert_images_restored(extract(archive, workdir / "r"), pve_images, ["scsi0", "virtio0"])
+
+    # --config none: no config at all; --drive: only that disk.
+    bare = workdir / "bare.vma"
+    result = backup("--qmp", vm.qmp_address, bare, "--config", "none", "--drive", "virtio1")
+    assert result.returncode == 0, result.stderr
+    assert "CFG:" not in nbdvma("list", bare).stdout
+    assert_images_restored(extract(bare, workdir / "b"), pve_images, ["virtio1"])
+
+    # Bad choices fail with one line, leave nothing and QEMU as it was.
+    for args, why in [
+        (["--exclude", "nope"], "--exclude nope: the VM has no such disk"),
+        (["--drive", "ide2"], "--drive ide2: the VM has no such disk"),
+        ([], "is a directory: --vmid N is needed"),
+        (["--vmid", "99"], "VMID 99 is outside 100..999999999"),
+    ]:
+        target = workdir if not args or args[0] == "--vmid" else workdir / "bad.vma"
+        result = backup("--qmp", vm.qmp_address, target, *args)
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1, result.stderr
+        assert why in errors[0]
+        assert not (workdir / "bad.vma").exists()
+        assert not list(workdir.glob("vzdump-qemu-99-*"))
     assert_qemu_clean(vm, "prelaunch")
 
 
