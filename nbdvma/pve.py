@@ -186,7 +186,7 @@ def parse_disk_value(key: str, value: str) -> ConfigDisk:
 def _current_section(text: str) -> list[str]:
     """The config's lines up to its first ``[section]`` (snapshots, pending, special)."""
     lines = []
-    for line in text.replace("\r\n", "\n").split("\n"):
+    for line in text.split("\n"):
         if line.startswith("["):
             break
         lines.append(line.rstrip("\r"))
@@ -236,7 +236,7 @@ def with_map_lines(
     warnings: list[str] = []
     kept: list[str] = []
     lines = _current_section(text)
-    if len(lines) < len(text.replace("\r\n", "\n").split("\n")):
+    if len(lines) < text.count("\n") + 1:
         infos.append(f"{source}: snapshot/pending sections not included into backup")
     for line in lines:
         if line.startswith(("#qmdump#", "#vzdump#")):

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pverules
 import pytest
 from servehelpers import (
     ServeProcess,
@@ -188,6 +189,25 @@ def test_qemu_img_compressed_archive(serve: StartServe, qemu_img: str, workdir: 
     archive = finished_archive(server)
     assert archive.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zstd frame magic
     check_archive(archive, workdir, {"d0": data})
+
+
+def test_serve_stores_the_config_with_map_lines(
+    serve: StartServe, qemu_img: str, workdir: Path
+) -> None:
+    """``serve --config 100.conf`` with drive-KEY exports: stored as qemu-server.conf
+    with one map line per disk; a config disk the exports lack is a warning."""
+    conf = workdir / "100.conf"
+    conf.write_bytes(b"memory: 1024\nscsi0: local-lvm:vm-100-disk-0,size=1M\nscsi1: x:y\n")
+    data = source_bytes(SIZE, 5)
+    src = write_sparse(workdir / "src.raw", data)
+    server = serve({"drive-scsi0": SIZE}, extra=["--config", str(conf)])
+    wait_ok(qemu_img_convert(qemu_img, src, server.uri("drive-scsi0")))
+    archive = finished_archive(server)
+    check_archive(archive, workdir, {"drive-scsi0": data})
+    assert f"warning: {conf} has disk scsi1, which the VM does not have" in server.stderr()
+    config = (workdir / f"extract-{archive.stem}" / "qemu-server.conf").read_bytes()
+    assert config.endswith(b"scsi1: x:y\n#qmdump#map:scsi0:drive-scsi0:local-lvm::\n")
+    assert pverules.restore_problems(config, ["drive-scsi0"]) == []
 
 
 # -- qemu-io ----------------------------------------------------------------------------

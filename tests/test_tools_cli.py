@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pverules
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
@@ -384,6 +385,52 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------- create
+
+
+def test_create_stores_a_proxmox_config_with_map_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Images named drive-KEY: the config is stored as qemu-server.conf whatever its
+    file is called, with one map line per disk (what ``qmrestore`` needs)."""
+    (tmp_path / "a.raw").write_bytes(data_of(C, 1))
+    (tmp_path / "b.raw").write_bytes(data_of(2 * C, 2))
+    conf = tmp_path / "100.conf"
+    conf.write_bytes(b"memory: 512\r\nscsi0: local-lvm:vm-100-disk-0,size=64K\r\n")
+    fw = tmp_path / "100.fw"
+    fw.write_bytes(b"[OPTIONS]\nenable: 1\n")
+    arch = tmp_path / "vzdump-qemu-100-2026_01_01-00_00_00.vma"
+    argv = ["create", str(arch), "-c", str(conf), "-c", str(fw)]
+    argv += [f"drive-scsi0={tmp_path}/a.raw", f"drive-virtio1={tmp_path}/b.raw"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"warning: the VM's disk virtio1 has no line in {conf}: Proxmox would restore it as "
+        "an unused volume\n"
+    )
+    assert main(["config", str(arch), "-c", "qemu-server.conf"]) == 0
+    stored = capsys.readouterr().out.encode()
+    assert stored == (
+        b"memory: 512\nscsi0: local-lvm:vm-100-disk-0,size=64K\n"
+        b"#qmdump#map:scsi0:drive-scsi0:local-lvm::\n#qmdump#map:virtio1:drive-virtio1:::\n"
+    )
+    assert main(["config", str(arch), "-c", "qemu-server.fw"]) == 0
+    assert capsys.readouterr().out == fw.read_text()
+    _, devices = pverules.archive_devices(arch.read_bytes())
+    assert pverules.restore_problems(stored, devices) == [
+        "no config line for virtio1: its volume would be unused"
+    ]
+    # NAME=FILE still names it; two configs of one name are refused.
+    named = tmp_path / "named.vma"
+    assert (
+        main(["create", str(named), "-c", f"my.conf={conf}", f"drive-scsi0={tmp_path}/a.raw"]) == 0
+    )
+    capsys.readouterr()
+    assert main(["config", str(named), "-c", "my.conf"]) == 0
+    assert capsys.readouterr().out.encode() == conf.read_bytes()
+    twice = ["create", str(tmp_path / "t.vma"), "-c", str(conf), "-c", str(conf)]
+    assert main([*twice, f"drive-scsi0={tmp_path}/a.raw"]) != 0
+    assert "two configs would be stored as 'qemu-server.conf'" in capsys.readouterr().err
+    assert not (tmp_path / "t.vma").exists()
 
 
 def test_create_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
