@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Back up a (demo, paused) QEMU VM with `nbdvma backup`: two raw disks, the VM state
-# and a config file into one VMA archive, then list and verify it.
+# Back up a (demo, paused) QEMU VM with `nbdvma backup`, as vzdump would: two raw disks,
+# the VM state and its Proxmox config (with the #qmdump#map lines restore needs) into
+# DIR/vzdump-qemu-100-<time>.vma and its .log; then list and verify it.
 #
 #   bash examples/backup-vm.sh            (needs qemu-system-x86_64; run from anywhere)
 set -euo pipefail
@@ -40,8 +41,11 @@ scsi0: local:100/vm-100-disk-0.raw,size=64M
 scsi1: local:100/vm-100-disk-1.raw,size=32772K
 CONF
 
-"$py" -m nbdvma.backup --qmp "unix:$tmp/qmp.sock" "$tmp/vzdump-qemu-100.vma" \
+mkdir "$tmp/dump"
+"$py" -m nbdvma backup --qmp "unix:$tmp/qmp.sock" --vmid 100 "$tmp/dump" \
   --vmstate --config "$tmp/qemu-server.conf"
 
-"$py" -m nbdvma list "$tmp/vzdump-qemu-100.vma"
-"$py" -m nbdvma verify "$tmp/vzdump-qemu-100.vma" && echo "archive verified"
+archive=$(ls "$tmp"/dump/vzdump-qemu-100-*.vma)
+"$py" -m nbdvma list "$archive"
+"$py" -m nbdvma config "$archive"   # qemu-server.conf, with the map lines
+"$py" -m nbdvma verify "$archive" && echo "archive verified"

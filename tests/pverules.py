@@ -131,3 +131,38 @@ def vmstate_as_proxmox_extracts(archive: bytes) -> bytes:
                         out += data[pos : pos + VMA_BLOCK_SIZE]
                     pos += VMA_BLOCK_SIZE
     return bytes(out)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python tests/pverules.py ARCHIVE [VMSTATE]``: print what ``qmrestore`` would
+    refuse (nothing: exit 0), and write the ``vmstate.bin`` Proxmox's reader extracts."""
+    import subprocess
+    import sys
+
+    archive = open(argv[0], "rb").read()  # noqa: SIM115 - a one-shot script
+    _, devices = archive_devices(archive)
+    shown = subprocess.run(
+        [sys.executable, "-m", "nbdvma", "config", argv[0], "-c", "qemu-server.conf"],
+        capture_output=True,
+        check=False,
+    )
+    problems = (
+        restore_problems(shown.stdout, devices)
+        if shown.returncode == 0
+        else ["unable to read qemu-server.conf"]
+    )
+    name = argv[0].rsplit("/", 1)[-1]
+    if not VZDUMP_ARCHIVE.match(name):
+        problems.append(f"couldn't determine archive info from '{name}'")
+    for problem in problems:
+        print(f"qmrestore would fail: {problem}")
+    if len(argv) > 1:
+        with open(argv[1], "wb") as f:
+            f.write(vmstate_as_proxmox_extracts(archive))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
