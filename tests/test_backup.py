@@ -110,6 +110,10 @@ def nbdvma(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def extract(archive: Path, target: Path) -> Path:
+    """``nbdvma extract``; an archive with a ``qemu-server.conf`` must also pass
+    Proxmox's restore rules (every backup stores one unless told not to)."""
+    if "name: qemu-server.conf" in nbdvma("list", archive).stdout:
+        assert_restorable(archive)
     result = nbdvma("extract", archive, target)
     assert result.returncode == 0, result.stderr
     return target
@@ -210,14 +214,17 @@ def test_backup_prelaunch_vm_with_vmstate_and_config(
 ) -> None:
     vm = qemu_vm(disks)
     config = workdir / "some.conf"
-    config.write_text("name: demo\nmemory: 128\nscsi0: local:100/vm-100-disk-0.qcow2,size=6M\n")
+    config.write_text(
+        "name: demo\nmemory: 128\nscsi0: local:100/vm-100-disk-0.qcow2,size=6M\n"
+        "scsi1: local-lvm:vm-100-disk-1,size=3149312\n"
+    )
     archive = workdir / "vm.vma"
     result = backup("--qmp", vm.qmp_address, archive, "--vmstate", "--config", config)
     assert result.returncode == 0, result.stderr
-    # The file's name does not matter: Proxmox reads qemu-server.conf.  scsi1 has no
-    # line in it: said once, and the backup goes on.
-    assert result.stderr.count("WARN: the VM's disk scsi1 has no line in") == 1
-    assert "WARN: vm.vma is not a vzdump name" in result.stderr
+    # The file's name does not matter: Proxmox reads qemu-server.conf.
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARN")]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith("WARN: vm.vma is not a vzdump name")
     assert "INFO: 100% (9.0 MiB of 9.0 MiB)" in result.stderr
     assert "drive-scsi1: size 3.0 MiB" in result.stderr
     assert not Path(f"{archive}.part").exists()
@@ -227,7 +234,7 @@ def test_backup_prelaunch_vm_with_vmstate_and_config(
     assert verify.returncode == 0, verify.stderr
     shown = nbdvma("config", archive, "-c", "qemu-server.conf")
     assert shown.stdout == config.read_text() + (
-        "#qmdump#map:scsi0:drive-scsi0:local:qcow2:\n#qmdump#map:scsi1:drive-scsi1:::\n"
+        "#qmdump#map:scsi0:drive-scsi0:local:qcow2:\n#qmdump#map:scsi1:drive-scsi1:local-lvm::\n"
     )
     target = extract(archive, workdir / "restore")
     assert_disks_equal(target, vm)
@@ -277,12 +284,23 @@ def test_backup_without_vmstate_never_touches_the_run_state(
     assert_disks_equal(target, vm)
 
 
-def pve_topology(scsi: Path, virtio: Path, readonly: Path, iso: Path) -> list[str]:
+def pve_topology(
+    scsi: Path, virtio: Path, readonly: Path, iso: Path, efi: tuple[Path, Path] | None = None
+) -> list[str]:
     """QEMU arguments of a VM set up as Proxmox would: a scsi-hd on virtio-scsi
     (``scsi0``), a virtio-blk disk with an id that is no Proxmox key (``data``, so
     ``virtio0``), a read-only virtio-blk disk (``virtio1``), a CD-ROM and an empty
-    CD-ROM drive, a drive without medium nor device, and a NIC."""
+    CD-ROM drive, a drive without medium nor device, and a NIC; with ``efi``, OVMF's
+    code (read-only) and variables flash (``efidisk0``)."""
+    flash = []
+    if efi is not None:
+        flash = [
+            *("-blockdev", f"driver=file,filename={efi[0]},node-name=code,read-only=on"),
+            *("-blockdev", f"driver=file,filename={efi[1]},node-name=vars"),
+            *("-machine", "pflash0=code,pflash1=vars"),
+        ]
     return [
+        *flash,
         *("-device", "virtio-scsi-pci,id=virtioscsi0"),
         *("-blockdev", f"driver=file,filename={scsi},node-name=f0"),
         *("-blockdev", "driver=raw,file=f0,node-name=d0"),
@@ -315,6 +333,8 @@ def pve_images(raw_image: Callable[..., Path]) -> dict[str, Path]:
         "virtio0": raw_image("virtio.raw", ODD_SIZE, {4096: os.urandom(70000)}),
         "virtio1": raw_image("ro.raw", 2 * MiB, {0: b"read-only disk", MiB: os.urandom(4096)}),
         "iso": raw_image("cd.iso", MiB, {0: b"CD001"}),
+        "code": raw_image("OVMF_CODE.fd", MiB, {0: b"not really OVMF"}),
+        "efidisk0": raw_image("OVMF_VARS.fd", 540672, {4096: b"variables"}),
     }
 
 
@@ -322,7 +342,13 @@ def pve_vm(qemu_vm: Callable[..., QemuVm], images: Mapping[str, Path], *extra: s
     return qemu_vm(
         [],
         extra_args=[
-            *pve_topology(images["scsi0"], images["virtio0"], images["virtio1"], images["iso"]),
+            *pve_topology(
+                images["scsi0"],
+                images["virtio0"],
+                images["virtio1"],
+                images["iso"],
+                (images["code"], images["efidisk0"]) if "code" in images else None,
+            ),
             *extra,
         ],
     )
@@ -411,6 +437,8 @@ def test_backup_generated_config_vzdump_names_and_a_vm_state_proxmox_restores(
         "INFO: skipping 'ide2': CD-ROM drive",
         "INFO: skipping 'ide3': CD-ROM drive",
         "INFO: skipping 'spare': empty drive",
+        "INFO: skipping 'code': the firmware code flash (not a disk of the VM)",
+        f"INFO: include disk 'efidisk0' '{pve_images['efidisk0']}' 528K",
         f"INFO: include disk 'scsi0' '{pve_images['scsi0']}' 4M",
         f"INFO: include disk 'virtio0' '{pve_images['virtio0']}' {ODD_SIZE}",
         f"INFO: include disk 'virtio1' '{pve_images['virtio1']}' 2M",
@@ -418,18 +446,21 @@ def test_backup_generated_config_vzdump_names_and_a_vm_state_proxmox_restores(
         "INFO: Backup job finished successfully",
     ]:
         assert line in err.splitlines(), line
-    assert re.search(r"^INFO: 100% \(9\.0 MiB of 9\.0 MiB\) in \d+s, read: ", err, re.M), err
-    assert re.search(r"^INFO: transferred 9\.00 MiB in (<1|\d+) seconds", err, re.M), err
+    # 4 MiB + 3 MiB 3.5 KiB + 2 MiB + 528 KiB
+    assert re.search(r"^INFO: 100% \(9\.5 MiB of 9\.5 MiB\) in \d+s, read: ", err, re.M), err
+    assert re.search(r"^INFO: transferred 9\.52 MiB in (<1|\d+) seconds", err, re.M), err
     assert re.search(r"^INFO: Finished Backup of VM 100 \(00:00:\d\d\)$", err, re.M), err
     log = archive.with_name(archive.name.replace(".vma.zst", ".log")).read_text()
     stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR): ")
     assert all(stamped.match(line) for line in log.splitlines()), log
     assert [stamped.sub(r"\1: ", line) for line in log.splitlines()] == err.splitlines()
 
-    # The config: three disks, three map lines, the VM as QEMU knows it.
+    # The config: four disks, four map lines, the VM as QEMU knows it.
     config = assert_restorable(archive).decode()
-    assert config.count("#qmdump#map:") == 3
+    assert config.count("#qmdump#map:") == 4
     for line in [
+        "bios: ovmf",
+        f"efidisk0: {pve_images['efidisk0']},efitype=4m,size=528K",
         "memory: 128",
         "name: pve-test",
         "machine: q35",
@@ -443,7 +474,7 @@ def test_backup_generated_config_vzdump_names_and_a_vm_state_proxmox_restores(
     ]:
         assert line in config.splitlines(), line
     target = extract(archive, workdir / "restore")
-    assert_images_restored(target, pve_images, ["scsi0", "virtio0", "virtio1"])
+    assert_images_restored(target, pve_images, ["efidisk0", "scsi0", "virtio0", "virtio1"])
 
     # The VM state as Proxmox's reader extracts it loads into a matching QEMU.
     state = pverules.vmstate_as_proxmox_extracts(archive.read_bytes())
@@ -458,6 +489,7 @@ def test_backup_generated_config_vzdump_names_and_a_vm_state_proxmox_restores(
 def test_backup_user_config_named_100_conf_and_exclude(
     qemu_vm: Callable[..., QemuVm], pve_images: dict[str, Path], workdir: Path
 ) -> None:
+    del pve_images["code"], pve_images["efidisk0"]  # a SeaBIOS VM
     vm = pve_vm(qemu_vm, pve_images)
     config = workdir / "100.conf"
     config.write_bytes(
