@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import trio
 
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import AddressError
 
 __all__ = [
     "Address",
@@ -29,14 +29,6 @@ __all__ = [
 
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_UNIX_PATH = 107
-
-
-class AddressError(NbdvmaError, ValueError):
-    """A string is not a valid ``unix:PATH`` or ``tcp:HOST:PORT`` address.
-
-    It is a :class:`ValueError` too, so that ``argparse`` reports it as a bad option
-    value when :func:`parse_address` is used as an option's ``type``.
-    """
 
 
 @attrs.frozen

@@ -68,7 +68,7 @@ import attrs
 import trio
 
 from nbdvma.addresses import Address, UnixAddress, parse_address
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import BackupError, NbdvmaError
 from nbdvma.pve import (
     CONFIG_NAME,
     VMID_MAX,
@@ -134,10 +134,6 @@ FINISH_TIMEOUT = 600.0
 DEFAULT_UNIX_TLS_HOSTNAME = "localhost"
 #: Seconds to wait for QEMU's reason after a job error (its BLOCK_JOB_COMPLETED).
 JOB_ERROR_REASON_TIMEOUT = 5.0
-
-
-class BackupError(NbdvmaError):
-    """The backup cannot go on; the message is the one line the user sees."""
 
 
 @attrs.frozen

@@ -12,11 +12,19 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "AddressError",
+    "BackupError",
     "ClusterConflictError",
+    "ListenError",
     "LocalProtocolError",
     "NbdvmaError",
     "PartialBufferFullError",
+    "QmpConnectionClosed",
+    "QmpError",
+    "QmpEventOverflow",
+    "QmpTimeout",
     "RemoteProtocolError",
+    "TlsError",
     "VmaFormatError",
     "VmaWriterError",
     "errno_for_exception",
@@ -60,6 +68,60 @@ class PartialBufferFullError(VmaWriterError):
     """Accepting a write would buffer more partial-cluster bytes than the bound."""
 
     errno = errno.ENOMEM
+
+
+# -- the shell around the cores: addresses, listeners, TLS, QMP, backup ----------------
+
+
+class AddressError(NbdvmaError, ValueError):
+    """A string is not a valid ``unix:PATH`` or ``tcp:HOST:PORT`` address.
+
+    It is a :class:`ValueError` too, so that ``argparse`` reports it as a bad option
+    value when :func:`nbdvma.addresses.parse_address` is used as an option's ``type``.
+    """
+
+
+class ListenError(NbdvmaError):
+    """A listener cannot be opened (address in use, a non-socket file in the way...)."""
+
+
+class TlsError(NbdvmaError):
+    """The TLS options are inconsistent, or a certificate, key or CA cannot be loaded."""
+
+
+class QmpError(NbdvmaError):
+    """QEMU answered a command with an error.
+
+    Attributes:
+        error_class: QEMU's error class, e.g. ``"GenericError"``, ``"CommandNotFound"``,
+            ``"DeviceNotFound"``.
+        desc: QEMU's human-readable description.
+        command: the command that failed, when known.
+    """
+
+    def __init__(self, error_class: str, desc: str, command: str | None = None) -> None:
+        self.error_class = error_class
+        self.desc = desc
+        self.command = command
+        where = f"{command}: " if command else ""
+        super().__init__(f"{where}{error_class}: {desc}")
+
+
+class QmpConnectionClosed(NbdvmaError):
+    """The QMP connection is gone: QEMU exited, closed the socket or spoke something other
+    than QMP.  The message says which."""
+
+
+class QmpTimeout(NbdvmaError):
+    """A command's answer or an awaited event did not come before the deadline."""
+
+
+class QmpEventOverflow(NbdvmaError):
+    """Events were dropped from the buffer before a lagging cursor looked at them."""
+
+
+class BackupError(NbdvmaError):
+    """The backup cannot go on; the message is the one line the user sees."""
 
 
 class RemoteProtocolError(NbdvmaError):

@@ -9,13 +9,9 @@ import stat
 import trio
 
 from nbdvma.addresses import Address, TcpAddress, UnixAddress
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import ListenError
 
 __all__ = ["ListenError", "open_listener"]
-
-
-class ListenError(NbdvmaError):
-    """A listener cannot be opened (address in use, a non-socket file in the way...)."""
 
 
 async def open_listener(

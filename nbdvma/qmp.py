@@ -40,8 +40,7 @@ is not QMP, the client is *closed*: every waiting and future ``execute`` raises
 :class:`QmpConnectionClosed`, and event waits raise it once the buffered events have
 no match.  (``quit`` is the one command whose answer QEMU may never send: it can exit
 before flushing it, and the caller then sees :class:`QmpConnectionClosed`.)  Every wait
-has a deadline and raises :class:`QmpTimeout` (a
-:class:`trio.TooSlowError`) when it passes.  The deadlines are ``timeout=`` parameters
+has a deadline and raises :class:`QmpTimeout` when it passes.  The deadlines are ``timeout=`` parameters
 (against ruff's ASYNC109 advice) on purpose: a wait for QEMU must not be left without
 one by a caller that forgot its own ``fail_after``.
 """
@@ -61,7 +60,12 @@ import attrs
 import trio
 
 from nbdvma.addresses import Address, open_stream
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import (
+    QmpConnectionClosed,
+    QmpError,
+    QmpEventOverflow,
+    QmpTimeout,
+)
 
 __all__ = [
     "EventMatch",
@@ -89,37 +93,6 @@ DEFAULT_COMMAND_TIMEOUT = 30.0
 #: A filter on event data: a mapping whose items must all appear in ``event.data``
 #: (nested mappings compared the same way), or a predicate on the whole event.
 EventMatch = Mapping[str, Any] | Callable[["QmpEvent"], bool]
-
-
-class QmpError(NbdvmaError):
-    """QEMU answered a command with an error.
-
-    Attributes:
-        error_class: QEMU's error class, e.g. ``"GenericError"``, ``"CommandNotFound"``,
-            ``"DeviceNotFound"``.
-        desc: QEMU's human-readable description.
-        command: the command that failed, when known.
-    """
-
-    def __init__(self, error_class: str, desc: str, command: str | None = None) -> None:
-        self.error_class = error_class
-        self.desc = desc
-        self.command = command
-        where = f"{command}: " if command else ""
-        super().__init__(f"{where}{error_class}: {desc}")
-
-
-class QmpConnectionClosed(NbdvmaError):
-    """The QMP connection is gone: QEMU exited, closed the socket or spoke something other
-    than QMP.  The message says which."""
-
-
-class QmpTimeout(NbdvmaError, trio.TooSlowError):
-    """A command's answer or an awaited event did not come before the deadline."""
-
-
-class QmpEventOverflow(NbdvmaError):
-    """Events were dropped from the buffer before a lagging cursor looked at them."""
 
 
 @attrs.frozen

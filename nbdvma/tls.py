@@ -22,14 +22,10 @@ from typing import NoReturn
 
 import attrs
 
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import TlsError
 from nbdvma.nbd import TlsMode
 
 __all__ = ["TlsConfig", "TlsError", "TlsMode", "qemu_nbd_tls_fields", "qemu_tls_object"]
-
-
-class TlsError(NbdvmaError):
-    """The TLS options are inconsistent, or a certificate, key or CA cannot be loaded."""
 
 
 def _no_password() -> NoReturn:
