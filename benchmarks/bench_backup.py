@@ -25,7 +25,7 @@ from pathlib import Path
 import trio
 
 from nbdvma.qmp import QmpClient
-from nbdvma.serve import format_bytes, parse_size
+from nbdvma.units import format_bytes, parse_size
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -113,7 +113,7 @@ def run_nbdvma(work: Path, qmp_address: str) -> tuple[float, int]:
     archive.unlink(missing_ok=True)
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "nbdvma.backup", "--qmp", qmp_address, str(archive)],
+        [sys.executable, "-m", "nbdvma", "backup", "--qmp", qmp_address, str(archive)],
         capture_output=True,
         text=True,
         check=False,

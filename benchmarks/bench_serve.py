@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nbdvma.serve import parse_size  # noqa: E402
+from nbdvma.units import parse_size  # noqa: E402
 
 MiB = 1 << 20
 START_TIMEOUT = 30.0
@@ -94,7 +94,8 @@ def serve(archive: Path, size: int, sock: Path, *extra: str) -> Iterator[subproc
             [
                 sys.executable,
                 "-m",
-                "nbdvma.serve",
+                "nbdvma",
+                "serve",
                 str(archive),
                 "--disk",
                 f"d0={size}",

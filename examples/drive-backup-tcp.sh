@@ -31,7 +31,7 @@ qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel tcg -m 128 -
   -device virtio-blk-pci,drive=disk0,id=scsi0 &
 qemu_pid=$!
 
-"$py" -m nbdvma.serve "$tmp/backup.vma" --listen "tcp:127.0.0.1:$port" \
+"$py" -m nbdvma serve "$tmp/backup.vma" --listen "tcp:127.0.0.1:$port" \
   --disk "drive-scsi0=$size" &
 serve_pid=$!
 for _ in $(seq 100); do [ -S "$tmp/qmp.sock" ] && break; sleep 0.1; done

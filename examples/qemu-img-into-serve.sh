@@ -19,7 +19,7 @@ size=$((40 * 1024 * 1024 + 512))
 truncate -s "$size" "$tmp/disk.raw"
 dd if=/dev/urandom of="$tmp/disk.raw" bs=1M count=3 seek=7 conv=notrunc status=none
 
-"$py" -m nbdvma.serve "$tmp/disk.vma" --listen "unix:$tmp/nbd.sock" \
+"$py" -m nbdvma serve "$tmp/disk.vma" --listen "unix:$tmp/nbd.sock" \
   --disk "drive-scsi0=$size" &
 serve_pid=$!
 for _ in $(seq 100); do [ -S "$tmp/nbd.sock" ] && break; sleep 0.1; done

@@ -32,7 +32,7 @@ qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel tcg -m 128 -
 qemu_pid=$!
 for _ in $(seq 100); do [ -S "$tmp/qmp.sock" ] && break; sleep 0.1; done
 
-"$py" -m nbdvma.backup --qmp "unix:$tmp/qmp.sock" "$tmp/backup.vma.zst" --compress zstd --vmstate
+"$py" -m nbdvma backup --qmp "unix:$tmp/qmp.sock" "$tmp/backup.vma.zst" --compress zstd --vmstate
 "$py" -m nbdvma extract "$tmp/backup.vma.zst" "$tmp/restore"
 
 cmp "$tmp/disk0.raw" "$tmp/restore/disk-drive-scsi0.raw"

@@ -96,7 +96,7 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
         "completely and its clients disconnected (and the VM state, if declared, ended).",
     )
     if server_commands:
-        from nbdvma import serve
+        from nbdvma.commands import serve
 
         serve.add_arguments(p)
 
@@ -107,7 +107,7 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
         "its VM state) into ARCHIVE, from one point in time.",
     )
     if server_commands:
-        from nbdvma import backup
+        from nbdvma.commands import backup
 
         backup.add_arguments(p)
     return parser
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
     elif args.command in _SERVER_COMMANDS:
-        from nbdvma import backup, serve
+        from nbdvma.commands import backup, serve
 
         status = (serve if args.command == "serve" else backup).run(args)
         if status:

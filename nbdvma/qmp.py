@@ -40,9 +40,9 @@ is not QMP, the client is *closed*: every waiting and future ``execute`` raises
 :class:`QmpConnectionClosed`, and event waits raise it once the buffered events have
 no match.  (``quit`` is the one command whose answer QEMU may never send: it can exit
 before flushing it, and the caller then sees :class:`QmpConnectionClosed`.)  Every wait
-has a deadline and raises :class:`QmpTimeout` when it passes.  The deadlines are ``timeout=`` parameters
-(against ruff's ASYNC109 advice) on purpose: a wait for QEMU must not be left without
-one by a caller that forgot its own ``fail_after``.
+has a deadline and raises :class:`QmpTimeout` when it passes.  The deadlines are
+``timeout=`` parameters (against ruff's ASYNC109 advice) on purpose: a wait for QEMU
+must not be left without one by a caller that forgot its own ``fail_after``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run ``nbdvma serve`` as a subprocess for the interop tests.
 
-:func:`start_serve` starts ``python -m nbdvma.serve`` with the given disks and
+:func:`start_serve` starts ``python -m nbdvma serve`` with the given disks and
 listeners, waits (with a deadline) for its ``nbdvma serve: listening on ADDR`` lines on
 stderr and returns a :class:`ServeProcess` that knows the resolved addresses.  The
 context manager :func:`serving` always kills the process at the end, whatever the test
@@ -99,8 +99,8 @@ def serve_command(
     listen: Sequence[str],
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of ``python -m nbdvma.serve``."""
-    cmd = [sys.executable, "-m", "nbdvma.serve", os.fspath(archive)]
+    """The command line of ``python -m nbdvma serve``."""
+    cmd = [sys.executable, "-m", "nbdvma", "serve", os.fspath(archive)]
     for name, size in disks.items():
         cmd += ["--disk", f"{name}={size}"]
     for address in listen:

@@ -32,7 +32,7 @@ from nbdvma.qmp import QmpClient
 pytestmark = pytest.mark.interop
 
 PY = sys.executable
-BACKUP = [PY, "-m", "nbdvma.backup"]
+BACKUP = [PY, "-m", "nbdvma", "backup"]
 MiB = 1 << 20
 #: Not a multiple of 64 KiB, a multiple of 512: the partial last cluster.
 ODD_SIZE = 3 * MiB + 7 * 512
@@ -661,7 +661,7 @@ def test_qemu_backup_into_serve(
     archive = workdir / "vm.vma"
     names = [f"drive-{d.device_id}" for d in vm.disks]
     serve = subprocess.Popen(
-        [PY, "-m", "nbdvma.serve", str(archive), "--listen", listen]
+        [PY, "-m", "nbdvma", "serve", str(archive), "--listen", listen]
         + [f"--disk={n}={d.size}" for n, d in zip(names, vm.disks, strict=True)],
         stderr=subprocess.PIPE,
         text=True,

@@ -389,7 +389,7 @@ def test_backup_on_a_full_disk_fails_cleanly(
 
     qmp_run(vm, cont)
     result = subprocess.run(
-        [PY, "-m", "nbdvma.backup", "--qmp", vm.qmp_address, str(archive)],
+        [PY, "-m", "nbdvma", "backup", "--qmp", vm.qmp_address, str(archive)],
         capture_output=True,
         text=True,
         timeout=DEADLINE * 2,

@@ -1,6 +1,6 @@
 """``nbdvma serve`` against the real clients: qemu-img, qemu-io, nbdcopy, nbdinfo, libnbd.
 
-Each test starts ``python -m nbdvma.serve`` (tests/servehelpers.py), has real clients
+Each test starts ``python -m nbdvma serve`` (tests/servehelpers.py), has real clients
 write into it over a unix socket and/or TCP on 127.0.0.1, waits for the server to
 finish the archive by itself (every disk fully written, every client gone), and checks
 the archive with ``nbdvma extract`` (byte for byte against what was written) and

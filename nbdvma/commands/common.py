@@ -1,0 +1,94 @@
+"""What ``serve`` and ``backup`` share on the command line: signals, options, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+from nbdvma.errors import NbdvmaError
+from nbdvma.units import parse_size
+
+__all__ = [
+    "config_argument",
+    "first_error",
+    "log_to_stderr",
+    "read_configs",
+    "seconds_argument",
+    "size_argument",
+]
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a nursery's exception group: its first leaf.
+
+    trio wraps whatever fails inside a nursery in a group; the CLI reports one line.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def log_to_stderr(prefix: str, *, verbose: bool) -> None:
+    """Show the library's log records (``nbdvma.*``) on stderr: warnings always, as
+    ``PREFIXwarning: …``; with ``verbose`` the INFO records too, as ``PREFIX…``."""
+
+    class _Format(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            level = "warning: " if record.levelno >= logging.WARNING else ""
+            return f"{prefix}{level}{record.getMessage()}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    logger = logging.getLogger("nbdvma")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def config_argument(text: str) -> tuple[str | None, str]:
+    """``--config [NAME=]FILE`` → ``(NAME, FILE)``; NAME is ``None`` when not given
+    (:func:`nbdvma.pve.archive_configs` chooses it)."""
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name:
+        return None, text
+    return name, path
+
+
+def read_configs(
+    args: Sequence[tuple[str | None, str]],
+) -> list[tuple[str | None, str, bytes]]:
+    """Read the files of ``--config`` options.
+
+    Raises:
+        NbdvmaError: one cannot be read (the message names it and why).
+    """
+    items = []
+    for name, path in args:
+        try:
+            with open(path, "rb") as f:
+                items.append((name, path, f.read()))
+        except OSError as exc:
+            raise NbdvmaError(f"config {path}: {exc.strerror or exc}") from None
+    return items
+
+
+def size_argument(text: str) -> int:
+    """An option's size (``64K``, ``1.5G``), as argparse wants its errors."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds_argument(text: str) -> float:
+    """An option's positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value

@@ -1,0 +1,283 @@
+"""``nbdvma serve``: NBD exports (one per guest disk) into one VMA archive.
+
+The command runs one :class:`~nbdvma.session.ArchiveSession` until the archive is
+complete, printing where it listens, progress per disk and a summary on stderr (every
+line prefixed ``nbdvma serve:``).  SIGINT/SIGTERM leave ``ARCHIVE.part`` and name what
+is incomplete.  ``--backend null`` serves the same exports into a
+:class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import sys
+
+import trio
+
+from nbdvma.addresses import TcpAddress, parse_address
+from nbdvma.backends import Export, NullBackend
+from nbdvma.commands.common import (
+    config_argument,
+    first_error,
+    log_to_stderr,
+    read_configs,
+    seconds_argument,
+    size_argument,
+)
+from nbdvma.errors import NbdvmaError
+from nbdvma.pve import archive_configs
+from nbdvma.server import NbdServer, ServerLimits
+from nbdvma.session import ArchiveSession, SessionOptions, open_nbd_listeners
+from nbdvma.signals import stop_on_signals
+from nbdvma.tls import TlsConfig, TlsMode
+
+__all__ = ["add_arguments", "run"]
+
+PREFIX = "nbdvma serve: "
+#: Seconds between attempts to finish an archive whose file system is full.
+FINISH_RETRY_INTERVAL = 1.0
+#: Seconds between progress lines (printed only when they changed).
+PROGRESS_INTERVAL = 2.0
+
+
+def _say(message: str) -> None:
+    print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
+
+
+async def _report_progress(session: ArchiveSession, interval: float) -> None:
+    last: list[str] = []
+    while True:
+        await trio.sleep(interval)
+        lines = session.progress_lines()
+        if lines != last:
+            for line in lines:
+                _say(line)
+            last = lines
+
+
+async def _finish_when_space(session: ArchiveSession) -> None:
+    """Finish the archive; while its file system is full, say so once and retry.
+
+    Every client is done by now, so nothing is lost by waiting: the writer's finish
+    is retryable after an ``OSError``, and an administrator can free space (or stop
+    ``serve`` with a signal, which leaves ``ARCHIVE.part``).
+    """
+    warned = False
+    while True:
+        try:
+            await session.finish()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not warned:
+                _say(
+                    "no space left to finish the archive; retrying "
+                    f"every {FINISH_RETRY_INTERVAL:g}s (free space, or stop with a signal)"
+                )
+                warned = True
+            await trio.sleep(FINISH_RETRY_INTERVAL)
+        else:
+            if warned:
+                _say("space available again; archive finished")
+            return
+
+
+async def run_session(
+    options: SessionOptions, *, progress_interval: float = PROGRESS_INTERVAL
+) -> int:
+    """Run one session until the archive is complete or a signal arrives.
+
+    Returns:
+        The exit status: 0 when the archive is finished, 128 + the signal number
+        when interrupted first.
+    """
+    session = ArchiveSession(options)
+    try:
+        async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
+            await session.start(nursery)
+            for address in session.listening:
+                _say(f"listening on {address}")
+            if session.vmstate_address is not None:
+                _say(f"vmstate on {session.vmstate_address}")
+            nursery.start_soon(_report_progress, session, progress_interval)
+            await session.done.wait()
+            await _finish_when_space(session)
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        session.abort()
+        raise
+    finally:
+        session.remove_sockets()
+    # A signal during finish() does not stop it (it runs in a thread): then the archive
+    # is complete after all, and that is what to report.
+    if stop.signum is not None and not session.writer.finished:
+        session.abort()
+        where = options.archive + ".part" if options.archive != "-" else "the output stream"
+        _say(
+            f"interrupted by {stop.name}; the archive is incomplete and left as {where}; "
+            f"incomplete: {', '.join(session.incomplete()) or 'nothing (not finalized)'}"
+        )
+        return 128 + stop.signum
+    for line in session.summary_lines():
+        _say(line)
+    return 0
+
+
+async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOptions) -> int:
+    """``--backend null``: the same exports, every write discarded, until a signal."""
+    server = NbdServer(
+        NullBackend([Export(name, size) for name, size in disks]),
+        limits=options.limits,
+        tls_mode=options.tls.mode,
+        ssl_context=options.tls.server_context(),
+    )
+    async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
+        listeners, addresses = await open_nbd_listeners(options)
+        for address in addresses:
+            _say(f"listening on {address}")
+        await nursery.start(server.serve, listeners)
+    _say(f"stopped by {stop.name}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``nbdvma serve``."""
+    parser.add_argument(
+        "archive", metavar="ARCHIVE", help="the VMA archive to write ('-' = stdout)"
+    )
+    parser.add_argument(
+        "--disk",
+        action="append",
+        required=True,
+        type=_disk,
+        metavar="NAME=SIZE",
+        help="an export (guest disk) of SIZE bytes (K/M/G/T suffixes); repeatable",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        type=config_argument,
+        metavar="[NAME=]FILE",
+        help="store FILE in the archive as config NAME (default: qemu-server.conf with "
+        "#qmdump#map lines when the disks are named drive-KEY, else its basename)",
+    )
+    parser.add_argument(
+        "--vmstate",
+        type=parse_address,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="accept one connection here and store what it sends as the VM state",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        type=parse_address,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
+    )
+    parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
+    parser.add_argument("--backend", choices=["vma", "null"], default="vma")
+    parser.add_argument(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=0o600,
+        metavar="MODE",
+        help="permissions of unix sockets (octal, default 0600)",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=100, help="connection cap (default 100)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every connection (peer, export, how it ended) on stderr",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="drop a client that has not finished the handshake by then (default 10)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=seconds_argument,
+        default=math.inf,
+        metavar="SECONDS",
+        help="drop a client that sends nothing for this long with no request in flight "
+        "(default: never)",
+    )
+    tls = parser.add_argument_group("TLS (NBD_OPT_STARTTLS, X.509; see docs/security.md)")
+    tls.add_argument(
+        "--tls",
+        choices=[m.value for m in TlsMode],
+        default=TlsMode.OFF.value,
+        help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
+        "require: nothing works before TLS (default off)",
+    )
+    tls.add_argument("--tls-cert", metavar="PEM", help="the server certificate (chain)")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key (unencrypted)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the CA that signs client certificates")
+    tls.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="require a client certificate signed by --tls-ca",
+    )
+
+
+def _disk(text: str) -> tuple[str, int]:
+    name, sep, size = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE, got {text!r}")
+    return name, size_argument(size)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``nbdvma serve`` from parsed arguments; return the exit status.
+
+    Raises:
+        NbdvmaError, OSError: what the CLI reports as one line.
+    """
+    names = [name for name, _ in args.disk]
+    if len(set(names)) != len(names):
+        raise NbdvmaError("each --disk needs a different name")
+    if args.backend == "null" and (args.vmstate or args.config):
+        raise NbdvmaError("--backend null discards everything: --vmstate and --config need vma")
+    log_to_stderr(PREFIX, verbose=args.verbose)
+    try:
+        configs, _, warnings = archive_configs(read_configs(args.config), names)
+    except (NbdvmaError, ValueError) as exc:
+        _say(str(exc))
+        return 1
+    for warning in warnings:
+        _say(f"warning: {warning}")
+    options = SessionOptions(
+        archive=args.archive,
+        disks=tuple(args.disk),
+        configs=tuple(configs),
+        vmstate=args.vmstate,
+        listen=tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
+        compress=args.compress,
+        unix_mode=args.socket_mode,
+        tls=TlsConfig(
+            mode=TlsMode(args.tls),
+            cert=args.tls_cert,
+            key=args.tls_key,
+            ca=args.tls_ca,
+            verify_client=args.tls_verify_client,
+        ),
+        limits=ServerLimits(
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+            handshake_timeout=args.handshake_timeout,
+        ),
+    )
+    try:
+        if args.backend == "null":
+            return trio.run(run_discard, options.disks, options)
+        return trio.run(run_session, options)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None

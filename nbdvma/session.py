@@ -1,0 +1,248 @@
+"""An archive written through NBD: the library's way to serve disks into a VMA archive.
+
+An :class:`ArchiveSession` owns the writer, the NBD server, the optional VM-state
+listener and the rule that ends the backup:
+
+* a disk is complete when every byte of it has been written (data or zeroes) and no
+  client is connected to it any more (QEMU flushes and disconnects when its target
+  node is removed); a client that only looks completes nothing;
+* the VM state is complete at EOF of the one connection its listener accepts;
+* when all are complete :attr:`ArchiveSession.done` is set, and :meth:`finish`
+  finishes the archive (fsync, rename).
+
+It prints nothing: warnings go to the ``nbdvma.session`` logger, progress and summary
+are returned as lines for the caller to show.  ``nbdvma serve`` and ``nbdvma backup``
+(in-process, on a private unix socket) both run one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+
+import attrs
+import trio
+
+from nbdvma.addresses import Address, TcpAddress, UnixAddress
+from nbdvma.backends import VmaBackend
+from nbdvma.listeners import open_listener
+from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
+from nbdvma.tls import TlsConfig, TlsMode
+from nbdvma.units import format_bytes
+from nbdvma.vma.sink import open_sink
+from nbdvma.vma.writer import VmaWriter
+
+__all__ = ["ArchiveSession", "SessionOptions", "open_nbd_listeners"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class SessionOptions:
+    """Everything a session needs: the archive, its disks (name, size) and configs,
+    where to listen, and the server's limits and TLS."""
+
+    archive: str
+    disks: tuple[tuple[str, int], ...]
+    configs: tuple[tuple[str, bytes], ...] = ()
+    vmstate: Address | None = None
+    listen: tuple[Address, ...] = (TcpAddress("127.0.0.1", 10809),)
+    compress: str | None = None
+    unix_mode: int = 0o600
+    limits: ServerLimits = attrs.Factory(ServerLimits)
+    #: Header estimate of the VM-state size, until finish knows the real one.
+    vmstate_size_hint: int = 65536
+    #: TLS for the NBD listeners (``--tls``...); off by default.
+    tls: TlsConfig = attrs.Factory(TlsConfig)
+
+
+class _Observer(ConnectionObserver):
+    def __init__(self, session: ArchiveSession) -> None:
+        self.session = session
+
+    def transmission_started(self, export: str) -> None:
+        self.session.active[export] += 1
+
+    def connection_ended(self, export: str) -> None:
+        self.session.active[export] -= 1
+        self.session.check_complete()
+
+
+class ArchiveSession:
+    """One archive being written through NBD (and a VM-state socket)."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        """Open the archive (as ``ARCHIVE.part``) and register every device.
+
+        Raises:
+            NbdvmaError: bad options or an existing archive.
+            OSError: the archive cannot be created.
+        """
+        self.options = options
+        # Certificates first: a bad one must not leave an archive behind.
+        ssl_context = options.tls.server_context()
+        self.active: dict[str, int] = {name: 0 for name, _ in options.disks}
+        self.done = trio.Event()
+        self.vmstate_done = options.vmstate is None
+        self.listening: list[Address] = []
+        self.vmstate_address: Address | None = None
+        self._vmstate_id = 0
+        self._started = time.monotonic()
+        writer = VmaWriter(open_sink(options.archive, options.compress))
+        try:
+            for name, data in options.configs:
+                writer.add_config(name, data)
+            devices = {name: writer.add_device(name, size) for name, size in options.disks}
+            if options.vmstate is not None:
+                self._vmstate_id = writer.add_stream(size_hint=options.vmstate_size_hint)
+        except BaseException:
+            writer.abort()
+            _remove_part(options.archive)
+            raise
+        self.writer = writer
+        self.vma = VmaBackend(writer, devices)
+        self.server = NbdServer(
+            self.vma,
+            limits=options.limits,
+            observer=_Observer(self),
+            tls_mode=options.tls.mode,
+            ssl_context=ssl_context,
+        )
+
+    def check_complete(self) -> None:
+        """Set :attr:`done` once every disk and the VM state are complete."""
+        if not self.vmstate_done:
+            return
+        for name in self.active:
+            if self.active[name] or not self.vma.progress(name).complete:
+                return
+        self.done.set()
+
+    def incomplete(self) -> list[str]:
+        """Names of what is not complete yet (disks, then ``vmstate``)."""
+        out = []
+        for name in self.active:
+            if not self.vma.progress(name).complete or self.active[name]:
+                out.append(name)
+        if not self.vmstate_done:
+            out.append("vmstate")
+        return out
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open the listeners and serve in ``nursery``; returns once listening."""
+        listeners, self.listening = await open_nbd_listeners(self.options)
+        await nursery.start(self.server.serve, listeners)
+        if self.options.vmstate is not None:
+            listener, real = await open_listener(
+                self.options.vmstate, unix_mode=self.options.unix_mode
+            )
+            self.vmstate_address = real
+            if _exposed(listener):
+                log.warning(f"--vmstate {real} is reachable from other hosts and never encrypted")
+            nursery.start_soon(self._receive_vmstate, listener)
+
+    async def _receive_vmstate(self, listener: trio.SocketListener) -> None:
+        async with listener:
+            stream = await listener.accept()
+        async with stream:
+            while data := await stream.receive_some(1 << 20):
+                async with self.vma.lock:
+                    self.writer.append(self._vmstate_id, data)
+        self.vmstate_done = True
+        log.info("vmstate: complete")
+        self.check_complete()
+
+    async def finish(self) -> None:
+        """Finish the archive: the last extents, fsync, rename to the final name."""
+        async with self.vma.lock:
+            await trio.to_thread.run_sync(self.writer.finish)
+
+    def remove_sockets(self) -> None:
+        """Remove the unix socket files this session created."""
+        for address in [*self.listening, self.vmstate_address]:
+            if isinstance(address, UnixAddress):
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
+
+    def abort(self) -> None:
+        """Leave the archive incomplete under ``ARCHIVE.part``.
+
+        A ``.part`` that never received anything (a failure at start-up) is removed.
+        """
+        self.writer.abort()
+        if not self.writer.has_output:
+            _remove_part(self.options.archive)
+
+    def vmstate_bytes(self) -> int:
+        """Bytes of VM state received so far (0 without a VM-state stream)."""
+        if not self._vmstate_id:
+            return 0
+        return self.writer.progress(self._vmstate_id).written
+
+    def progress_lines(self) -> list[str]:
+        """One line per disk: ``drive-scsi0: 42% (860.0 MiB of 2.0 GiB)``."""
+        lines: list[str] = []
+        for name in self.active:
+            p = self.vma.progress(name)
+            pct = int(100 * p.written / p.size)
+            lines.append(f"{name}: {pct}% ({format_bytes(p.written)} of {format_bytes(p.size)})")
+        if self.options.vmstate is not None:
+            p = self.writer.progress(self._vmstate_id)
+            state = "complete" if self.vmstate_done else "receiving"
+            lines.append(f"vmstate: {format_bytes(p.written)} ({state})")
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        """Per disk: size, zero bytes, stored bytes; then the archive and the duration."""
+        lines: list[str] = []
+        for name in self.active:
+            p = self.vma.progress(name)
+            lines.append(
+                f"{name}: size {format_bytes(p.size)}, zero {format_bytes(p.zero_bytes)}, "
+                f"stored {format_bytes(p.stored_bytes)}"
+            )
+        if self.options.archive != "-" and os.path.exists(self.options.archive):
+            size = os.path.getsize(self.options.archive)
+            lines.append(f"archive {self.options.archive}: {format_bytes(size)}")
+        lines.append(f"duration {time.monotonic() - self._started:.1f}s")
+        return lines
+
+
+async def open_nbd_listeners(
+    options: SessionOptions,
+) -> tuple[list[trio.SocketListener], list[Address]]:
+    """Listen on every address of ``options.listen``; warn about a TCP listener that
+    other hosts reach without TLS required.
+
+    Returns:
+        The listeners and the addresses they really have (ports resolved).
+    """
+    listeners, addresses = [], []
+    for address in options.listen:
+        listener, real = await open_listener(address, unix_mode=options.unix_mode)
+        listeners.append(listener)
+        addresses.append(real)
+        if _exposed(listener) and options.tls.mode is not TlsMode.REQUIRE:
+            log.warning(
+                f"{real} is reachable from other hosts without --tls require: "
+                "whoever connects can read and write the backup (see docs/security.md)"
+            )
+    return listeners, addresses
+
+
+def _exposed(listener: trio.SocketListener) -> bool:
+    """Whether a listener is a TCP socket bound to a non-loopback address."""
+    name = listener.socket.getsockname()
+    if not isinstance(name, tuple):
+        return False  # a unix socket: guarded by its file mode
+    return not ipaddress.ip_address(name[0]).is_loopback
+
+
+def _remove_part(archive: str) -> None:
+    """Remove the empty ``.part`` of an archive that never got any data."""
+    if archive != "-":
+        with contextlib.suppress(OSError):
+            os.unlink(archive + ".part")
