@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "EXPORT_NAME_PADDING",
     "IHAVEOPT",
+    "MAX_EXTENTS",
     "MAX_STRING_LENGTH",
     "NBDMAGIC",
     "NBD_EXTENDED_REPLY_MAGIC",
@@ -60,6 +61,8 @@ NBD_EXTENDED_REPLY_MAGIC = 0x6E8A278C
 EXPORT_NAME_PADDING = 124
 #: Strings (names, queries, messages) MUST be at most this many bytes [SPEC "Conventions"].
 MAX_STRING_LENGTH = 4096
+#: At most this many extents in one BLOCK_STATUS chunk [SPEC].
+MAX_EXTENTS = 1 << 20
 #: Maximum payload a server SHOULD accept when it advertised none (32 MiB).
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 
