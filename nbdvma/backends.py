@@ -21,29 +21,14 @@ from typing import Protocol
 import attrs
 import trio
 
+from nbdvma.nbd import Capabilities
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
-__all__ = ["Backend", "Capabilities", "Export", "NullBackend", "VmaBackend"]
+__all__ = ["Backend", "Export", "NullBackend", "VmaBackend"]
 
 #: ``base:allocation`` flags (NBD_STATE_HOLE | NBD_STATE_ZERO).
 STATE_HOLE = 1
 STATE_ZERO = 2
-
-
-@attrs.frozen
-class Capabilities:
-    """What a backend supports; the transmission flags are derived from it."""
-
-    can_write: bool = True
-    can_flush: bool = True
-    can_fua: bool = True
-    can_trim: bool = True
-    can_zero: bool = True
-    can_fast_zero: bool = True
-    can_cache: bool = True
-    can_extents: bool = True
-    #: FLUSH on one connection covers writes acknowledged on every other.
-    can_multi_conn: bool = True
 
 
 @attrs.frozen
@@ -56,8 +41,12 @@ class Export:
 
 
 class Backend(Protocol):
-    """The interface the trio server drives.  Every method may raise; the exception's
-    errno (see :func:`nbdvma.errors.errno_for_exception`) is what the client sees."""
+    """The interface the trio server drives.
+
+    ``capabilities`` (:class:`nbdvma.nbd.Capabilities`) holds for every export.  Every
+    method may raise; the exception's errno (see
+    :func:`nbdvma.errors.errno_for_exception`) is what the client sees.
+    """
 
     capabilities: Capabilities
 
@@ -97,7 +86,7 @@ class VmaBackend:
     a worker thread while the lock is held.
     """
 
-    capabilities = Capabilities()
+    capabilities = Capabilities.full()
 
     def __init__(self, writer: VmaWriter, devices: dict[str, int]) -> None:
         """Serve ``devices`` (export name -> dev id of ``writer``)."""
@@ -162,7 +151,7 @@ class VmaBackend:
 class NullBackend:
     """Discards every write and reads zeros, like nbdkit's ``null`` plugin."""
 
-    capabilities = Capabilities()
+    capabilities = Capabilities.full()
 
     def __init__(self, exports: Sequence[Export]) -> None:
         """Serve ``exports`` of the given sizes."""

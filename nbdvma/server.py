@@ -174,15 +174,12 @@ class NbdServer:
         self.observer = observer or ConnectionObserver()
         self.tls_mode = tls_mode
         self.ssl_context = ssl_context
-        caps = backend.capabilities
         self.exports = {
             e.name: ExportInfo(
                 name=e.name,
                 size=e.size,
                 description=e.description,
-                # The backend's can_* flags, but for can_extents (a matter of the core's
-                # meta context, which base:allocation always offers).
-                **attrs.asdict(caps, filter=lambda a, _: a.name != "can_extents"),
+                capabilities=backend.capabilities,
                 min_block=1,
                 preferred_block=64 * 1024,
                 max_block=self.limits.max_payload,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from nbd_client_sansio import (
 from nbdvma.errors import LocalProtocolError, RemoteProtocolError
 from nbdvma.nbd import (
     NEED_DATA,
+    Capabilities,
     ConnectionClosed,
     DataChunk,
     Disconnect,
@@ -49,6 +51,7 @@ from nbdvma.nbd.constants import (
     NbdReplyType,
     NbdTransmissionFlag,
 )
+from nbdvma.nbd.state import PHASE, TRANSITIONS, ReceiveState, RxState
 
 O = NbdOption  # noqa: E741
 R = NbdRep
@@ -69,7 +72,9 @@ FULL = {
 
 
 def make(**kw: object) -> NbdServerConnection:
-    exports = {"disk": ExportInfo("disk", SIZE, "the disk", **kw)}  # type: ignore[arg-type]
+    """A connection to one export; ``can_*`` arguments go to its :class:`Capabilities`."""
+    caps = Capabilities(**{k: kw.pop(k) for k in list(kw) if k.startswith("can_")})  # type: ignore[arg-type]
+    exports = {"disk": ExportInfo("disk", SIZE, "the disk", capabilities=caps, **kw)}  # type: ignore[arg-type]
     return NbdServerConnection(exports)
 
 
@@ -833,7 +838,9 @@ def test_block_status() -> None:
 
 # --- splitting and fuzzing ----------------------------------------------------------
 
-SESSION_EXPORTS = {"disk": ExportInfo("disk", SIZE, "d", min_block=512, **FULL)}  # type: ignore[arg-type]
+SESSION_EXPORTS = {
+    "disk": ExportInfo("disk", SIZE, "d", capabilities=Capabilities.full(), min_block=512)
+}
 SESSION = (
     client_flags()
     + option(O.NBD_OPT_LIST)
@@ -1001,7 +1008,16 @@ def test_libnbd_smoke() -> None:
     nbd = pytest.importorskip("nbd")
     disk = bytearray(SIZE)
     conn = NbdServerConnection(
-        {"disk": ExportInfo("disk", SIZE, "smoke", min_block=512, preferred_block=65536, **FULL)}  # type: ignore[arg-type]
+        {
+            "disk": ExportInfo(
+                "disk",
+                SIZE,
+                "smoke",
+                capabilities=Capabilities.full(),
+                min_block=512,
+                preferred_block=65536,
+            )
+        }
     )
     ours, theirs = socket.socketpair()
     server = threading.Thread(target=_serve_blocking, args=(ours, conn, disk), daemon=True)
@@ -1104,3 +1120,38 @@ def test_payload_buffer_misuse() -> None:
         conn.payload_received(len(view) + 1)
     with pytest.raises(LocalProtocolError):
         conn.payload_received(0)
+
+
+def test_receive_state_table() -> None:
+    # Every state has a phase and a row of moves; the final states have no way out.
+    assert set(PHASE) == set(RxState) == set(TRANSITIONS)
+    assert TRANSITIONS[RxState.CLOSED] == TRANSITIONS[RxState.ERROR] == frozenset()
+    state = ReceiveState()
+    assert state.phase is NbdPhase.HANDSHAKE
+    with pytest.raises(LocalProtocolError):
+        state.goto(RxState.REQUEST_HEADER)  # no request before an option was answered
+    for step in (RxState.OPTION_HEADER, RxState.OPTION_PAYLOAD, RxState.REQUEST_HEADER):
+        state.goto(step)
+    assert state.phase is NbdPhase.TRANSMISSION
+    with pytest.raises(LocalProtocolError):
+        state.goto(RxState.OPTION_HEADER)  # no way back to the handshake
+    state.goto(RxState.CLOSED)
+    assert state.phase is NbdPhase.CLOSED
+    with pytest.raises(LocalProtocolError):
+        state.goto(RxState.ERROR)
+
+
+def test_capabilities_full_is_every_flag() -> None:
+    assert Capabilities.full() == Capabilities(**FULL)  # type: ignore[arg-type]
+    assert set(FULL) | {"can_write", "can_flush"} == set(attrs.fields_dict(Capabilities))
+    conn = NbdServerConnection({"disk": ExportInfo("disk", SIZE, capabilities=Capabilities.full())})
+    assert go(conn).transmission_flags == (
+        T.NBD_FLAG_HAS_FLAGS
+        | T.NBD_FLAG_SEND_FLUSH
+        | T.NBD_FLAG_SEND_FUA
+        | T.NBD_FLAG_SEND_TRIM
+        | T.NBD_FLAG_SEND_WRITE_ZEROES
+        | T.NBD_FLAG_SEND_FAST_ZERO
+        | T.NBD_FLAG_CAN_MULTI_CONN
+        | T.NBD_FLAG_SEND_CACHE
+    )

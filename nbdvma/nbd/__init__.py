@@ -26,11 +26,12 @@ from .events import (
     StartTLS,
     TransmissionStarted,
 )
-from .records import ExportInfo, Limits, TlsMode
+from .records import Capabilities, ExportInfo, Limits, TlsMode
 from .state import NbdPhase
 
 __all__ = [
     "NEED_DATA",
+    "Capabilities",
     "ConnectionClosed",
     "DataChunk",
     "Disconnect",

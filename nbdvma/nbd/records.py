@@ -1,7 +1,7 @@
 """What a server offers and how a connection is limited: records the I/O layer builds.
 
-:class:`ExportInfo` is one export as the protocol core sees it (its name, size, what
-it can do and its block sizes); :class:`Limits` are a connection's denial-of-service
+:class:`ExportInfo` is one export as the protocol core sees it (its name, size,
+:class:`Capabilities` and block sizes); :class:`Limits` are a connection's denial-of-service
 limits and :class:`TlsMode` the spec's TLS modes.  All are frozen values; parsing
 and state live elsewhere (:mod:`.handshake`, :mod:`.transmission`).
 """
@@ -14,7 +14,7 @@ import attrs
 
 from .constants import DEFAULT_MAX_PAYLOAD, MAX_STRING_LENGTH, NbdTransmissionFlag
 
-__all__ = ["ExportInfo", "Limits", "TlsMode"]
+__all__ = ["Capabilities", "ExportInfo", "Limits", "TlsMode"]
 
 _KiB = 1024
 _MiB = 1024 * 1024
@@ -36,12 +36,43 @@ class TlsMode(enum.Enum):
 
 
 @attrs.frozen
-class ExportInfo:
-    """What the server offers under one export name, and what it can do.
+class Capabilities:
+    """What an export can do, one flag per NBD feature (as nbdkit's ``can_*``).
 
-    The transmission flags are derived from the capabilities
-    (:meth:`transmission_flags`).  Block sizes are advertised only to clients that
-    ask for NBD_INFO_BLOCK_SIZE, and alignment is enforced only for those.
+    The transmission flags are derived from it (:meth:`ExportInfo.transmission_flags`).
+    The defaults are the baseline every export has: it can be written and flushed,
+    nothing more; :meth:`full` is everything the core implements.
+    """
+
+    can_write: bool = True
+    can_flush: bool = True
+    can_fua: bool = False
+    can_trim: bool = False
+    can_zero: bool = False
+    can_fast_zero: bool = False
+    can_cache: bool = False
+    #: FLUSH on one connection covers writes acknowledged on every other.
+    can_multi_conn: bool = False
+
+    @classmethod
+    def full(cls) -> Capabilities:
+        """Every capability (what a writable backend such as ``VmaBackend`` declares)."""
+        return cls(
+            can_fua=True,
+            can_trim=True,
+            can_zero=True,
+            can_fast_zero=True,
+            can_cache=True,
+            can_multi_conn=True,
+        )
+
+
+@attrs.frozen
+class ExportInfo:
+    """One export as the core offers it: its name, size, capabilities and block sizes.
+
+    Block sizes are advertised only to clients that ask for NBD_INFO_BLOCK_SIZE, and
+    alignment is enforced only for those.
 
     Raises:
         ValueError: (from the constructor) sizes that the spec or QEMU would reject.
@@ -50,14 +81,7 @@ class ExportInfo:
     name: str
     size: int
     description: str = ""
-    can_write: bool = True
-    can_flush: bool = True
-    can_fua: bool = False
-    can_trim: bool = False
-    can_zero: bool = False
-    can_fast_zero: bool = False
-    can_cache: bool = False
-    can_multi_conn: bool = False
+    capabilities: Capabilities = attrs.field(factory=Capabilities)
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = DEFAULT_MAX_PAYLOAD
@@ -83,7 +107,7 @@ class ExportInfo:
     @property
     def read_only(self) -> bool:
         """True if the export cannot be written (``NBD_FLAG_READ_ONLY``)."""
-        return not self.can_write
+        return not self.capabilities.can_write
 
     def transmission_flags(self, *, structured_replies: bool) -> NbdTransmissionFlag:
         """The transmission flags to advertise.
@@ -97,25 +121,26 @@ class ExportInfo:
             WRITE_ZEROES, FAST_ZERO) only on writable exports; FAST_ZERO only with
             WRITE_ZEROES.
         """
+        caps = self.capabilities
         f = NbdTransmissionFlag.NBD_FLAG_HAS_FLAGS
         if self.read_only:
             f |= NbdTransmissionFlag.NBD_FLAG_READ_ONLY
         else:
-            if self.can_fua:
+            if caps.can_fua:
                 f |= NbdTransmissionFlag.NBD_FLAG_SEND_FUA
-            if self.can_trim:
+            if caps.can_trim:
                 f |= NbdTransmissionFlag.NBD_FLAG_SEND_TRIM
-            if self.can_zero:
+            if caps.can_zero:
                 f |= NbdTransmissionFlag.NBD_FLAG_SEND_WRITE_ZEROES
-                if self.can_fast_zero:
+                if caps.can_fast_zero:
                     f |= NbdTransmissionFlag.NBD_FLAG_SEND_FAST_ZERO
-        if self.can_flush:
+        if caps.can_flush:
             f |= NbdTransmissionFlag.NBD_FLAG_SEND_FLUSH
         if structured_replies:
             f |= NbdTransmissionFlag.NBD_FLAG_SEND_DF
-        if self.can_multi_conn:
+        if caps.can_multi_conn:
             f |= NbdTransmissionFlag.NBD_FLAG_CAN_MULTI_CONN
-        if self.can_cache:
+        if caps.can_cache:
             f |= NbdTransmissionFlag.NBD_FLAG_SEND_CACHE
         return f
 
