@@ -22,13 +22,12 @@ import attrs
 import trio
 
 from nbdvma.nbd import Capabilities
+from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
 __all__ = ["Backend", "Export", "NullBackend", "VmaBackend"]
 
-#: ``base:allocation`` flags (NBD_STATE_HOLE | NBD_STATE_ZERO).
-STATE_HOLE = 1
-STATE_ZERO = 2
+_HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
 
 
 @attrs.frozen
@@ -145,7 +144,7 @@ class VmaBackend:
         """See :meth:`Backend.extents`: never-written and zeroed clusters are holes."""
         async with self.lock:
             runs = self.writer.block_status(self._dev_ids[export], offset, length)
-        return [(n, STATE_HOLE | STATE_ZERO if zero else 0) for n, zero in runs]
+        return [(n, _HOLE if zero else 0) for n, zero in runs]
 
 
 class NullBackend:
@@ -180,4 +179,4 @@ class NullBackend:
 
     async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
         """One hole."""
-        return [(length, STATE_HOLE | STATE_ZERO)]
+        return [(length, _HOLE)]

@@ -29,7 +29,7 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -444,6 +444,3 @@ def _nodelay(stream: trio.abc.Stream) -> None:
     sock = getattr(stream, "socket", None)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-ListenerFactory = Callable[[], Awaitable[list[trio.abc.Listener[trio.abc.Stream]]]]
