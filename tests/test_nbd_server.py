@@ -886,7 +886,66 @@ def test_session_whole() -> None:
         "Request",
         "Disconnect",
     ]
-    assert len(out) > 18
+    flags = (
+        T.NBD_FLAG_HAS_FLAGS
+        | T.NBD_FLAG_SEND_FLUSH
+        | T.NBD_FLAG_SEND_FUA
+        | T.NBD_FLAG_SEND_TRIM
+        | T.NBD_FLAG_SEND_WRITE_ZEROES
+        | T.NBD_FLAG_SEND_FAST_ZERO
+        | T.NBD_FLAG_SEND_DF
+        | T.NBD_FLAG_CAN_MULTI_CONN
+        | T.NBD_FLAG_SEND_CACHE
+    )
+    assert evs[0] == TransmissionStarted("disk", True, True, flags)
+    assert [
+        (e.cookie, e.command, e.flags, e.offset, e.length) for e in evs if isinstance(e, Request)
+    ] == [
+        (1, C.NBD_CMD_WRITE, 0, 0, 1024),
+        (3, C.NBD_CMD_READ, 0, 512, 512),
+        (4, C.NBD_CMD_WRITE_ZEROES, F.NBD_CMD_FLAG_NO_HOLE, 0, SIZE),
+        (5, C.NBD_CMD_BLOCK_STATUS, F.NBD_CMD_FLAG_REQ_ONE, 0, SIZE),
+        (6, C.NBD_CMD_FLUSH, 0, 0, 0),
+    ]
+    assert isinstance(evs[1], Request)
+    assert evs[1].data == bytes(range(256)) * 4
+    # Every byte the core sent on its own: greeting, option replies, one rejection.
+    r = Reader(out)
+    assert r.greeting() == 3  # FIXED_NEWSTYLE | NO_ZEROES
+    assert r.option_replies() == [
+        (O.NBD_OPT_LIST, R.NBD_REP_SERVER, struct.pack(">I", 4) + b"disk" + b"d"),
+        (O.NBD_OPT_LIST, ACK, b""),
+    ]
+    assert r.option_replies() == [(77, R.NBD_REP_ERR_UNSUP, b"option 77 not supported")]
+    assert r.option_replies() == [(O.NBD_OPT_STRUCTURED_REPLY, ACK, b"")]
+    context = b"base:allocation"
+    assert r.option_replies() == [
+        (O.NBD_OPT_LIST_META_CONTEXT, R.NBD_REP_META_CONTEXT, struct.pack(">I", 0) + context),
+        (O.NBD_OPT_LIST_META_CONTEXT, ACK, b""),
+    ]
+    assert r.option_replies() == [
+        (O.NBD_OPT_SET_META_CONTEXT, R.NBD_REP_META_CONTEXT, struct.pack(">I", 1) + context),
+        (O.NBD_OPT_SET_META_CONTEXT, ACK, b""),
+    ]
+    export = struct.pack(">HQH", NbdInfo.NBD_INFO_EXPORT, SIZE, flags)
+    block_size = struct.pack(">HIII", NbdInfo.NBD_INFO_BLOCK_SIZE, 512, 4096, 32 << 20)
+    INFO = R.NBD_REP_INFO
+    assert r.option_replies() == [
+        (O.NBD_OPT_INFO, INFO, export),
+        (O.NBD_OPT_INFO, INFO, struct.pack(">H", NbdInfo.NBD_INFO_NAME) + b"disk"),
+        (O.NBD_OPT_INFO, INFO, struct.pack(">H", NbdInfo.NBD_INFO_DESCRIPTION) + b"d"),
+        (O.NBD_OPT_INFO, INFO, block_size),
+        (O.NBD_OPT_INFO, ACK, b""),
+    ]
+    assert r.option_replies() == [
+        (O.NBD_OPT_GO, INFO, export),
+        (O.NBD_OPT_GO, INFO, block_size),
+        (O.NBD_OPT_GO, ACK, b""),
+    ]
+    rejected = r.chunk()
+    assert rejected[:3] == (DONE, NbdReplyType.NBD_REPLY_TYPE_ERROR, 2)
+    assert parse_error_chunk(rejected[3]) == (22, b"request not aligned to 512 bytes")
+    assert r.at_end()
 
 
 def test_session_one_byte_at_a_time() -> None:
