@@ -197,12 +197,8 @@ class Transmission:
     def payload_buffer(self) -> memoryview:
         """Where the rest of the current WRITE payload can be received in place.
 
-        Instead of ``receive_data``, the I/O layer may receive straight into this
-        view (``recv_into``) and report with :meth:`payload_received`: the payload then
-        lands in its final buffer, copied once by the kernel and never joined from
-        pieces.  The buffer is allocated here, once, with the payload's length (which
-        was checked against the maximum payload): call this only for a payload that
-        :meth:`payload_wanted` says is pending, and count it against your memory budget.
+        See :meth:`.NbdServerConnection.payload_buffer`; allocated once, with the
+        payload's length (already checked against the maximum payload).
 
         Raises:
             LocalProtocolError: no WRITE payload is pending.
