@@ -21,34 +21,22 @@ from typing import Protocol
 import attrs
 import trio
 
+from nbdvma.nbd import Capabilities
+from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
-__all__ = ["Backend", "Capabilities", "Export", "NullBackend", "VmaBackend"]
+__all__ = ["Backend", "Export", "NullBackend", "VmaBackend"]
 
-#: ``base:allocation`` flags (NBD_STATE_HOLE | NBD_STATE_ZERO).
-STATE_HOLE = 1
-STATE_ZERO = 2
-
-
-@attrs.frozen
-class Capabilities:
-    """What a backend supports; the transmission flags are derived from it."""
-
-    can_write: bool = True
-    can_flush: bool = True
-    can_fua: bool = True
-    can_trim: bool = True
-    can_zero: bool = True
-    can_fast_zero: bool = True
-    can_cache: bool = True
-    can_extents: bool = True
-    #: FLUSH on one connection covers writes acknowledged on every other.
-    can_multi_conn: bool = True
+_HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
 
 
 @attrs.frozen
 class Export:
-    """One export: a guest disk."""
+    """A disk a backend serves, under its export name.
+
+    The server turns it into the :class:`nbdvma.nbd.ExportInfo` it offers, with the
+    backend's :class:`~nbdvma.nbd.Capabilities` and its own block sizes.
+    """
 
     name: str
     size: int
@@ -56,8 +44,12 @@ class Export:
 
 
 class Backend(Protocol):
-    """The interface the trio server drives.  Every method may raise; the exception's
-    errno (see :func:`nbdvma.errors.errno_for_exception`) is what the client sees."""
+    """The interface the trio server drives.
+
+    ``capabilities`` (:class:`nbdvma.nbd.Capabilities`) holds for every export.  Every
+    method may raise; the exception's errno (see
+    :func:`nbdvma.errors.errno_for_exception`) is what the client sees.
+    """
 
     capabilities: Capabilities
 
@@ -65,26 +57,28 @@ class Backend(Protocol):
     def exports(self) -> Sequence[Export]:
         """The exports, in a stable order."""
 
-    async def pread(self, export: str, offset: int, length: int) -> bytes:
+    async def pread(self, export_name: str, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset``."""
 
-    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def pwrite(
+        self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool
+    ) -> None:
         """Write ``data``; return only once the backend has accepted it.
 
         ``data`` is the backend's from now on: the server never reuses or changes it,
         so a backend may keep it without a copy.
         """
 
-    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+    async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """Make ``[offset, offset+length)`` read as zeros."""
 
-    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+    async def trim(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """A hint that the range is no longer needed."""
 
     async def flush(self) -> None:
         """Make every acknowledged write durable (on every export and connection)."""
 
-    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+    async def extents(self, export_name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """``(length, base:allocation flags)`` runs from ``offset``."""
 
 
@@ -97,7 +91,7 @@ class VmaBackend:
     a worker thread while the lock is held.
     """
 
-    capabilities = Capabilities()
+    capabilities = Capabilities.full()
 
     def __init__(self, writer: VmaWriter, devices: dict[str, int]) -> None:
         """Serve ``devices`` (export name -> dev id of ``writer``)."""
@@ -112,18 +106,20 @@ class VmaBackend:
         """See :meth:`Backend.exports`."""
         return self._exports
 
-    def progress(self, export: str) -> DeviceProgress:
-        """The writer's progress for the export's device."""
-        return self.writer.progress(self._dev_ids[export])
+    def progress(self, export_name: str) -> DeviceProgress:
+        """The writer's progress for the device behind ``export_name``."""
+        return self.writer.progress(self._dev_ids[export_name])
 
-    async def pread(self, export: str, offset: int, length: int) -> bytes:
+    async def pread(self, export_name: str, offset: int, length: int) -> bytes:
         """See :meth:`Backend.pread`."""
         async with self.lock:
-            return self.writer.read(self._dev_ids[export], offset, length)
+            return self.writer.read(self._dev_ids[export_name], offset, length)
 
-    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def pwrite(
+        self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool
+    ) -> None:
         """See :meth:`Backend.pwrite`."""
-        dev_id = self._dev_ids[export]
+        dev_id = self._dev_ids[export_name]
         async with self.lock:
             if self.writer.may_write_extent(len(data)):
                 # An extent goes to the disk: off the event loop, so that a write the
@@ -137,14 +133,14 @@ class VmaBackend:
             if fua:
                 await trio.to_thread.run_sync(self.writer.flush)
 
-    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+    async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """See :meth:`Backend.zero`: no buffer of ``length`` bytes is ever allocated."""
         async with self.lock:
-            self.writer.write_zeroes(self._dev_ids[export], offset, length)
+            self.writer.write_zeroes(self._dev_ids[export_name], offset, length)
             if fua:
                 await trio.to_thread.run_sync(self.writer.flush)
 
-    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+    async def trim(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """See :meth:`Backend.trim`: a no-op, as the spec allows (contents unspecified)."""
 
     async def flush(self) -> None:
@@ -152,17 +148,17 @@ class VmaBackend:
         async with self.lock:
             await trio.to_thread.run_sync(self.writer.flush)
 
-    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+    async def extents(self, export_name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """See :meth:`Backend.extents`: never-written and zeroed clusters are holes."""
         async with self.lock:
-            runs = self.writer.block_status(self._dev_ids[export], offset, length)
-        return [(n, STATE_HOLE | STATE_ZERO if zero else 0) for n, zero in runs]
+            runs = self.writer.block_status(self._dev_ids[export_name], offset, length)
+        return [(n, _HOLE if zero else 0) for n, zero in runs]
 
 
 class NullBackend:
     """Discards every write and reads zeros, like nbdkit's ``null`` plugin."""
 
-    capabilities = Capabilities()
+    capabilities = Capabilities.full()
 
     def __init__(self, exports: Sequence[Export]) -> None:
         """Serve ``exports`` of the given sizes."""
@@ -173,22 +169,24 @@ class NullBackend:
         """See :meth:`Backend.exports`."""
         return self._exports
 
-    async def pread(self, export: str, offset: int, length: int) -> bytes:
+    async def pread(self, export_name: str, offset: int, length: int) -> bytes:
         """Zeros."""
         return bytes(length)
 
-    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
+    async def pwrite(
+        self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool
+    ) -> None:
         """Discard."""
 
-    async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+    async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """Discard."""
 
-    async def trim(self, export: str, offset: int, length: int, *, fua: bool) -> None:
+    async def trim(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """Discard."""
 
     async def flush(self) -> None:
         """Nothing to make durable."""
 
-    async def extents(self, export: str, offset: int, length: int) -> list[tuple[int, int]]:
+    async def extents(self, export_name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """One hole."""
-        return [(length, STATE_HOLE | STATE_ZERO)]
+        return [(length, _HOLE)]

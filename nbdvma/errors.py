@@ -10,8 +10,11 @@ reaches the client as ``NBD_ENOSPC`` and anything unexpected as ``NBD_EIO``.
 from __future__ import annotations
 
 import errno
+from collections.abc import Mapping
+from typing import Final
 
 __all__ = [
+    "NBD_ERRNO_NAMES",
     "AddressError",
     "BackupError",
     "ClusterConflictError",
@@ -28,6 +31,7 @@ __all__ = [
     "VmaFormatError",
     "VmaWriterError",
     "errno_for_exception",
+    "nbd_errno_name",
 ]
 
 
@@ -132,12 +136,47 @@ class LocalProtocolError(NbdvmaError):
     """Our own code used the NBD protocol core in a way the protocol does not allow."""
 
 
+#: The one errno table: a host ``errno`` -> the name of the error an NBD reply carries
+#: for it.  The spec allows only these eight values (their numbers are Linux's, so the
+#: table goes by name); a write to a read-only export is EPERM, a full disk ENOSPC,
+#: anything the protocol cannot express EIO (see :func:`nbd_errno_name`).
+NBD_ERRNO_NAMES: Final[Mapping[int, str]] = {
+    errno.EPERM: "EPERM",
+    errno.EACCES: "EPERM",
+    errno.EROFS: "EPERM",
+    errno.EIO: "EIO",
+    errno.ENOMEM: "ENOMEM",
+    errno.EINVAL: "EINVAL",
+    errno.ENOSPC: "ENOSPC",
+    errno.EDQUOT: "ENOSPC",
+    errno.EFBIG: "ENOSPC",
+    errno.EOVERFLOW: "EOVERFLOW",
+    errno.ENOTSUP: "ENOTSUP",
+    errno.EOPNOTSUPP: "ENOTSUP",
+    errno.ESHUTDOWN: "ESHUTDOWN",
+}
+
+
+def nbd_errno_name(err: int) -> str:
+    """Name the NBD error that a reply carries for the host ``errno`` value ``err``.
+
+    Args:
+        err: a host ``errno`` value.
+
+    Returns:
+        One of ``EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN``
+        (``EIO`` for anything not in :data:`NBD_ERRNO_NAMES`).
+    """
+    return NBD_ERRNO_NAMES.get(err, "EIO")
+
+
 def errno_for_exception(exc: BaseException) -> int:
     """Return the errno that an NBD reply should carry for ``exc``.
 
-    ``OSError`` keeps its errno when it is one the NBD protocol can express
-    (``EDQUOT`` and ``EFBIG`` become ``ENOSPC``, as the spec asks); our own errors
-    carry theirs; anything else is ``EIO``.
+    ``OSError`` and our own errors keep their errno, mapped through
+    :data:`NBD_ERRNO_NAMES` to one the NBD protocol can express (``EDQUOT`` and
+    ``EFBIG`` become ``ENOSPC``, ``EACCES`` and ``EROFS`` ``EPERM``); ``MemoryError``
+    is ``ENOMEM``; anything else is ``EIO``.
 
     Args:
         exc: the exception raised while a request was served.
@@ -146,22 +185,13 @@ def errno_for_exception(exc: BaseException) -> int:
         One of ``EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN``.
     """
     if isinstance(exc, NbdvmaError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno is not None:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return errno.ENOSPC
-        if exc.errno in (
-            errno.EPERM,
-            errno.EIO,
-            errno.ENOMEM,
-            errno.EINVAL,
-            errno.EOVERFLOW,
-            errno.ENOTSUP,
-            errno.ESHUTDOWN,
-        ):
-            return exc.errno
-        if exc.errno == errno.EACCES or exc.errno == errno.EROFS:
-            return errno.EPERM
-    if isinstance(exc, MemoryError):
-        return errno.ENOMEM
-    return errno.EIO
+        err: int | None = exc.errno
+    elif isinstance(exc, OSError):
+        err = exc.errno
+    elif isinstance(exc, MemoryError):
+        err = errno.ENOMEM
+    else:
+        err = None
+    if err is None:
+        return errno.EIO
+    return int(getattr(errno, nbd_errno_name(err)))

@@ -29,7 +29,7 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -118,11 +118,11 @@ class ConnectionObserver:
     The default does nothing.  Methods run in the server's tasks and must not block.
     """
 
-    def transmission_started(self, export: str) -> None:
-        """A client chose ``export`` and may now send requests."""
+    def transmission_started(self, export_name: str) -> None:
+        """A client chose the export ``export_name`` and may now send requests."""
 
-    def connection_ended(self, export: str) -> None:
-        """The connection to ``export`` is closed (cleanly or not)."""
+    def connection_ended(self, export_name: str) -> None:
+        """The connection to the export ``export_name`` is closed (cleanly or not)."""
 
 
 @attrs.define(eq=False)
@@ -132,7 +132,7 @@ class _Connection:
     peer: str
     send_lock: trio.Lock = attrs.Factory(trio.Lock)
     budget: ByteBudget = attrs.Factory(lambda: ByteBudget(0))
-    export: str | None = None
+    export_name: str | None = None
     in_flight: int = 0
     #: the reader's receive, while it waits under a deadline
     receive_scope: trio.CancelScope | None = None
@@ -174,15 +174,12 @@ class NbdServer:
         self.observer = observer or ConnectionObserver()
         self.tls_mode = tls_mode
         self.ssl_context = ssl_context
-        caps = backend.capabilities
         self.exports = {
             e.name: ExportInfo(
                 name=e.name,
                 size=e.size,
                 description=e.description,
-                # The backend's can_* flags, but for can_extents (a matter of the core's
-                # meta context, which base:allocation always offers).
-                **attrs.asdict(caps, filter=lambda a, _: a.name != "can_extents"),
+                capabilities=backend.capabilities,
                 min_block=1,
                 preferred_block=64 * 1024,
                 max_block=self.limits.max_payload,
@@ -258,8 +255,8 @@ class NbdServer:
                         await conn.stream.aclose()  # sends close_notify, waits for nothing
             finally:
                 await trio.aclose_forcefully(conn.stream)
-            if conn.export is not None:
-                self.observer.connection_ended(conn.export)
+            if conn.export_name is not None:
+                self.observer.connection_ended(conn.export_name)
 
     async def _send(self, conn: _Connection) -> None:
         """Write what the core has queued (taken now, so messages stay whole)."""
@@ -287,7 +284,7 @@ class NbdServer:
                 event = core.next_event()
                 if event is NEED_DATA:
                     await self._send(conn)
-                    if conn.export is not None:
+                    if conn.export_name is not None:
                         await conn.budget.wait_for_room()
                         await self._budget.wait_for_room()
                         if conn.in_flight == 0:
@@ -318,8 +315,8 @@ class NbdServer:
                     with trio.fail_at(deadline):
                         await self._start_tls(conn)
                 elif isinstance(event, TransmissionStarted):
-                    conn.export = event.export_name
-                    log.info("%s: transmission on export %r", conn.peer, conn.export)
+                    conn.export_name = event.export_name
+                    log.info("%s: transmission on export %r", conn.peer, conn.export_name)
                     self.observer.transmission_started(event.export_name)
                     await self._send(conn)
                 elif isinstance(event, RejectedRequest):
@@ -376,30 +373,30 @@ class NbdServer:
 
     async def _execute(self, conn: _Connection, req: Request, cost: int) -> None:
         core = conn.core
-        export = conn.export
-        assert export is not None
+        export_name = conn.export_name
+        assert export_name is not None
         backend = self.backend
         fua = bool(req.flags & NbdCmdFlag.NBD_CMD_FLAG_FUA)
         try:
             try:
                 if req.command == NbdCommand.NBD_CMD_READ:
-                    data = await backend.pread(export, req.offset, req.length)
+                    data = await backend.pread(export_name, req.offset, req.length)
                     core.send_read_reply(req.cookie, req.offset, data)
                 elif req.command == NbdCommand.NBD_CMD_WRITE:
                     assert req.data is not None
-                    await backend.pwrite(export, req.offset, req.data, fua=fua)
+                    await backend.pwrite(export_name, req.offset, req.data, fua=fua)
                     core.send_reply(req.cookie)
                 elif req.command == NbdCommand.NBD_CMD_WRITE_ZEROES:
-                    await backend.zero(export, req.offset, req.length, fua=fua)
+                    await backend.zero(export_name, req.offset, req.length, fua=fua)
                     core.send_reply(req.cookie)
                 elif req.command == NbdCommand.NBD_CMD_TRIM:
-                    await backend.trim(export, req.offset, req.length, fua=fua)
+                    await backend.trim(export_name, req.offset, req.length, fua=fua)
                     core.send_reply(req.cookie)
                 elif req.command == NbdCommand.NBD_CMD_FLUSH:
                     await backend.flush()
                     core.send_reply(req.cookie)
                 elif req.command == NbdCommand.NBD_CMD_BLOCK_STATUS:
-                    extents = await backend.extents(export, req.offset, req.length)
+                    extents = await backend.extents(export_name, req.offset, req.length)
                     core.send_block_status(req, extents)
                 else:  # NBD_CMD_CACHE: a hint
                     core.send_reply(req.cookie)
@@ -447,6 +444,3 @@ def _nodelay(stream: trio.abc.Stream) -> None:
     sock = getattr(stream, "socket", None)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-ListenerFactory = Callable[[], Awaitable[list[trio.abc.Listener[trio.abc.Stream]]]]

@@ -63,11 +63,11 @@ class _Observer(ConnectionObserver):
     def __init__(self, session: ArchiveSession) -> None:
         self.session = session
 
-    def transmission_started(self, export: str) -> None:
-        self.session.active[export] += 1
+    def transmission_started(self, export_name: str) -> None:
+        self.session.active[export_name] += 1
 
-    def connection_ended(self, export: str) -> None:
-        self.session.active[export] -= 1
+    def connection_ended(self, export_name: str) -> None:
+        self.session.active[export_name] -= 1
         self.session.check_complete()
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from nbd_client_sansio import (
 from nbdvma.errors import LocalProtocolError, RemoteProtocolError
 from nbdvma.nbd import (
     NEED_DATA,
+    Capabilities,
     ConnectionClosed,
     DataChunk,
     Disconnect,
@@ -49,6 +51,7 @@ from nbdvma.nbd.constants import (
     NbdReplyType,
     NbdTransmissionFlag,
 )
+from nbdvma.nbd.state import PHASE, TRANSITIONS, ReceiveState, RxState
 
 O = NbdOption  # noqa: E741
 R = NbdRep
@@ -69,7 +72,9 @@ FULL = {
 
 
 def make(**kw: object) -> NbdServerConnection:
-    exports = {"disk": ExportInfo("disk", SIZE, "the disk", **kw)}  # type: ignore[arg-type]
+    """A connection to one export; ``can_*`` arguments go to its :class:`Capabilities`."""
+    caps = Capabilities(**{k: kw.pop(k) for k in list(kw) if k.startswith("can_")})  # type: ignore[arg-type]
+    exports = {"disk": ExportInfo("disk", SIZE, "the disk", capabilities=caps, **kw)}  # type: ignore[arg-type]
     return NbdServerConnection(exports)
 
 
@@ -761,7 +766,9 @@ def test_write_above_drain_cap_disconnects() -> None:
         (errno.EOVERFLOW, 75),
         (errno.ENOTSUP, 95),
         (errno.ESHUTDOWN, 108),
-        (errno.EACCES, 5),
+        (errno.EOPNOTSUPP, 95),
+        (errno.EACCES, 1),
+        (errno.EROFS, 1),
         (errno.ENOENT, 5),
         (9999, 5),
     ],
@@ -831,7 +838,9 @@ def test_block_status() -> None:
 
 # --- splitting and fuzzing ----------------------------------------------------------
 
-SESSION_EXPORTS = {"disk": ExportInfo("disk", SIZE, "d", min_block=512, **FULL)}  # type: ignore[arg-type]
+SESSION_EXPORTS = {
+    "disk": ExportInfo("disk", SIZE, "d", capabilities=Capabilities.full(), min_block=512)
+}
 SESSION = (
     client_flags()
     + option(O.NBD_OPT_LIST)
@@ -877,7 +886,66 @@ def test_session_whole() -> None:
         "Request",
         "Disconnect",
     ]
-    assert len(out) > 18
+    flags = (
+        T.NBD_FLAG_HAS_FLAGS
+        | T.NBD_FLAG_SEND_FLUSH
+        | T.NBD_FLAG_SEND_FUA
+        | T.NBD_FLAG_SEND_TRIM
+        | T.NBD_FLAG_SEND_WRITE_ZEROES
+        | T.NBD_FLAG_SEND_FAST_ZERO
+        | T.NBD_FLAG_SEND_DF
+        | T.NBD_FLAG_CAN_MULTI_CONN
+        | T.NBD_FLAG_SEND_CACHE
+    )
+    assert evs[0] == TransmissionStarted("disk", True, True, flags)
+    assert [
+        (e.cookie, e.command, e.flags, e.offset, e.length) for e in evs if isinstance(e, Request)
+    ] == [
+        (1, C.NBD_CMD_WRITE, 0, 0, 1024),
+        (3, C.NBD_CMD_READ, 0, 512, 512),
+        (4, C.NBD_CMD_WRITE_ZEROES, F.NBD_CMD_FLAG_NO_HOLE, 0, SIZE),
+        (5, C.NBD_CMD_BLOCK_STATUS, F.NBD_CMD_FLAG_REQ_ONE, 0, SIZE),
+        (6, C.NBD_CMD_FLUSH, 0, 0, 0),
+    ]
+    assert isinstance(evs[1], Request)
+    assert evs[1].data == bytes(range(256)) * 4
+    # Every byte the core sent on its own: greeting, option replies, one rejection.
+    r = Reader(out)
+    assert r.greeting() == 3  # FIXED_NEWSTYLE | NO_ZEROES
+    assert r.option_replies() == [
+        (O.NBD_OPT_LIST, R.NBD_REP_SERVER, struct.pack(">I", 4) + b"disk" + b"d"),
+        (O.NBD_OPT_LIST, ACK, b""),
+    ]
+    assert r.option_replies() == [(77, R.NBD_REP_ERR_UNSUP, b"option 77 not supported")]
+    assert r.option_replies() == [(O.NBD_OPT_STRUCTURED_REPLY, ACK, b"")]
+    context = b"base:allocation"
+    assert r.option_replies() == [
+        (O.NBD_OPT_LIST_META_CONTEXT, R.NBD_REP_META_CONTEXT, struct.pack(">I", 0) + context),
+        (O.NBD_OPT_LIST_META_CONTEXT, ACK, b""),
+    ]
+    assert r.option_replies() == [
+        (O.NBD_OPT_SET_META_CONTEXT, R.NBD_REP_META_CONTEXT, struct.pack(">I", 1) + context),
+        (O.NBD_OPT_SET_META_CONTEXT, ACK, b""),
+    ]
+    export = struct.pack(">HQH", NbdInfo.NBD_INFO_EXPORT, SIZE, flags)
+    block_size = struct.pack(">HIII", NbdInfo.NBD_INFO_BLOCK_SIZE, 512, 4096, 32 << 20)
+    INFO = R.NBD_REP_INFO
+    assert r.option_replies() == [
+        (O.NBD_OPT_INFO, INFO, export),
+        (O.NBD_OPT_INFO, INFO, struct.pack(">H", NbdInfo.NBD_INFO_NAME) + b"disk"),
+        (O.NBD_OPT_INFO, INFO, struct.pack(">H", NbdInfo.NBD_INFO_DESCRIPTION) + b"d"),
+        (O.NBD_OPT_INFO, INFO, block_size),
+        (O.NBD_OPT_INFO, ACK, b""),
+    ]
+    assert r.option_replies() == [
+        (O.NBD_OPT_GO, INFO, export),
+        (O.NBD_OPT_GO, INFO, block_size),
+        (O.NBD_OPT_GO, ACK, b""),
+    ]
+    rejected = r.chunk()
+    assert rejected[:3] == (DONE, NbdReplyType.NBD_REPLY_TYPE_ERROR, 2)
+    assert parse_error_chunk(rejected[3]) == (22, b"request not aligned to 512 bytes")
+    assert r.at_end()
 
 
 def test_session_one_byte_at_a_time() -> None:
@@ -999,7 +1067,16 @@ def test_libnbd_smoke() -> None:
     nbd = pytest.importorskip("nbd")
     disk = bytearray(SIZE)
     conn = NbdServerConnection(
-        {"disk": ExportInfo("disk", SIZE, "smoke", min_block=512, preferred_block=65536, **FULL)}  # type: ignore[arg-type]
+        {
+            "disk": ExportInfo(
+                "disk",
+                SIZE,
+                "smoke",
+                capabilities=Capabilities.full(),
+                min_block=512,
+                preferred_block=65536,
+            )
+        }
     )
     ours, theirs = socket.socketpair()
     server = threading.Thread(target=_serve_blocking, args=(ours, conn, disk), daemon=True)
@@ -1102,3 +1179,38 @@ def test_payload_buffer_misuse() -> None:
         conn.payload_received(len(view) + 1)
     with pytest.raises(LocalProtocolError):
         conn.payload_received(0)
+
+
+def test_receive_state_table() -> None:
+    # Every state has a phase and a row of moves; the final states have no way out.
+    assert set(PHASE) == set(RxState) == set(TRANSITIONS)
+    assert TRANSITIONS[RxState.CLOSED] == TRANSITIONS[RxState.ERROR] == frozenset()
+    state = ReceiveState()
+    assert state.phase is NbdPhase.HANDSHAKE
+    with pytest.raises(LocalProtocolError):
+        state.goto(RxState.REQUEST_HEADER)  # no request before an option was answered
+    for step in (RxState.OPTION_HEADER, RxState.OPTION_PAYLOAD, RxState.REQUEST_HEADER):
+        state.goto(step)
+    assert state.phase is NbdPhase.TRANSMISSION
+    with pytest.raises(LocalProtocolError):
+        state.goto(RxState.OPTION_HEADER)  # no way back to the handshake
+    state.goto(RxState.CLOSED)
+    assert state.phase is NbdPhase.CLOSED
+    with pytest.raises(LocalProtocolError):
+        state.goto(RxState.ERROR)
+
+
+def test_capabilities_full_is_every_flag() -> None:
+    assert Capabilities.full() == Capabilities(**FULL)  # type: ignore[arg-type]
+    assert set(FULL) | {"can_write", "can_flush"} == set(attrs.fields_dict(Capabilities))
+    conn = NbdServerConnection({"disk": ExportInfo("disk", SIZE, capabilities=Capabilities.full())})
+    assert go(conn).transmission_flags == (
+        T.NBD_FLAG_HAS_FLAGS
+        | T.NBD_FLAG_SEND_FLUSH
+        | T.NBD_FLAG_SEND_FUA
+        | T.NBD_FLAG_SEND_TRIM
+        | T.NBD_FLAG_SEND_WRITE_ZEROES
+        | T.NBD_FLAG_SEND_FAST_ZERO
+        | T.NBD_FLAG_CAN_MULTI_CONN
+        | T.NBD_FLAG_SEND_CACHE
+    )

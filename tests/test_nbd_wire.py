@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nbd_client_sansio import info_payload, meta_payload
 
-from nbdvma.errors import LocalProtocolError, RemoteProtocolError
+from nbdvma.errors import (
+    NBD_ERRNO_NAMES,
+    LocalProtocolError,
+    PartialBufferFullError,
+    RemoteProtocolError,
+    VmaWriterError,
+    errno_for_exception,
+)
 from nbdvma.nbd import wire
 from nbdvma.nbd.constants import (
     NbdClientFlag,
@@ -206,3 +213,36 @@ def test_nbd_error_from_errno() -> None:
     assert nbd_error_from_errno(errno.EDQUOT) is NbdError.NBD_ENOSPC
     assert nbd_error_from_errno(errno.ESHUTDOWN) == 108
     assert nbd_error_from_errno(errno.EBADF) is NbdError.NBD_EIO
+    assert nbd_error_from_errno(errno.EROFS) is NbdError.NBD_EPERM
+
+
+def test_errno_table_speaks_only_nbd_errors() -> None:
+    # The one table maps into exactly the eight values the spec allows, each by itself.
+    names = {f"NBD_{name}" for name in NBD_ERRNO_NAMES.values()}
+    assert names == {e.name for e in NbdError}
+    for e in NbdError:
+        assert NBD_ERRNO_NAMES[getattr(errno, e.name[4:])] == e.name[4:]
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
+        (OSError(errno.EDQUOT, "quota"), errno.ENOSPC),
+        (OSError(errno.EFBIG, "too big"), errno.ENOSPC),
+        (OSError(errno.EROFS, "read-only"), errno.EPERM),
+        (OSError(errno.EACCES, "denied"), errno.EPERM),
+        (OSError(errno.EOPNOTSUPP, "no"), errno.ENOTSUP),
+        (OSError(errno.EBADF, "bad fd"), errno.EIO),
+        (OSError("no errno"), errno.EIO),
+        (PartialBufferFullError("full"), errno.ENOMEM),
+        (VmaWriterError("bad"), errno.EINVAL),
+        (MemoryError(), errno.ENOMEM),
+        (RuntimeError("bug"), errno.EIO),
+    ],
+)
+def test_errno_for_exception(exc: BaseException, expected: int) -> None:
+    err = errno_for_exception(exc)
+    assert err == expected
+    # The server sends what send_error maps it to: the same value on the wire.
+    assert nbd_error_from_errno(err) == expected

@@ -17,8 +17,9 @@ import trio
 import trio.testing
 from nbd_client_sansio import client_flags, info_payload, option, request
 
-from nbdvma.backends import Capabilities, Export, NullBackend
+from nbdvma.backends import Export, NullBackend
 from nbdvma.errors import ClusterConflictError
+from nbdvma.nbd import Capabilities
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 
 KiB = 1024
@@ -32,7 +33,7 @@ NBD_EIO, NBD_EINVAL, NBD_ENOSPC = 5, 22, 28
 class FakeBackend:
     """Records calls; a call blocks while its offset is in :attr:`held`."""
 
-    capabilities = Capabilities()
+    capabilities = Capabilities.full()
 
     def __init__(self, exports: Sequence[Export] = (Export("d0", SIZE),)) -> None:
         self._exports = list(exports)

@@ -78,10 +78,7 @@ class _Progress:
         self.last_percent = -1
 
     def stored(self) -> int:
-        vma = self.session.vma
-        if vma is None:
-            return 0
-        return sum(vma.progress(name).stored_bytes for name in self.names)
+        return sum(self.session.vma.progress(name).stored_bytes for name in self.names)
 
     def report(self, read: int, *, force: bool = False) -> None:
         """Print a line when the percentage moved (or ``force``)."""
@@ -209,9 +206,7 @@ class BackupJob:
         # The MIGRATION completed status is set before the run state leaves
         # finish-migrate: wait for postmigrate before touching it.
         await self.wait_run_state(lambda s: s != "finish-migrate", "postmigrate")
-        size = 0
-        if self.session.writer is not None:
-            size = self.session.vmstate_bytes()
+        size = self.session.vmstate_bytes()
         self.info(f"VM state saved: {format_bytes(size)} in {time.monotonic() - started:.1f}s")
 
     async def wait_run_state(self, ok: Any, what: str, timeout: float = 10.0) -> str:  # noqa: ASYNC109

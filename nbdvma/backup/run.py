@@ -282,9 +282,8 @@ def _summary(
     """vzdump's closing lines, after nbdvma's per-disk figures."""
     for line in session.summary_lines()[:-2]:
         log.info(line)
-    vma = session.vma
     total = sum(d.size for d in disks)
-    zero = sum(vma.progress(d.name).zero_bytes for d in disks) if vma is not None else 0
+    zero = sum(session.vma.progress(d.name).zero_bytes for d in disks)
     elapsed = time.monotonic() - started
     if zero:
         log.info(

@@ -1,30 +1,37 @@
 """Sans-IO NBD server protocol core (stdlib + attrs only; never imports trio).
 
-See :mod:`nbdvma.nbd.server` for the theory of operation.
+The modules, from the outside in:
+
+* :mod:`.connection`: :class:`NbdServerConnection`, what the I/O layer drives
+  (bytes in, events out, replies to bytes);
+* :mod:`.state`: the receive state machine, in one table (theory of operation);
+* :mod:`.handshake`: the option phase, including STARTTLS;
+* :mod:`.transmission`: request validation and reply encoding;
+* :mod:`.events` and :mod:`.records`: the values that cross the API;
+* :mod:`.wire` and :mod:`.constants`: layouts, parsers, encoders and the spec's numbers.
 """
 
-from .server import (
+from .connection import NbdServerConnection
+from .events import (
     NEED_DATA,
     ConnectionClosed,
     DataChunk,
     Disconnect,
     Event,
-    ExportInfo,
     HandshakeAborted,
     HoleChunk,
-    Limits,
-    NbdPhase,
-    NbdServerConnection,
     NeedData,
     RejectedRequest,
     Request,
     StartTLS,
-    TlsMode,
     TransmissionStarted,
 )
+from .records import Capabilities, ExportInfo, Limits, TlsMode
+from .state import NbdPhase
 
 __all__ = [
     "NEED_DATA",
+    "Capabilities",
     "ConnectionClosed",
     "DataChunk",
     "Disconnect",

@@ -8,7 +8,8 @@ reference (we answer ``NBD_OPT_EXTENDED_HEADERS`` with ``NBD_REP_ERR_UNSUP``).
 from __future__ import annotations
 
 import enum
-import errno
+
+from nbdvma.errors import nbd_errno_name
 
 __all__ = [
     "BASE_ALLOCATION",
@@ -16,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "EXPORT_NAME_PADDING",
     "IHAVEOPT",
+    "MAX_EXTENTS",
     "MAX_STRING_LENGTH",
     "NBDMAGIC",
     "NBD_EXTENDED_REPLY_MAGIC",
@@ -59,6 +61,8 @@ NBD_EXTENDED_REPLY_MAGIC = 0x6E8A278C
 EXPORT_NAME_PADDING = 124
 #: Strings (names, queries, messages) MUST be at most this many bytes [SPEC "Conventions"].
 MAX_STRING_LENGTH = 4096
+#: At most this many extents in one BLOCK_STATUS chunk [SPEC].
+MAX_EXTENTS = 1 << 20
 #: Maximum payload a server SHOULD accept when it advertised none (32 MiB).
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 
@@ -208,31 +212,17 @@ class NbdStateFlag(enum.IntFlag):
     NBD_STATE_ZERO = 1 << 1
 
 
-# By errno *name*, since the host's numbers need not be Linux's.
-_ERRNO_TO_NBD: dict[int, NbdError] = {
-    errno.EPERM: NbdError.NBD_EPERM,
-    errno.EIO: NbdError.NBD_EIO,
-    errno.ENOMEM: NbdError.NBD_ENOMEM,
-    errno.EINVAL: NbdError.NBD_EINVAL,
-    errno.ENOSPC: NbdError.NBD_ENOSPC,
-    errno.EDQUOT: NbdError.NBD_ENOSPC,
-    errno.EFBIG: NbdError.NBD_ENOSPC,
-    errno.EOVERFLOW: NbdError.NBD_EOVERFLOW,
-    errno.ENOTSUP: NbdError.NBD_ENOTSUP,
-    errno.EOPNOTSUPP: NbdError.NBD_ENOTSUP,
-    errno.ESHUTDOWN: NbdError.NBD_ESHUTDOWN,
-}
-
-
 def nbd_error_from_errno(err: int) -> NbdError:
     """Map a host ``errno`` value to the NBD error value that goes on the wire.
+
+    The mapping is the one errno table, :data:`nbdvma.errors.NBD_ERRNO_NAMES`.
 
     Args:
         err: an ``errno`` value (nonzero), e.g. from
             :func:`nbdvma.errors.errno_for_exception`.
 
     Returns:
-        The NBD error; ``EDQUOT``/``EFBIG`` become ``NBD_ENOSPC`` and anything the
-        protocol cannot express becomes ``NBD_EIO``.
+        The NBD error; ``EDQUOT``/``EFBIG`` become ``NBD_ENOSPC``, ``EACCES``/``EROFS``
+        ``NBD_EPERM``, and anything the protocol cannot express ``NBD_EIO``.
     """
-    return _ERRNO_TO_NBD.get(err, NbdError.NBD_EIO)
+    return NbdError[f"NBD_{nbd_errno_name(err)}"]

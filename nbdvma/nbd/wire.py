@@ -40,6 +40,7 @@ from .constants import (
 __all__ = [
     "CLIENT_FLAGS",
     "GREETING",
+    "MAX_ERROR_MESSAGE",
     "OPTION_HEADER",
     "OPTION_REPLY_HEADER",
     "REQUEST_HEADER",
@@ -64,6 +65,7 @@ __all__ = [
     "encode_option_reply",
     "encode_server_reply",
     "encode_simple_reply",
+    "error_message",
     "parse_client_flags_untrusted",
     "parse_info_request_untrusted",
     "parse_meta_context_request_untrusted",
@@ -106,6 +108,10 @@ BLOCK_STATUS_EXTENT = struct.Struct(">II")
 
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
+
+#: Longest error message we put in an option reply or a structured error chunk.
+#: QEMU 7.2 refuses non-data chunk payloads above 1000 bytes; stay well clear of that.
+MAX_ERROR_MESSAGE = 200
 
 _ZERO_PADDING = bytes(EXPORT_NAME_PADDING)
 _U32_MAX = 0xFFFFFFFF
@@ -349,6 +355,12 @@ def parse_meta_context_request_untrusted(payload: bytes, *, max_string: int) -> 
 def _check_u32(value: int, what: str) -> None:
     if not 0 <= value <= _U32_MAX:
         raise LocalProtocolError(f"{what} {value} does not fit in 32 bits")
+
+
+def error_message(message: str) -> bytes:
+    """``message`` as UTF-8, cut to :data:`MAX_ERROR_MESSAGE` bytes on a character boundary."""
+    limited = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
+    return limited.decode("utf-8", "ignore").encode()
 
 
 def encode_greeting(flags: int) -> bytes:

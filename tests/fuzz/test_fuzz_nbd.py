@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from nbdvma.errors import RemoteProtocolError
 from nbdvma.nbd import (
     NEED_DATA,
+    Capabilities,
     ConnectionClosed,
     DataChunk,
     Disconnect,
@@ -91,21 +92,21 @@ EXPORT_SETS: list[dict[str, ExportInfo]] = [
             "disk",
             SIZE,
             "the disk",
+            capabilities=Capabilities.full(),
             min_block=512,
             preferred_block=65536,
-            can_fua=True,
-            can_trim=True,
-            can_zero=True,
-            can_fast_zero=True,
-            can_cache=True,
-            can_multi_conn=True,
         )
     },
     {
         "disk": ExportInfo("disk", SIZE + 4096),
-        "ro": ExportInfo("ro", 3 * 4096 + 512, can_write=False, can_flush=False),
+        "ro": ExportInfo(
+            "ro", 3 * 4096 + 512, capabilities=Capabilities(can_write=False, can_flush=False)
+        ),
     },
-    {"": ExportInfo("", 65536, can_zero=True), "x": ExportInfo("x", 1, min_block=1)},
+    {
+        "": ExportInfo("", 65536, capabilities=Capabilities(can_zero=True)),
+        "x": ExportInfo("x", 1, min_block=1),
+    },
 ]
 _KNOWN_ERRORS = frozenset(int(e) for e in NbdError)
 _MAX_ERROR_MESSAGE = 200
