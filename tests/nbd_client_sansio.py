@@ -406,6 +406,21 @@ class SocketClient:
         """Send ``data`` as it is (well-formed or not)."""
         self.sock.sendall(data)
 
+    def send_option(self, opt: int, payload: bytes = b"") -> None:
+        self.send(option(opt, payload))
+
+    def send_request(
+        self,
+        cmd: int,
+        *,
+        cookie: int = 1,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data: bytes = b"",
+    ) -> None:
+        self.send(request(cmd, cookie=cookie, offset=offset, length=length, flags=flags, data=data))
+
     def _receive(self) -> None:
         try:
             data = self.sock.recv(1 << 16)
@@ -481,7 +496,7 @@ class SocketClient:
         data: bytes = b"",
     ) -> tuple[int, bytes]:
         """Send one request and return ``(error, READ data)`` of its reply (cookie checked)."""
-        self.send(request(cmd, cookie=cookie, offset=offset, length=length, flags=flags, data=data))
+        self.send_request(cmd, cookie=cookie, offset=offset, length=length, flags=flags, data=data)
         error, got, read = self.reply(length if cmd == CMD_READ else 0)
         assert got == cookie, (got, cookie)
         return error, read
