@@ -349,6 +349,9 @@ class Reader(ClientCore):
     def simple(self) -> SimpleReply:
         return _got(self.next_simple())
 
+    def export_name_reply(self, *, no_zeroes: bool = True) -> ExportNameReply:
+        return _got(self.next_export_name_reply(no_zeroes=no_zeroes))
+
     def chunk(self) -> Chunk:
         return _got(self.next_chunk())
 
