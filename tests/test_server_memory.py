@@ -18,7 +18,7 @@ import trio
 import trio.testing
 from nbd_client_sansio import TrioClient, client_flags, option, request
 
-from nbdvma.backends import Capabilities, Export, NullBackend
+from nbdvma.backends import Capabilities, Export
 from nbdvma.errors import ClusterConflictError
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 
@@ -43,6 +43,8 @@ class FakeBackend:
         self.held: dict[int, trio.Event] = {}
         self.fail: dict[int, BaseException] = {}
         self.gate: trio.Event | None = None
+        self.data: list[bytes] = []  # what WRITEs carried
+        self.kinds: list[object] = []  # and the objects they carried it in
         self.in_progress = 0
         self.most = 0
 
@@ -69,8 +71,10 @@ class FakeBackend:
         await self._op("read", offset, length)
         return bytes(length)
 
-    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
         await self._op("write", offset, len(data))
+        self.data.append(bytes(data))
+        self.kinds.append(data)
 
     async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
         await self._op("zero", offset, length)
@@ -341,7 +345,7 @@ class Recorder(ConnectionObserver):
 async def test_observer_sees_transmissions_only() -> None:
     rec = Recorder()
     exports = [Export("a", SIZE), Export("b", SIZE)]
-    server = NbdServer(NullBackend(exports), observer=rec)
+    server = NbdServer(FakeBackend(exports), observer=rec)
     async with trio.open_nursery() as nursery:
         # A probe that never reaches transmission is not reported.
         s, srv = trio.testing.memory_stream_pair()
@@ -368,7 +372,7 @@ async def _socket_client(nursery: trio.Nursery, server: NbdServer) -> TrioClient
 
 
 async def test_large_payloads_on_a_socket_arrive_whole() -> None:
-    backend = RecordingBackend()
+    backend = FakeBackend()
     server = NbdServer(backend)
     payloads = [bytes([i]) * (1 * MiB + 512 * i) for i in range(1, 4)]
     async with trio.open_nursery() as nursery:
@@ -386,7 +390,7 @@ async def test_large_payloads_on_a_socket_arrive_whole() -> None:
 
 
 async def test_payload_cut_short_on_a_socket_gives_its_budget_back() -> None:
-    backend = RecordingBackend()
+    backend = FakeBackend()
     server = NbdServer(backend)
     async with trio.open_nursery() as nursery:
         c = await _socket_client(nursery, server)
@@ -399,16 +403,3 @@ async def test_payload_cut_short_on_a_socket_gives_its_budget_back() -> None:
         assert server.connections == 0
     assert server._budget.used == 0
     assert backend.data == []
-
-
-class RecordingBackend(NullBackend):
-    """Keeps what was written, and of which type it arrived."""
-
-    def __init__(self) -> None:
-        super().__init__([Export("d0", SIZE)])
-        self.data: list[bytes] = []
-        self.kinds: list[object] = []
-
-    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
-        self.data.append(bytes(data))
-        self.kinds.append(data)
