@@ -21,12 +21,11 @@ import errno
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import pytest
 import trio
 from conftest import QemuVm
-from nbd_client_sansio import IHAVEOPT, NBDMAGIC, REQUEST_MAGIC, info_payload, option
+from nbd_client_sansio import REQUEST_MAGIC, SocketClient, client_flags, request
 from servehelpers import ServeProcess, extract_disks, nbdvma, poll_until, start_serve
 
 from nbdvma.errors import VmaFormatError
@@ -42,7 +41,7 @@ from nbdvma.qmp import QmpClient
 from nbdvma.vma.format import VMA_CLUSTER_SIZE
 from nbdvma.vma.journal import parse_journal, read_journal
 from nbdvma.vma.reader import VmaReader
-from nbdvma.vma.sink import FileSink
+from nbdvma.vma.sink import FileSink, Sink
 from nbdvma.vma.writer import VmaWriter
 
 KiB = 1024
@@ -181,21 +180,56 @@ def files_of(directory: Path, stem: str) -> list[str]:
 # -- 0. the writer alone: a finish retried after ENOSPC ------------------------------------
 
 
-class _FullAfter(FileSink):
-    """A file sink whose appends fail with ENOSPC while ``full`` is set."""
+Buffer = bytes | bytearray | memoryview
 
-    full = False
 
-    def append(self, parts: Any) -> int:
+class FullDisk:
+    """A sink (the public :class:`~nbdvma.vma.sink.Sink` protocol) around a real one
+    whose appends fail with ENOSPC, as a full disk's do, while :attr:`full` is set."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
+        self.full = False
+        self.readable = inner.readable
+        self.seekable = inner.seekable
+
+    def append(self, parts: Sequence[Buffer]) -> int:
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return super().append(parts)
+        return self.inner.append(parts)
+
+    def reserve(self, nbytes: int) -> None:
+        self.inner.reserve(nbytes)
+
+    def write_header(self, header: bytes) -> None:
+        self.inner.write_header(header)
+
+    def read_unit(self, index: int, offset: int, length: int) -> bytes:
+        return self.inner.read_unit(index, offset, length)
+
+    def release(self, buffer: object) -> None:
+        self.inner.release(buffer)
+
+    def patch_header(self, header: bytes) -> None:
+        self.inner.patch_header(header)
+
+    def sync(self) -> None:
+        self.inner.sync()
+
+    def write_journal(self, data: bytes | None) -> None:
+        self.inner.write_journal(data)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 def test_finish_retried_after_enospc_counts_once(tmp_path: Path) -> None:
     """A finish that fails and is retried emits every cluster once, and the zero
     bytes of never-written clusters are counted once (the summary line's figure)."""
-    sink = _FullAfter(str(tmp_path / "a.vma"))
+    sink = FullDisk(FileSink(str(tmp_path / "a.vma")))
     writer = VmaWriter(sink)
     dev = writer.add_device("d0", 200 * C)
     data = random_bytes(60 * C, 9)
@@ -679,80 +713,46 @@ def test_flush_then_crash_keeps_flushed_clusters_and_journal(
 
 # -- 5. load ------------------------------------------------------------------------------------
 
-NBD_OPT_GO = 7
-NBD_REP_ACK = 1
 #: Peak resident memory ``serve`` may reach under the load test.
 RSS_LIMIT = 250 * MiB
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise AssertionError(f"connection closed after {len(out)} of {n} bytes")
-        out += chunk
-    return out
+def open_tcp(port: int) -> SocketClient:
+    return SocketClient.tcp(port)
 
 
-def open_tcp(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.settimeout(10)
-    return sock
+def greeted(port: int) -> SocketClient:
+    c = open_tcp(port)
+    assert c.greeting() == 3
+    return c
 
 
-def greeted(port: int) -> socket.socket:
-    sock = open_tcp(port)
-    magic, opt, _flags = struct.unpack(">QQH", recv_exact(sock, 18))
-    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
-    return sock
-
-
-def negotiated(port: int, export: str) -> socket.socket:
+def negotiated(port: int, export: str) -> SocketClient:
     """A connection in transmission on ``export`` (fixed newstyle, NBD_OPT_GO)."""
-    sock = greeted(port)
-    sock.sendall(struct.pack(">I", 3) + option(NBD_OPT_GO, info_payload(export.encode())))
-    while True:
-        _magic, _opt, rep, length = struct.unpack(">QIII", recv_exact(sock, 20))
-        recv_exact(sock, length)
-        if rep == NBD_REP_ACK:
-            return sock
-        assert not rep & 1 << 31, f"GO refused: {rep:#x}"
+    c = open_tcp(port)
+    c.handshake(export, structured=False)
+    return c
 
 
-def garbage(port: int, kind: int, export: str) -> socket.socket:
+def garbage(port: int, kind: int, export: str) -> SocketClient:
     """A connection that breaks the protocol in one of four ways; each is a hard
     disconnect by the spec (or qemu-nbd/nbdkit practice)."""
     rng = random.Random(kind)
     if kind % 4 == 0:  # not NBD at all, not even reading the greeting
-        sock = open_tcp(port)
+        c = open_tcp(port)
         payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + rng.randbytes(200)
     elif kind % 4 == 1:  # unknown client flags
-        sock = greeted(port)
-        payload = struct.pack(">I", 0xFFFF0003) + rng.randbytes(100)
+        c = greeted(port)
+        payload = client_flags(0xFFFF0003) + rng.randbytes(100)
     elif kind % 4 == 2:  # an option with a bad magic
-        sock = greeted(port)
-        payload = struct.pack(">I", 3) + b"IHAVEOPX" + rng.randbytes(100)
+        c = greeted(port)
+        payload = client_flags(3) + b"IHAVEOPX" + rng.randbytes(100)
     else:  # in transmission: a request with a bad magic
-        sock = negotiated(port, export)
-        payload = struct.pack(">IHHQQI", REQUEST_MAGIC ^ 1, 0, 1, 7, 0, 512) + rng.randbytes(512)
+        c = negotiated(port, export)
+        payload = request(1, cookie=7, length=512, magic=REQUEST_MAGIC ^ 1) + rng.randbytes(512)
     with contextlib.suppress(OSError):  # the server may close while we still send
-        sock.sendall(payload)
-    return sock
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    """Whether the peer has closed ``sock`` (EOF or reset), reading what it still sent."""
-    sock.setblocking(False)
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return True
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
+        c.send(payload)
+    return c
 
 
 def peak_rss(pid: int) -> int:
@@ -787,9 +787,9 @@ def test_eight_disks_under_fifty_idle_or_hostile_connections(
     )
     port = server.tcp_port
     assert port is not None
-    idle: list[socket.socket] = []
-    half: list[socket.socket] = []
-    hostile: list[socket.socket] = []
+    idle: list[SocketClient] = []
+    half: list[SocketClient] = []
+    hostile: list[SocketClient] = []
     converts: list[subprocess.Popen[bytes]] = []
     try:
         idle = [negotiated(port, names[i % 8]) for i in range(20)]
@@ -808,9 +808,9 @@ def test_eight_disks_under_fifty_idle_or_hostile_connections(
             _, err = proc.communicate(timeout=DEADLINE)
             assert proc.returncode == 0, err
         # Closed for the garbage, well before the 3 s handshake deadline could do it.
-        poll_until(lambda: all(closed_by_server(s) for s in hostile), 2.5, "garbage closed")
-        poll_until(lambda: all(closed_by_server(s) for s in half), 15, "handshakes dropped")
-        assert not any(closed_by_server(s) for s in idle), "an idle client was dropped"
+        poll_until(lambda: all(s.closed_now() for s in hostile), 2.5, "garbage closed")
+        poll_until(lambda: all(s.closed_now() for s in half), 15, "handshakes dropped")
+        assert not any(s.closed_now() for s in idle), "an idle client was dropped"
         # Every disk is written, but idle clients are still connected to them.
         assert server.alive(), server.stderr()
         assert not archive.exists()

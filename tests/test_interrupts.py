@@ -50,6 +50,18 @@ def test_a_signal_inside_deferred_is_raised_when_the_block_ends() -> None:
 
 
 def test_deferred_without_a_signal_changes_nothing() -> None:
-    with install(), deferred():
-        value = 1
-    assert value == 1
+    """A block without a signal ends quietly, and leaves nothing deferred: the next
+    signal outside any block is raised at once, before the next statement."""
+    recorded: list[str] = []
+
+    def quiet_block_then_signal() -> None:
+        with install():
+            with deferred():
+                recorded.append("body")
+            recorded.append("after")
+            signal_self(signal.SIGTERM)
+            recorded.append("never")  # raised at the signal, not deferred
+
+    with pytest.raises(Terminated):
+        quiet_block_then_signal()
+    assert recorded == ["body", "after"]

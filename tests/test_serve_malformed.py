@@ -26,7 +26,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from nbd_client_sansio import client_flags, info_payload, meta_payload, option, request
+from nbd_client_sansio import (
+    ServerClosed,
+    SocketClient,
+    info_payload,
+    meta_payload,
+    option,
+    request,
+)
 from servehelpers import (
     ServeProcess,
     extract_disks,
@@ -62,11 +69,11 @@ REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_ERROR = 1, (1 << 15) + 1
 TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_WRITE_ZEROES = 1, 4, 64
 
 
-# -- a raw client -------------------------------------------------------------------------
+# -- the client -----------------------------------------------------------------------------
 
 
-#: Every Raw socket opened by a probe, closed by the test that ran it.
-_OPEN: list[socket.socket] = []
+#: Every client socket opened by a probe, closed by the test that ran it.
+_OPEN: list[SocketClient] = []
 
 
 def close_all() -> None:
@@ -74,148 +81,35 @@ def close_all() -> None:
         _OPEN.pop().close()
 
 
-class Raw:
-    """A blocking socket speaking NBD byte by byte, every read with a deadline."""
+def open_client(server: ServeProcess, transport: str = "unix") -> SocketClient:
+    """A client socket to ``server`` (every read with a deadline), closed by the test."""
+    if transport == "unix":
+        assert server.unix is not None
+        c = SocketClient.unix(server.unix, IO_TIMEOUT)
+    else:
+        assert server.tcp_port is not None
+        c = SocketClient.tcp(server.tcp_port, IO_TIMEOUT)
+    _OPEN.append(c)
+    return c
 
-    def __init__(self, server: ServeProcess, transport: str = "unix") -> None:
-        if transport == "unix":
-            assert server.unix is not None
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(IO_TIMEOUT)
-            self.sock.connect(server.unix)
-        else:
-            assert server.tcp_port is not None
-            self.sock = socket.create_connection(("127.0.0.1", server.tcp_port), IO_TIMEOUT)
-        self.sock.settimeout(IO_TIMEOUT)
-        _OPEN.append(self.sock)
-        self.structured = False
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv_exactly(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            assert chunk, f"server closed after {len(out)} of {n} bytes"
-            out += chunk
-        return bytes(out)
-
-    def expect_closed(self, timeout: float = IO_TIMEOUT) -> bytes:
-        """Read until the server closes; return what came first (usually nothing)."""
-        self.sock.settimeout(timeout)
-        got = bytearray()
-        try:
-            while chunk := self.sock.recv(65536):
-                got += chunk
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            raise AssertionError(f"server did not close within {timeout} s") from None
-        return bytes(got)
-
-    # handshake
-    def greeting(self) -> int:
-        magic, opt, flags = struct.unpack(">QQH", self.recv_exactly(18))
-        assert magic == 0x4E42444D41474943
-        assert opt == 0x49484156454F5054
-        return int(flags)
-
-    def start(self, flags: int = 3) -> None:
-        assert self.greeting() == 3  # FIXED_NEWSTYLE | NO_ZEROES
-        self.send(client_flags(flags))
-
-    def option(self, opt: int, payload: bytes = b"") -> None:
-        self.send(option(opt, payload))
-
-    def reply(self) -> tuple[int, int, bytes]:
-        magic, opt, rep, length = struct.unpack(">QIII", self.recv_exactly(20))
-        assert magic == 0x0003E889045565A9
-        return int(opt), int(rep), self.recv_exactly(length)
-
-    def replies(self) -> list[tuple[int, int, bytes]]:
-        out = []
-        while True:
-            r = self.reply()
-            out.append(r)
-            if r[1] == REP_ACK or r[1] & ERR:
-                return out
-
-    def final(self, opt: int, payload: bytes = b"") -> int:
-        """Send an option and return its final reply type (checking the echo)."""
-        self.option(opt, payload)
-        replies = self.replies()
-        assert all(r[0] == opt for r in replies)
-        return replies[-1][1]
-
-    def go(self, export: str = PROBE, *, structured: bool = True) -> int:
-        """STRUCTURED_REPLY (optional) and GO; return the transmission flags."""
-        if structured:
-            assert self.final(OPT_STRUCTURED_REPLY) == REP_ACK
-            self.structured = True
-        self.option(OPT_GO, info_payload(export.encode(), (INFO_BLOCK_SIZE,)))
-        flags = None
-        for opt, rep, data in self.replies():
-            assert opt == OPT_GO
-            assert not rep & ERR, f"GO failed: {rep:#x} {data!r}"
-            if rep == REP_INFO and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
-                _, size, flags = struct.unpack(">HQH", data)
-                assert size == PROBE_SIZE
-        assert flags is not None
-        return int(flags)
-
-    # transmission
-    def request(self, cmd: int, **kw: int | bytes) -> None:
-        self.send(request(cmd, **kw))  # type: ignore[arg-type]
-
-    def answer(self, read_length: int = 0) -> tuple[int, int, bytes]:
-        """One whole reply: ``(error, cookie, read data)`` for simple or structured ones.
-
-        A successful simple reply to a READ carries ``read_length`` bytes of data.
-        """
-        magic = struct.unpack(">I", self.recv_exactly(4))[0]
-        if magic == 0x67446698:
-            assert not self.structured or not read_length, "simple reply to a structured READ"
-            error, cookie = struct.unpack(">IQ", self.recv_exactly(12))
-            data = self.recv_exactly(read_length) if not error and read_length else b""
-            return int(error), int(cookie), data
-        assert magic == 0x668E33EF, f"bad reply magic {magic:#x}"
-        data = bytearray()
-        while True:
-            flags, typ, cookie, length = struct.unpack(">HHQI", self.recv_exactly(16))
-            payload = self.recv_exactly(length)
-            if typ == REPLY_TYPE_ERROR:
-                error, n = struct.unpack(">IH", payload[:6])
-                assert len(payload) == 6 + n
-                assert flags & 1
-                return int(error), int(cookie), b""
-            if typ == REPLY_TYPE_OFFSET_DATA:
-                data += payload[8:]
-            if flags & 1:
-                return 0, int(cookie), bytes(data)
-            magic = struct.unpack(">I", self.recv_exactly(4))[0]
-            assert magic == 0x668E33EF
-
-    def call(self, cmd: int, **kw: int | bytes) -> tuple[int, bytes]:
-        cookie = int(kw.setdefault("cookie", 0x1234_5678_9ABC_DEF0))  # type: ignore[arg-type]
-        self.request(cmd, **kw)
-        error, got, data = self.answer(int(kw.get("length", 0)) if cmd == CMD_READ else 0)  # type: ignore[arg-type]
-        assert got == cookie
-        return error, data
+def go(c: SocketClient, *, structured: bool = True) -> int:
+    """STRUCTURED_REPLY (optional) and GO on the probe export; its transmission flags."""
+    got = c.go(PROBE, structured=structured, infos=(INFO_BLOCK_SIZE,))
+    assert got is not None, "no NBD_INFO_EXPORT"
+    assert got[0] == PROBE_SIZE
+    return got[1]
 
 
 def healthy(server: ServeProcess) -> None:
     """A fresh client can still handshake, write and read back."""
-    c = Raw(server, "tcp")
+    c = open_client(server, "tcp")
     try:
         c.start()
-        c.go()
+        go(c)
         assert c.call(CMD_WRITE, offset=4096, length=512, data=b"\x99" * 512)[0] == 0
         assert c.call(CMD_READ, offset=4096, length=512) == (0, b"\x99" * 512)
-        c.request(CMD_DISC)
+        c.send_request(CMD_DISC)
         assert c.expect_closed() == b""
     finally:
         c.close()
@@ -226,22 +120,22 @@ def healthy(server: ServeProcess) -> None:
 
 def probe_garbage_instead_of_handshake(server: ServeProcess) -> None:
     """An HTTP client: its first bytes are not valid client flags; the server hangs up."""
-    c = Raw(server)
+    c = open_client(server)
     c.greeting()
     c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert c.expect_closed() == b""
 
 
 def probe_unknown_client_flags(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start(flags=0x3 | 0x4)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        c.option(OPT_LIST)  # never answered: the server MUST drop the connection
+        c.send_option(OPT_LIST)  # never answered: the server MUST drop the connection
     assert c.expect_closed() == b""
 
 
 def probe_bad_option_magic(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
     c.send(struct.pack(">QII", 0x1122334455667788, OPT_LIST, 0))
     assert c.expect_closed() == b""
@@ -249,40 +143,40 @@ def probe_bad_option_magic(server: ServeProcess) -> None:
 
 def probe_unknown_option_drained(server: ServeProcess) -> None:
     """An unknown option with 100 KiB of data gets ERR_UNSUP, and the next one works."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.option(4242, b"\xee" * (100 * KiB))
-    assert c.reply()[:2] == (4242, REP_ERR_UNSUP)
-    c.option(4, b"")  # NBD_OPT_PEEK_EXPORT: withdrawn, so unknown
-    assert c.reply()[:2] == (4, REP_ERR_UNSUP)
-    c.option(OPT_LIST)
-    replies = c.replies()
+    c.send_option(4242, b"\xee" * (100 * KiB))
+    assert c.option_reply()[:2] == (4242, REP_ERR_UNSUP)
+    c.send_option(4, b"")  # NBD_OPT_PEEK_EXPORT: withdrawn, so unknown
+    assert c.option_reply()[:2] == (4, REP_ERR_UNSUP)
+    c.send_option(OPT_LIST)
+    replies = c.option_replies()
     assert [r[1] for r in replies] == [REP_SERVER, REP_SERVER, REP_ACK]
-    c.go()
+    go(c)
 
 
 def probe_oversize_known_option(server: ServeProcess) -> None:
     """A known option longer than the 64 KiB cap: drained, ERR_TOO_BIG, next one parsed."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
     name = b"x" * (80 * KiB)
-    c.option(OPT_INFO, info_payload(name))
-    assert c.reply()[:2] == (OPT_INFO, REP_ERR_TOO_BIG)
-    c.option(OPT_SET_META, meta_payload(PROBE.encode(), (b"q" * 70000,)))
-    assert c.reply()[:2] == (OPT_SET_META, REP_ERR_TOO_BIG)
-    c.go()
+    c.send_option(OPT_INFO, info_payload(name))
+    assert c.option_reply()[:2] == (OPT_INFO, REP_ERR_TOO_BIG)
+    c.send_option(OPT_SET_META, meta_payload(PROBE.encode(), (b"q" * 70000,)))
+    assert c.option_reply()[:2] == (OPT_SET_META, REP_ERR_TOO_BIG)
+    go(c)
 
 
 def probe_option_past_absolute_cap(server: ServeProcess) -> None:
     """An option claiming more than 32 MiB is a denial of service: hard disconnect."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
     c.send(struct.pack(">QII", 0x49484156454F5054, 4242, 0xFFFFFFF0))
     assert c.expect_closed() == b""
 
 
 def probe_bad_option_payloads(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
     assert c.final(OPT_LIST, b"junk") == REP_ERR_INVALID
     # INFO whose name length points past the end of the option.
@@ -297,51 +191,51 @@ def probe_bad_option_payloads(server: ServeProcess) -> None:
     assert c.final(OPT_STARTTLS) in (REP_ERR_UNSUP, REP_ERR_POLICY)
     assert c.final(OPT_EXTENDED_HEADERS) == REP_ERR_UNSUP
     assert c.final(OPT_STRUCTURED_REPLY, b"x") == REP_ERR_INVALID
-    c.go()
+    go(c)
 
 
 def probe_meta_contexts(server: ServeProcess) -> None:
     """LIST/SET_META_CONTEXT, which libnbd 1.14 cannot send on its own."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
     # SET before structured replies: INVALID.
     assert c.final(OPT_SET_META, meta_payload(PROBE.encode(), (b"base:allocation",))) == (
         REP_ERR_INVALID
     )
-    c.option(OPT_LIST_META, meta_payload(PROBE.encode(), (b"base:",)))
-    (ctx, ack) = c.replies()
+    c.send_option(OPT_LIST_META, meta_payload(PROBE.encode(), (b"base:",)))
+    (ctx, ack) = c.option_replies()
     assert ctx[1] == REP_META_CONTEXT
     assert ctx[2][4:] == b"base:allocation"
     assert ack[1] == REP_ACK
     assert c.final(OPT_STRUCTURED_REPLY) == REP_ACK
-    c.option(OPT_SET_META, meta_payload(PROBE.encode(), (b"qemu:nothing", b"base:allocation")))
-    (ctx, ack) = c.replies()
+    c.send_option(OPT_SET_META, meta_payload(PROBE.encode(), (b"qemu:nothing", b"base:allocation")))
+    (ctx, ack) = c.option_replies()
     assert ctx[1] == REP_META_CONTEXT
     context_id = struct.unpack(">I", ctx[2][:4])[0]
     assert context_id != 0
     assert ctx[2][4:] == b"base:allocation"
     assert ack[1] == REP_ACK
-    c.option(OPT_GO, info_payload(PROBE.encode()))
-    assert c.replies()[-1][1] == REP_ACK
-    c.structured = True
-    c.request(CMD_BLOCK_STATUS, cookie=7, offset=0, length=PROBE_SIZE, flags=8)
-    magic, flags, typ, cookie, length = struct.unpack(">IHHQI", c.recv_exactly(20))
-    assert (magic, flags & 1, typ, cookie) == (0x668E33EF, 1, 5, 7)
-    payload = c.recv_exactly(length)
+    c.send_option(OPT_GO, info_payload(PROBE.encode()))
+    assert c.option_replies()[-1][1] == REP_ACK
+    c.core.structured = True
+    c.send_request(CMD_BLOCK_STATUS, cookie=7, offset=0, length=PROBE_SIZE, flags=8)
+    flags, typ, cookie, payload = c.chunk()
+    assert (flags & 1, typ, cookie) == (1, 5, 7)
     assert struct.unpack(">I", payload[:4])[0] == context_id
-    assert length == 12  # REQ_ONE: one extent
-    c.request(CMD_DISC)
+    assert len(payload) == 12  # REQ_ONE: one extent
+    c.send_request(CMD_DISC)
     c.expect_closed()
 
 
 def probe_too_many_options(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
     for _ in range(60):
-        c.option(4242)
+        c.send_option(4242)
         try:
-            opt, rep, _ = c.reply()
-        except (AssertionError, ConnectionResetError):
+            opt, rep, _ = c.option_reply()
+        except ServerClosed:  # a reply that is not one (a wrong magic...) still fails
+            assert c.core.unread() == b"", "half a reply, then the close"
             return  # dropped: fine, a client this chatty is a DoS
         assert (opt, rep) == (4242, REP_ERR_UNSUP)
     raise AssertionError("60 options without GO were all answered")
@@ -350,34 +244,33 @@ def probe_too_many_options(server: ServeProcess) -> None:
 def probe_export_name(server: ServeProcess) -> None:
     """EXPORT_NAME: an unknown name closes the connection; a known one starts
     transmission with size, flags and no padding (NO_ZEROES)."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.option(OPT_EXPORT_NAME, b"no-such-export")
+    c.send_option(OPT_EXPORT_NAME, b"no-such-export")
     assert c.expect_closed() == b""
-    c = Raw(server)
+    c = open_client(server)
     c.start(flags=1)  # no NO_ZEROES: 124 bytes of padding follow
-    c.option(OPT_EXPORT_NAME, PROBE.encode())
-    size, flags = struct.unpack(">QH", c.recv_exactly(10))
+    c.send_option(OPT_EXPORT_NAME, PROBE.encode())
+    size, flags = c.export_name_reply(no_zeroes=False)  # the padding: zeroes
     assert size == PROBE_SIZE
     assert flags & TF_HAS_FLAGS
     assert flags & TF_SEND_FLUSH
-    assert c.recv_exactly(124) == bytes(124)
     assert c.call(CMD_READ, offset=0, length=16)[0] == 0
-    c.request(CMD_DISC)
+    c.send_request(CMD_DISC)
     assert c.expect_closed() == b""
 
 
 def probe_abort(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.option(OPT_ABORT, b"ignored data")
-    assert c.reply()[:2] == (OPT_ABORT, REP_ACK)
+    c.send_option(OPT_ABORT, b"ignored data")
+    assert c.option_reply()[:2] == (OPT_ABORT, REP_ACK)
     assert c.expect_closed() == b""
 
 
 def probe_handshake_never_finished(server: ServeProcess) -> None:
     """Connect and say nothing, or stop half-way: dropped at the handshake deadline."""
-    silent, half = Raw(server), Raw(server, "tcp")
+    silent, half = open_client(server), open_client(server, "tcp")
     start = time.monotonic()
     half.start()
     half.send(option(OPT_LIST)[:7])  # half an option header, then silence
@@ -392,9 +285,9 @@ def probe_handshake_never_finished(server: ServeProcess) -> None:
 
 def probe_unknown_commands_and_flags(server: ServeProcess) -> None:
     for structured in (True, False):
-        c = Raw(server)
+        c = open_client(server)
         c.start()
-        c.go(structured=structured)
+        go(c, structured=structured)
         assert c.call(42, offset=0, length=512)[0] == EINVAL
         assert c.call(8, offset=PROBE_SIZE)[0] == EINVAL  # NBD_CMD_RESIZE: not advertised
         assert c.call(CMD_READ, offset=0, length=512, flags=1 << 9)[0] == EINVAL
@@ -408,14 +301,14 @@ def probe_unknown_commands_and_flags(server: ServeProcess) -> None:
         assert c.call(CMD_CACHE, offset=0, length=512)[0] == 0
         assert c.call(CMD_TRIM, offset=0, length=512)[0] == 0
         assert c.call(CMD_FLUSH)[0] == 0
-        c.request(CMD_DISC)
+        c.send_request(CMD_DISC)
         assert c.expect_closed() == b""
 
 
 def probe_past_the_end(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     end = PROBE_SIZE
     assert c.call(CMD_READ, offset=end - 256, length=512)[0] == EINVAL
     assert c.call(CMD_READ, offset=2**63, length=512)[0] == EINVAL
@@ -430,20 +323,19 @@ def probe_past_the_end(server: ServeProcess) -> None:
 def probe_write_longer_than_max(server: ServeProcess) -> None:
     """A WRITE of 32 MiB + 512 (over the advertised maximum, under the drain cap) is
     drained and refused; one claiming more than the drain cap is a hard disconnect."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     n = 32 * MiB + 512
-    c.request(CMD_WRITE, cookie=5, offset=0, length=n)
+    c.send_request(CMD_WRITE, cookie=5, offset=0, length=n)
     chunk = bytes(MiB)
     for _ in range(32):
         c.send(chunk)
     c.send(bytes(512))
-    error, cookie, _ = c.answer()
-    assert (error, cookie) == (EINVAL, 5)
+    assert c.reply()[:2] == (EINVAL, 5)
     assert "WRITE larger than the maximum payload" in server.stderr()
     assert c.call(CMD_READ, offset=0, length=512)[0] == 0
-    c.request(CMD_WRITE, cookie=6, offset=0, length=0xFFFF_FFFF)
+    c.send_request(CMD_WRITE, cookie=6, offset=0, length=0xFFFF_FFFF)
     # The server may drop the connection as soon as it has the header: then this
     # part of the payload meets a closed socket, which is the expected outcome too.
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -452,51 +344,51 @@ def probe_write_longer_than_max(server: ServeProcess) -> None:
 
 
 def probe_bad_request_magic(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     c.send(request(CMD_READ, length=512, magic=0xDEADBEEF))
     assert c.expect_closed() == b""
 
 
 def probe_truncated_payload(server: ServeProcess) -> None:
     """A WRITE whose payload stops short (EOF): nothing of it is written or answered."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
-    c.request(CMD_WRITE, cookie=9, offset=512 * KiB, length=64 * KiB, data=b"\x5c" * 1000)
+    go(c)
+    c.send_request(CMD_WRITE, cookie=9, offset=512 * KiB, length=64 * KiB, data=b"\x5c" * 1000)
     c.sock.shutdown(socket.SHUT_WR)
     assert c.expect_closed() == b""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     assert c.call(CMD_READ, offset=512 * KiB, length=64 * KiB) == (0, bytes(64 * KiB))
 
 
 def probe_disconnect_mid_payload(server: ServeProcess) -> None:
     """Connections reset in the middle of a WRITE payload and of the handshake."""
     for _ in range(3):
-        c = Raw(server, "tcp")
+        c = open_client(server, "tcp")
         c.start()
-        c.go()
-        c.request(CMD_WRITE, offset=768 * KiB, length=MiB, data=b"\x6d" * (300 * KiB))
+        go(c)
+        c.send_request(CMD_WRITE, offset=768 * KiB, length=MiB, data=b"\x6d" * (300 * KiB))
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()  # RST
-        c = Raw(server)
+        c = open_client(server)
         c.start()
         c.send(option(OPT_GO, info_payload(PROBE.encode()))[:20])
         c.close()
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     assert c.call(CMD_READ, offset=768 * KiB, length=MiB) == (0, bytes(MiB))
 
 
 def probe_disc_finishes_outstanding(server: ServeProcess) -> None:
     """Requests sent before DISC are still answered; then the server closes."""
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     burst = b"".join(
         request(
             CMD_WRITE, cookie=100 + i, offset=1 * MiB + i * 4096, length=4096, data=b"\x21" * 4096
@@ -506,7 +398,7 @@ def probe_disc_finishes_outstanding(server: ServeProcess) -> None:
     c.send(burst + request(CMD_DISC))
     cookies = set()
     for _ in range(16):
-        error, cookie, _ = c.answer()
+        error, cookie, _ = c.reply()
         assert error == 0
         cookies.add(cookie)
     assert cookies == set(range(100, 116))
@@ -514,13 +406,13 @@ def probe_disc_finishes_outstanding(server: ServeProcess) -> None:
 
 
 def probe_zero_length_and_huge_zero(server: ServeProcess) -> None:
-    c = Raw(server)
+    c = open_client(server)
     c.start()
-    c.go()
+    go(c)
     assert c.call(CMD_WRITE, offset=0, length=0)[0] in (0, EINVAL)
     assert c.call(CMD_READ, offset=0, length=0)[0] in (0, EINVAL)
     assert c.call(CMD_READ, offset=0, length=33 * MiB)[0] in (EINVAL, EOVERFLOW)
-    c.request(CMD_DISC)
+    c.send_request(CMD_DISC)
     c.expect_closed()
 
 

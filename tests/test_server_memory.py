@@ -1,23 +1,24 @@
 """The trio server (nbdvma.server) in-process, over trio memory streams.
 
-The peer is a few lines of client written from the spec (tests/nbd_client_sansio.py);
-the backend is a recording fake whose calls can be held, so that concurrency,
-ordering, back-pressure and the deadlines can be observed exactly.  Deadlines run on
-trio's autojump clock: a 10 s handshake timeout costs no wall time.
+The peer is the tests' NBD client (tests/nbd_client_sansio.py, its trio adapter);
+the backend is one recording fake whose calls can be held, so that concurrency,
+ordering, back-pressure, the buffered-bytes budgets, the connection cap and the
+deadlines can be observed exactly.  Deadlines run on trio's autojump clock: a 10 s
+handshake timeout costs no wall time.  (tests/test_access.py checks the same limits
+through ``nbdvma serve``'s options, with real sockets and clients.)
 """
 
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Sequence
 
 import pytest
 import trio
 import trio.testing
-from nbd_client_sansio import client_flags, info_payload, option, request
+from nbd_client_sansio import TrioClient, client_flags, option, request
 
-from nbdvma.backends import Export, NullBackend
+from nbdvma.backends import Export
 from nbdvma.errors import ClusterConflictError
 from nbdvma.nbd import Capabilities
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
@@ -25,13 +26,14 @@ from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 KiB = 1024
 MiB = 1024 * KiB
 SIZE = 8 * MiB
-OPT_GO, OPT_STRUCTURED_REPLY = 7, 8
+OPT_LIST, OPT_GO = 3, 7
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_WRITE_ZEROES = 0, 1, 2, 3, 6
 NBD_EIO, NBD_EINVAL, NBD_ENOSPC = 5, 22, 28
 
 
 class FakeBackend:
-    """Records calls; a call blocks while its offset is in :attr:`held`."""
+    """Records calls; a call blocks while its offset is in :attr:`held` (or, for every
+    offset, while :attr:`gate` is set to an unset event); counts calls in progress."""
 
     capabilities = Capabilities.full()
 
@@ -41,6 +43,11 @@ class FakeBackend:
         self.started: list[int] = []
         self.held: dict[int, trio.Event] = {}
         self.fail: dict[int, BaseException] = {}
+        self.gate: trio.Event | None = None
+        self.data: list[bytes] = []  # what WRITEs carried
+        self.kinds: list[object] = []  # and the objects they carried it in
+        self.in_progress = 0
+        self.most = 0
 
     @property
     def exports(self) -> Sequence[Export]:
@@ -48,8 +55,15 @@ class FakeBackend:
 
     async def _op(self, name: str, offset: int, length: int) -> None:
         self.started.append(offset)
-        if offset in self.held:
-            await self.held[offset].wait()
+        self.in_progress += 1
+        self.most = max(self.most, self.in_progress)
+        try:
+            if offset in self.held:
+                await self.held[offset].wait()
+            if self.gate is not None:
+                await self.gate.wait()
+        finally:
+            self.in_progress -= 1
         if offset in self.fail:
             raise self.fail[offset]
         self.calls.append((name, offset, length))
@@ -58,8 +72,10 @@ class FakeBackend:
         await self._op("read", offset, length)
         return bytes(length)
 
-    async def pwrite(self, export: str, offset: int, data: bytes, *, fua: bool) -> None:
+    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
         await self._op("write", offset, len(data))
+        self.data.append(bytes(data))
+        self.kinds.append(data)
 
     async def zero(self, export: str, offset: int, length: int, *, fua: bool) -> None:
         await self._op("zero", offset, length)
@@ -74,64 +90,12 @@ class FakeBackend:
         return [(length, 3)]
 
 
-class Client:
-    """The client end of a memory stream, with a receive buffer."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def recv_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = await self.stream.receive_some()
-            assert chunk, f"closed with {len(self.buf)} of {n} bytes"
-            self.buf += chunk
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    async def closed(self) -> bool:
-        """True once the server has closed (anything still unread is ignored)."""
-        try:
-            while await self.stream.receive_some():
-                pass
-        except trio.BrokenResourceError:
-            pass
-        return True
-
-    async def handshake(self, export: str = "d0", *, structured: bool = False) -> None:
-        greeting = await self.recv_exactly(18)
-        assert greeting[:8] == b"NBDMAGIC"
-        await self.send(client_flags(3))
-        if structured:
-            await self.send(option(OPT_STRUCTURED_REPLY))
-            await self.option_reply()
-        await self.send(option(OPT_GO, info_payload(export.encode())))
-        while True:
-            _, rep, _ = await self.option_reply()
-            assert not rep & (1 << 31), hex(rep)
-            if rep == 1:
-                return
-
-    async def option_reply(self) -> tuple[int, int, bytes]:
-        _, opt, rep, length = struct.unpack(">QIII", await self.recv_exactly(20))
-        return opt, rep, await self.recv_exactly(length)
-
-    async def simple(self) -> tuple[int, int]:
-        magic, error, cookie = struct.unpack(">IIQ", await self.recv_exactly(16))
-        assert magic == 0x67446698
-        return int(error), int(cookie)
-
-
 async def connect(
     nursery: trio.Nursery, server: NbdServer, export: str = "d0", *, structured: bool = False
-) -> Client:
+) -> TrioClient:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     nursery.start_soon(server.handle_connection, server_stream)
-    client = Client(client_stream)
+    client = TrioClient(client_stream)
     await client.handshake(export, structured=structured)
     return client
 
@@ -154,7 +118,7 @@ async def test_replies_go_out_as_requests_finish() -> None:
         backend.held[0].set()
         assert await c.simple() == (0, 1)
         await c.send(request(CMD_DISC))
-        assert await c.closed()
+        assert await c.expect_closed() == b""
 
 
 async def test_disc_waits_for_outstanding_requests() -> None:
@@ -168,34 +132,46 @@ async def test_disc_waits_for_outstanding_requests() -> None:
         assert server.connections == 1  # still open: the write is outstanding
         backend.held[0].set()
         assert await c.simple() == (0, 1)
-        assert await c.closed()
+        assert await c.expect_closed() == b""
     assert backend.calls == [("write", 0, 4096)]
     assert server.connections == 0
 
 
-async def test_back_pressure_stops_reading_when_the_budget_is_spent() -> None:
+#: What one reader may hold beyond a budget: the rest of one receive (256 KiB) of
+#: requests already parsed, plus the request that crossed the limit.
+SLACK = 256 * KiB + 64 * KiB
+
+
+@pytest.mark.parametrize(("size", "slack"), [(MiB, 0), (64 * KiB, SLACK)])
+async def test_connection_budget_stops_reading_when_spent(size: int, slack: int) -> None:
+    """The reader stops once the payloads held in memory reach ``connection_buffer``
+    (the rest waits in the stream), and goes on as they are released.  With payloads
+    of 1 MiB exactly two are held; small ones may overshoot by one receive."""
     backend = FakeBackend()
-    gate = trio.Event()
-    for i in range(4):
-        backend.held[i * MiB] = gate
-    server = NbdServer(backend, limits=ServerLimits(connection_buffer=2 * MiB))
+    backend.gate = trio.Event()
+    limit = 2 * MiB
+    n = 6 * MiB // size
+    server = NbdServer(backend, limits=ServerLimits(connection_buffer=limit))
     async with trio.open_nursery() as nursery:
         c = await connect(nursery, server)
-        await c.send(b"".join(write(i, i * MiB, MiB) for i in range(4)))
+        nursery.start_soon(c.send, b"".join(write(i, i * size, size) for i in range(n)))
         await trio.testing.wait_all_tasks_blocked()
-        assert backend.started == [0, MiB]  # two payloads in memory, then no more reads
-        gate.set()
-        cookies = {(await c.simple())[1] for _ in range(4)}
-        assert cookies == {0, 1, 2, 3}
+        held = len(backend.started)  # then no more reads
+        assert sorted(backend.started) == [i * size for i in range(held)]  # in order
+        assert limit <= held * size <= limit + slack
+        backend.gate.set()
+        cookies = {(await c.simple())[1] for _ in range(n)}
+        assert cookies == set(range(n))
+        assert backend.most * size <= limit + slack  # also after the release
         await c.send(request(CMD_DISC))
-        assert await c.closed()
+        assert await c.expect_closed() == b""
+    assert server.connections == 0
 
 
-async def test_server_wide_budget_is_shared() -> None:
+async def test_server_budget_is_shared_by_connections() -> None:
     backend = FakeBackend()
-    gate = trio.Event()
-    backend.held[0] = backend.held[MiB] = gate
-    server = NbdServer(backend, limits=ServerLimits(server_buffer=MiB))
+    backend.gate = trio.Event()
+    server = NbdServer(backend, limits=ServerLimits(connection_buffer=64 * MiB, server_buffer=MiB))
     async with trio.open_nursery() as nursery:
         c1 = await connect(nursery, server)
         c2 = await connect(nursery, server)
@@ -204,12 +180,13 @@ async def test_server_wide_budget_is_shared() -> None:
         await c2.send(write(2, MiB, MiB))
         await trio.testing.wait_all_tasks_blocked()
         assert backend.started == [0]  # c2's payload waits for c1's to be released
-        gate.set()
+        backend.gate.set()
         assert await c1.simple() == (0, 1)
         assert await c2.simple() == (0, 2)
+        assert backend.started == [0, MiB]
         for c in (c1, c2):
             await c.send(request(CMD_DISC))
-            assert await c.closed()
+            assert await c.expect_closed() == b""
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -235,7 +212,7 @@ async def test_backend_errors_become_nbd_errors(exc: BaseException, nbd_error: i
         await c.send(write(8, 8192))  # the connection goes on
         assert await c.simple() == (0, 8)
         await c.send(request(CMD_DISC))
-        assert await c.closed()
+        assert await c.expect_closed() == b""
 
 
 async def test_protocol_error_drops_only_that_connection() -> None:
@@ -246,11 +223,11 @@ async def test_protocol_error_drops_only_that_connection() -> None:
         bad = await connect(nursery, server)
         good = await connect(nursery, server)
         await bad.send(request(CMD_READ, length=512, magic=0xDEADBEEF))
-        assert await bad.closed()
+        assert await bad.expect_closed() == b""
         await good.send(write(1, 0))
         assert await good.simple() == (0, 1)
         await good.send(request(CMD_DISC))
-        assert await good.closed()
+        assert await good.expect_closed() == b""
     assert server.connections == 0
 
 
@@ -271,16 +248,40 @@ async def test_client_gone_while_replies_are_sent() -> None:
 
 
 async def test_handshake_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    """A client that stops half-way through an option is dropped at the deadline."""
     server = NbdServer(FakeBackend(), limits=ServerLimits(handshake_timeout=10))
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    c = Client(client_stream)
+    c = TrioClient(client_stream)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.handle_connection, server_stream)
-        await c.recv_exactly(18)
+        assert await c.greeting() == 3
         await c.send(client_flags(3) + option(OPT_GO)[:10])  # then silence
-        assert await c.closed()
-    assert 10 <= trio.current_time() - start < 11
+        assert await c.expect_closed() == b""
+    assert trio.current_time() - start == pytest.approx(10)
+    assert server.connections == 0
+
+
+async def test_handshake_deadline_is_total_not_per_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client trickling one option every few seconds is still dropped at the deadline."""
+    server = NbdServer(FakeBackend(), limits=ServerLimits(handshake_timeout=10))
+    client_stream, server_end = trio.testing.memory_stream_pair()
+    c = TrioClient(client_stream)
+
+    async def trickle() -> None:
+        await c.send(client_flags(3))
+        for _ in range(20):
+            await trio.sleep(3)
+            await c.send(option(OPT_LIST))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        start = trio.current_time()
+        await server.handle_connection(server_end)
+        assert trio.current_time() - start == pytest.approx(10)
+        nursery.cancel_scope.cancel()
 
 
 async def test_no_deadline_once_transmitting(autojump_clock: trio.testing.MockClock) -> None:
@@ -291,27 +292,52 @@ async def test_no_deadline_once_transmitting(autojump_clock: trio.testing.MockCl
         await c.send(write(1, 0))
         assert await c.simple() == (0, 1)
         await c.send(request(CMD_DISC))
-        assert await c.closed()
+        assert await c.expect_closed() == b""
 
 
-async def test_idle_deadline(autojump_clock: trio.testing.MockClock) -> None:
-    server = NbdServer(FakeBackend(), limits=ServerLimits(idle_timeout=30))
+async def test_idle_deadline_only_without_requests_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = FakeBackend()
+    backend.gate = trio.Event()
+    server = NbdServer(backend, limits=ServerLimits(idle_timeout=30))
     async with trio.open_nursery() as nursery:
         c = await connect(nursery, server)
-        start = trio.current_time()
-        assert await c.closed()
-    assert 30 <= trio.current_time() - start < 31
+        # A write the backend holds for 100 s: the connection is busy, not idle.
+        await c.send(write(1, 0))
+        await trio.sleep(100)
+        assert server.connections == 1
+        backend.gate.set()
+        assert await c.simple() == (0, 1)
+        done = trio.current_time()
+        assert await c.expect_closed() == b""  # then 30 s of silence end it
+        assert trio.current_time() - done == pytest.approx(30)
+    assert server.connections == 0
 
 
-async def test_connection_cap() -> None:
-    server = NbdServer(FakeBackend(), limits=ServerLimits(max_connections=1))
+async def test_connection_cap(autojump_clock: trio.testing.MockClock) -> None:
+    """Past ``max_connections`` a connection is closed without a greeting; a slot
+    freed is taken again."""
+    server = NbdServer(FakeBackend(), limits=ServerLimits(max_connections=2))
     async with trio.open_nursery() as nursery:
-        c1 = await connect(nursery, server)
-        s2, srv2 = trio.testing.memory_stream_pair()
-        nursery.start_soon(server.handle_connection, srv2)
-        assert await s2.receive_some() == b""  # closed without a greeting
-        await c1.send(request(CMD_DISC))
-        assert await c1.closed()
+        held = []
+        for _ in range(2):
+            client_stream, server_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.handle_connection, server_end)
+            c = TrioClient(client_stream)
+            assert await c.greeting() == 3
+            held.append(c)
+        assert server.connections == 2
+        extra, server_end = trio.testing.memory_stream_pair()
+        await server.handle_connection(server_end)  # returns at once: refused
+        assert await TrioClient(extra).expect_closed() == b""  # no greeting
+        await held[0].stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections == 1
+        again, server_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_connection, server_end)
+        assert await TrioClient(again).greeting() == 3
+        nursery.cancel_scope.cancel()
 
 
 # -- observer ---------------------------------------------------------------------------------
@@ -331,12 +357,12 @@ class Recorder(ConnectionObserver):
 async def test_observer_sees_transmissions_only() -> None:
     rec = Recorder()
     exports = [Export("a", SIZE), Export("b", SIZE)]
-    server = NbdServer(NullBackend(exports), observer=rec)
+    server = NbdServer(FakeBackend(exports), observer=rec)
     async with trio.open_nursery() as nursery:
         # A probe that never reaches transmission is not reported.
         s, srv = trio.testing.memory_stream_pair()
         nursery.start_soon(server.handle_connection, srv)
-        await Client(s).recv_exactly(18)
+        assert await TrioClient(s).greeting() == 3
         await s.aclose()
         c = await connect(nursery, server, "b", structured=True)
         await c.send(request(CMD_WRITE_ZEROES, cookie=3, length=SIZE))
@@ -349,16 +375,16 @@ async def test_observer_sees_transmissions_only() -> None:
 # -- WRITE payloads received in place (real sockets) ------------------------------------------
 
 
-async def _socket_client(nursery: trio.Nursery, server: NbdServer) -> Client:
+async def _socket_client(nursery: trio.Nursery, server: NbdServer) -> TrioClient:
     a, b = trio.socket.socketpair()
     nursery.start_soon(server.handle_connection, trio.SocketStream(b))
-    client = Client(trio.SocketStream(a))
+    client = TrioClient(trio.SocketStream(a))
     await client.handshake()
     return client
 
 
 async def test_large_payloads_on_a_socket_arrive_whole() -> None:
-    backend = RecordingBackend()
+    backend = FakeBackend()
     server = NbdServer(backend)
     payloads = [bytes([i]) * (1 * MiB + 512 * i) for i in range(1, 4)]
     async with trio.open_nursery() as nursery:
@@ -368,7 +394,7 @@ async def test_large_payloads_on_a_socket_arrive_whole() -> None:
         for _ in payloads:
             assert (await c.simple())[0] == 0
         await c.send(request(CMD_DISC))
-        assert await c.closed()
+        assert await c.expect_closed() == b""
         await c.stream.aclose()
     assert backend.data == payloads
     assert all(isinstance(d, bytearray) for d in backend.kinds)
@@ -376,7 +402,7 @@ async def test_large_payloads_on_a_socket_arrive_whole() -> None:
 
 
 async def test_payload_cut_short_on_a_socket_gives_its_budget_back() -> None:
-    backend = RecordingBackend()
+    backend = FakeBackend()
     server = NbdServer(backend)
     async with trio.open_nursery() as nursery:
         c = await _socket_client(nursery, server)
@@ -389,16 +415,3 @@ async def test_payload_cut_short_on_a_socket_gives_its_budget_back() -> None:
         assert server.connections == 0
     assert server._budget.used == 0
     assert backend.data == []
-
-
-class RecordingBackend(NullBackend):
-    """Keeps what was written, and of which type it arrived."""
-
-    def __init__(self) -> None:
-        super().__init__([Export("d0", SIZE)])
-        self.data: list[bytes] = []
-        self.kinds: list[object] = []
-
-    async def pwrite(self, export: str, offset: int, data: bytes | bytearray, *, fua: bool) -> None:
-        self.data.append(bytes(data))
-        self.kinds.append(data)

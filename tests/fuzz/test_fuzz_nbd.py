@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nbd_client_sansio import Reader, parse_error_chunk
 
 from nbdvma.errors import RemoteProtocolError
 from nbdvma.nbd import (
@@ -61,9 +62,6 @@ from nbdvma.nbd.constants import (
     IHAVEOPT,
     NBD_OPT_REPLY_MAGIC,
     NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC,
-    NBDMAGIC,
     NbdCmdFlag,
     NbdCommand,
     NbdError,
@@ -198,26 +196,6 @@ _RECORDED: dict[str, str] = {
 # --------------------------------------------------------------------- the harness
 
 
-class _Out:
-    """A cursor over bytes the server queued; every read checks the length."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, n: int) -> bytes:
-        assert n <= self.left(), f"server output cut short: need {n}, have {self.left()}"
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str) -> tuple[int, ...]:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
-
-
 @attrs.define
 class Harness:
     """Drives one connection like an I/O layer and checks every invariant on the way.
@@ -239,10 +217,9 @@ class Harness:
 
     def __attrs_post_init__(self) -> None:
         self.conn = NbdServerConnection(self.exports)
-        out = _Out(self.conn.data_to_send())
-        magic, opt, flags = out.unpack(">QQH")
-        assert (magic, opt, flags) == (NBDMAGIC, IHAVEOPT, 3)
-        assert out.left() == 0
+        out = Reader(self.conn.data_to_send())
+        assert out.greeting() == 3
+        assert out.at_end()
 
     # -- input ------------------------------------------------------------------
 
@@ -368,7 +345,7 @@ class Harness:
         choice = (self.answer_seed + ev.cookie) % 4
         if choice == 3 and ev.command != C.NBD_CMD_FLUSH:
             conn.send_error(ev.cookie, errno.ENOSPC if ev.cookie & 1 else errno.EIO, "x" * 300)
-            self._check_error_reply(_Out(conn.data_to_send()), ev.cookie, None)
+            self._check_error_reply(Reader(conn.data_to_send()), ev.cookie, None)
             return
         if ev.command == C.NBD_CMD_READ:
             if choice == 1 and not ev.flags & NbdCmdFlag.NBD_CMD_FLAG_DF and ev.length > 1:
@@ -380,120 +357,113 @@ class Harness:
                 conn.send_read_reply_chunks(ev.cookie, chunks)
             else:
                 conn.send_read_reply(ev.cookie, ev.offset, b"\xcd" * ev.length)
-            self._check_read_reply(_Out(b"".join(conn.buffers_to_send())), ev)
+            self._check_read_reply(Reader(b"".join(conn.buffers_to_send())), ev)
         elif ev.command == C.NBD_CMD_BLOCK_STATUS:
             extents = [(4096, 0), (1 << 33, 3)] if choice else [(ev.length, 1)]
             conn.send_block_status(ev, extents)
-            self._check_block_status(_Out(conn.data_to_send()), ev)
+            self._check_block_status(Reader(conn.data_to_send()), ev)
         else:
             conn.send_reply(ev.cookie)
-            out = _Out(conn.data_to_send())
-            assert out.unpack(">IIQ") == (NBD_SIMPLE_REPLY_MAGIC, 0, ev.cookie)
-            assert out.left() == 0
+            out = Reader(conn.data_to_send())
+            assert out.simple() == (0, ev.cookie)
+            assert out.at_end()
 
     # -- output -----------------------------------------------------------------
 
     def _check_output(self, ev: object, phase_before: NbdPhase) -> None:
-        out = _Out(self.conn.data_to_send())
+        out = Reader(self.conn.data_to_send())
         if phase_before is NbdPhase.HANDSHAKE:
-            while out.left():
-                magic = out.data[out.pos : out.pos + 8]
+            while not out.at_end():
+                magic = out.unread()[:8]
                 if isinstance(ev, TransmissionStarted) and magic != _OPT_REPLY_MAGIC:
                     self._check_export_name_reply(out, ev)
                 else:
                     self._check_option_reply(out)
         elif isinstance(ev, RejectedRequest):
             self._check_error_reply(out, ev.cookie, ev.error)
-        assert out.left() == 0, f"unexpected bytes from the server after {ev!r}"
+        assert out.at_end(), f"unexpected bytes from the server after {ev!r}"
 
-    def _check_export_name_reply(self, out: _Out, ev: TransmissionStarted) -> None:
-        size, flags = out.unpack(">QH")
+    def _check_export_name_reply(self, out: Reader, ev: TransmissionStarted) -> None:
+        # 124 bytes of zeroes follow unless the client asked for NO_ZEROES.
+        size, flags = out.export_name_reply(no_zeroes=len(out.unread()) == 10)
         assert size == self.exports[ev.export_name].size
         assert flags == ev.transmission_flags
-        assert out.take(out.left()) in (b"", bytes(124))
 
-    def _check_option_reply(self, out: _Out) -> None:
-        magic, opt, rep, length = out.unpack(">QIII")
-        assert magic == NBD_OPT_REPLY_MAGIC
-        payload = _Out(out.take(length))
+    def _check_option_reply(self, out: Reader) -> None:
+        opt, rep, data = out.option_reply()
         self.option_replies.append((opt, rep))
         assert rep in NbdRep.__members__.values(), hex(rep)
         if rep == NbdRep.NBD_REP_ACK:
-            assert length == 0
+            assert data == b""
             self.final_option_replies += 1
         elif rep & (1 << 31):
-            payload.take(length).decode()  # a human-readable message
+            data.decode()  # a human-readable message
             self.final_option_replies += 1
         elif rep == NbdRep.NBD_REP_SERVER:
             assert opt == O.NBD_OPT_LIST
-            (n,) = payload.unpack(">I")
-            assert payload.take(n).decode() in self.exports
-            payload.take(payload.left()).decode()
+            (n,) = struct.unpack_from(">I", data)
+            assert 4 + n <= len(data)
+            assert data[4 : 4 + n].decode() in self.exports
+            data[4 + n :].decode()
         elif rep == NbdRep.NBD_REP_INFO:
             assert opt in (O.NBD_OPT_INFO, O.NBD_OPT_GO)
-            (info,) = payload.unpack(">H")
+            (info,) = struct.unpack_from(">H", data)
             if info == NbdInfo.NBD_INFO_EXPORT:
-                size, _flags = payload.unpack(">QH")
+                size, _flags = struct.unpack(">QH", data[2:])
                 assert size in {e.size for e in self.exports.values()}
             elif info == NbdInfo.NBD_INFO_BLOCK_SIZE:
-                lo, pref, hi = payload.unpack(">III")
+                lo, pref, hi = struct.unpack(">III", data[2:])
                 assert lo <= pref <= hi <= DEFAULT_MAX_PAYLOAD
                 assert lo & (lo - 1) == 0
                 assert pref & (pref - 1) == 0
             else:
                 assert info in (NbdInfo.NBD_INFO_NAME, NbdInfo.NBD_INFO_DESCRIPTION)
-                assert len(payload.take(payload.left()).decode()) <= 4096
+                assert len(data[2:].decode()) <= 4096
         else:
             assert rep == NbdRep.NBD_REP_META_CONTEXT
             assert opt in (O.NBD_OPT_LIST_META_CONTEXT, O.NBD_OPT_SET_META_CONTEXT)
-            (ctx,) = payload.unpack(">I")
-            assert payload.take(payload.left()) == BASE_ALLOCATION
+            (ctx,) = struct.unpack_from(">I", data)
+            assert data[4:] == BASE_ALLOCATION
             if opt == O.NBD_OPT_SET_META_CONTEXT:
                 assert ctx == BASE_ALLOCATION_CONTEXT_ID
-        assert payload.left() == 0
 
-    def _check_error_reply(self, out: _Out, cookie: int, error: int | None) -> None:
+    def _check_error_reply(self, out: Reader, cookie: int, error: int | None) -> None:
         assert self.started is not None
         if self.started.structured_replies:
-            magic, flags, typ, got, length = out.unpack(">IHHQI")
-            assert (magic, flags, typ, got) == (
-                NBD_STRUCTURED_REPLY_MAGIC,
+            flags, typ, got, payload = out.chunk()
+            assert (flags, typ, got) == (
                 NbdReplyFlag.NBD_REPLY_FLAG_DONE,
                 NbdReplyType.NBD_REPLY_TYPE_ERROR,
                 cookie,
             )
-            err, n = out.unpack(">IH")
-            assert length == 6 + n
-            assert n <= _MAX_ERROR_MESSAGE
-            out.take(n).decode()
+            err, message = parse_error_chunk(payload)
+            assert len(message) <= _MAX_ERROR_MESSAGE
+            message.decode()
         else:
-            magic, err, got = out.unpack(">IIQ")
-            assert (magic, got) == (NBD_SIMPLE_REPLY_MAGIC, cookie)
+            err, got = out.simple()
+            assert got == cookie
         assert err in _KNOWN_ERRORS
         assert err != 0
         if error is not None:
             assert err == error
 
-    def _check_read_reply(self, out: _Out, ev: Request) -> None:
+    def _check_read_reply(self, out: Reader, ev: Request) -> None:
         assert self.started is not None
         if not self.started.structured_replies:
-            assert out.unpack(">IIQ") == (NBD_SIMPLE_REPLY_MAGIC, 0, ev.cookie)
+            assert out.simple() == (0, ev.cookie)
             out.take(ev.length)
-            assert out.left() == 0
+            assert out.at_end()
             return
         covered = 0
         while True:
-            magic, flags, typ, cookie, length = out.unpack(">IHHQI")
-            assert (magic, cookie) == (NBD_STRUCTURED_REPLY_MAGIC, ev.cookie)
-            body = _Out(out.take(length))
-            (offset,) = body.unpack(">Q")
+            flags, typ, cookie, payload = out.chunk()
+            assert cookie == ev.cookie
+            (offset,) = struct.unpack_from(">Q", payload)
             if typ == NbdReplyType.NBD_REPLY_TYPE_OFFSET_DATA:
-                n = body.left()
-                body.take(n)
+                n = len(payload) - 8
             else:
                 assert typ == NbdReplyType.NBD_REPLY_TYPE_OFFSET_HOLE
-                (n,) = body.unpack(">I")
-            assert body.left() == 0
+                (n,) = struct.unpack(">I", payload[8:])
             assert n > 0
             assert ev.offset <= offset
             assert offset + n <= ev.offset + ev.length
@@ -501,33 +471,32 @@ class Harness:
             if flags & NbdReplyFlag.NBD_REPLY_FLAG_DONE:
                 break
         assert covered == ev.length
-        assert out.left() == 0
+        assert out.at_end()
 
-    def _check_block_status(self, out: _Out, ev: Request) -> None:
+    def _check_block_status(self, out: Reader, ev: Request) -> None:
         assert self.started is not None
         export = self.exports[self.started.export_name]
-        magic, flags, typ, cookie, length = out.unpack(">IHHQI")
-        assert (magic, flags, typ, cookie) == (
-            NBD_STRUCTURED_REPLY_MAGIC,
+        flags, typ, cookie, payload = out.chunk()
+        assert (flags, typ, cookie) == (
             NbdReplyFlag.NBD_REPLY_FLAG_DONE,
             NbdReplyType.NBD_REPLY_TYPE_BLOCK_STATUS,
             ev.cookie,
         )
-        assert length >= 12
-        assert (length - 4) % 8 == 0
-        (ctx,) = out.unpack(">I")
+        assert len(payload) >= 12
+        assert (len(payload) - 4) % 8 == 0
+        (ctx,) = struct.unpack_from(">I", payload)
         assert ctx == BASE_ALLOCATION_CONTEXT_ID
         total = 0
-        extents = (length - 4) // 8
-        for _ in range(extents):
-            n, _state = out.unpack(">II")
+        extents = (len(payload) - 4) // 8
+        for k in range(extents):
+            n, _state = struct.unpack_from(">II", payload, 4 + 8 * k)
             assert n > 0
             total += n
         assert ev.offset + total <= export.size
         if ev.flags & NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE:
             assert extents == 1
             assert total <= ev.length
-        assert out.left() == 0
+        assert out.at_end()
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
