@@ -14,47 +14,32 @@ transmission flags, and maps any exception a backend raises to an NBD error with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Protocol
 
-import attrs
 import trio
 
-from nbdvma.nbd import Capabilities
+from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
-__all__ = ["Backend", "Export", "NullBackend", "VmaBackend"]
+__all__ = ["Backend", "NullBackend", "VmaBackend", "full_exports"]
 
 _HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
-
-
-@attrs.frozen
-class Export:
-    """A disk a backend serves, under its export name.
-
-    The server turns it into the :class:`nbdvma.nbd.ExportInfo` it offers, with the
-    backend's :class:`~nbdvma.nbd.Capabilities` and its own block sizes.
-    """
-
-    name: str
-    size: int
-    description: str = ""
 
 
 class Backend(Protocol):
     """The interface the trio server drives.
 
-    ``capabilities`` (:class:`nbdvma.nbd.Capabilities`) holds for every export.  Every
-    method may raise; the exception's errno (see
+    Each export is an :class:`nbdvma.nbd.ExportInfo`: its name, size and the
+    :class:`~nbdvma.nbd.Capabilities` the backend gives it (the server sets the block
+    sizes it offers).  Every method may raise; the exception's errno (see
     :func:`nbdvma.errors.errno_for_exception`) is what the client sees.
     """
 
-    capabilities: Capabilities
-
     @property
-    def exports(self) -> Sequence[Export]:
+    def exports(self) -> Sequence[ExportInfo]:
         """The exports, in a stable order."""
 
     async def pread(self, export_name: str, offset: int, length: int) -> bytes:
@@ -82,6 +67,11 @@ class Backend(Protocol):
         """``(length, base:allocation flags)`` runs from ``offset``."""
 
 
+def full_exports(disks: Iterable[tuple[str, int]]) -> list[ExportInfo]:
+    """Exports of ``(name, size)`` with every capability (:meth:`Capabilities.full`)."""
+    return [ExportInfo(name, size, capabilities=Capabilities.full()) for name, size in disks]
+
+
 class VmaBackend:
     """Exports that write into one shared VMA archive writer.
 
@@ -91,18 +81,16 @@ class VmaBackend:
     a worker thread while the lock is held.
     """
 
-    capabilities = Capabilities.full()
-
     def __init__(self, writer: VmaWriter, devices: dict[str, int]) -> None:
         """Serve ``devices`` (export name -> dev id of ``writer``)."""
         self.writer = writer
         self._dev_ids = dict(devices)
         sizes = {dev_id: size for dev_id, _, size in writer.devices}
-        self._exports = [Export(name, sizes[dev_id]) for name, dev_id in devices.items()]
+        self._exports = full_exports((name, sizes[dev_id]) for name, dev_id in devices.items())
         self.lock = trio.Lock()
 
     @property
-    def exports(self) -> Sequence[Export]:
+    def exports(self) -> Sequence[ExportInfo]:
         """See :meth:`Backend.exports`."""
         return self._exports
 
@@ -158,14 +146,12 @@ class VmaBackend:
 class NullBackend:
     """Discards every write and reads zeros, like nbdkit's ``null`` plugin."""
 
-    capabilities = Capabilities.full()
-
-    def __init__(self, exports: Sequence[Export]) -> None:
-        """Serve ``exports`` of the given sizes."""
-        self._exports = list(exports)
+    def __init__(self, disks: Iterable[tuple[str, int]]) -> None:
+        """Serve ``disks`` (``(name, size)``) with every capability."""
+        self._exports = full_exports(disks)
 
     @property
-    def exports(self) -> Sequence[Export]:
+    def exports(self) -> Sequence[ExportInfo]:
         """See :meth:`Backend.exports`."""
         return self._exports
 

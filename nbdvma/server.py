@@ -40,7 +40,6 @@ from nbdvma.nbd import (
     NEED_DATA,
     ConnectionClosed,
     Disconnect,
-    ExportInfo,
     HandshakeAborted,
     Limits,
     NbdServerConnection,
@@ -174,15 +173,11 @@ class NbdServer:
         self.observer = observer or ConnectionObserver()
         self.tls_mode = tls_mode
         self.ssl_context = ssl_context
+        # The block sizes are the server's to offer: a preferred 64 KiB (a VMA
+        # cluster) and the payload limit the connections enforce.
         self.exports = {
-            e.name: ExportInfo(
-                name=e.name,
-                size=e.size,
-                description=e.description,
-                capabilities=backend.capabilities,
-                min_block=1,
-                preferred_block=64 * 1024,
-                max_block=self.limits.max_payload,
+            e.name: attrs.evolve(
+                e, min_block=1, preferred_block=64 * 1024, max_block=self.limits.max_payload
             )
             for e in backend.exports
         }

@@ -18,9 +18,9 @@ import trio
 import trio.testing
 from nbd_client_sansio import TrioClient, client_flags, option, request
 
-from nbdvma.backends import Export
+from nbdvma.backends import full_exports
 from nbdvma.errors import ClusterConflictError
-from nbdvma.nbd import Capabilities
+from nbdvma.nbd import ExportInfo
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 
 KiB = 1024
@@ -35,10 +35,8 @@ class FakeBackend:
     """Records calls; a call blocks while its offset is in :attr:`held` (or, for every
     offset, while :attr:`gate` is set to an unset event); counts calls in progress."""
 
-    capabilities = Capabilities.full()
-
-    def __init__(self, exports: Sequence[Export] = (Export("d0", SIZE),)) -> None:
-        self._exports = list(exports)
+    def __init__(self, exports: Sequence[tuple[str, int]] = (("d0", SIZE),)) -> None:
+        self._exports = full_exports(exports)
         self.calls: list[tuple[str, int, int]] = []
         self.started: list[int] = []
         self.held: dict[int, trio.Event] = {}
@@ -50,7 +48,7 @@ class FakeBackend:
         self.most = 0
 
     @property
-    def exports(self) -> Sequence[Export]:
+    def exports(self) -> Sequence[ExportInfo]:
         return self._exports
 
     async def _op(self, name: str, offset: int, length: int) -> None:
@@ -356,7 +354,7 @@ class Recorder(ConnectionObserver):
 
 async def test_observer_sees_transmissions_only() -> None:
     rec = Recorder()
-    exports = [Export("a", SIZE), Export("b", SIZE)]
+    exports = [("a", SIZE), ("b", SIZE)]
     server = NbdServer(FakeBackend(exports), observer=rec)
     async with trio.open_nursery() as nursery:
         # A probe that never reaches transmission is not reported.

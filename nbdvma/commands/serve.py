@@ -17,7 +17,7 @@ import sys
 import trio
 
 from nbdvma.addresses import TcpAddress, parse_address
-from nbdvma.backends import Export, NullBackend
+from nbdvma.backends import NullBackend
 from nbdvma.commands.common import (
     config_argument,
     first_error,
@@ -128,7 +128,7 @@ async def run_session(
 async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOptions) -> int:
     """``--backend null``: the same exports, every write discarded, until a signal."""
     server = NbdServer(
-        NullBackend([Export(name, size) for name, size in disks]),
+        NullBackend(disks),
         limits=options.limits,
         tls_mode=options.tls.mode,
         ssl_context=options.tls.server_context(),
