@@ -23,11 +23,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from nbdvma.background import BackgroundWriter
 from nbdvma.errors import VmaFormatError, VmaWriterError
-from nbdvma.fileio import Writeback, preallocate
 from nbdvma.interrupts import deferred
 from nbdvma.pve import archive_configs
+from nbdvma.vma.background import BackgroundWriter
+from nbdvma.vma.fileio import Writeback, preallocate
 from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
@@ -327,7 +327,7 @@ class _Target:
         if size is not None:
             os.ftruncate(self.fd, size)
         # Each disk is fsynced at the end: start writing it to disk meanwhile.
-        self.writeback = Writeback(self.fd)
+        self.writeback = Writeback(self.fd, thread_guard=deferred)
         self.allocate_first = True  # until the file system says it cannot
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
@@ -458,7 +458,9 @@ def extract_archive(
     # Writes of one extent run in a worker thread while the next extents are read
     # into the reader's other buffers (bounded: the reader waits for a buffer's
     # writes before it fills it again).
-    worker = BackgroundWriter(max_bytes=_EXTRACT_BUFFERS * VMA_MAX_EXTENT_SIZE)
+    worker = BackgroundWriter(
+        max_bytes=_EXTRACT_BUFFERS * VMA_MAX_EXTENT_SIZE, thread_guard=deferred
+    )
     try:
         try:
             os.mkdir(dirname)
@@ -665,14 +667,14 @@ def create_archive(
         try:  # once output exists, any failure (a signal too) removes the .part file
             with deferred():  # a signal is raised only once output holds the file
                 try:
-                    output = open_sink(path, None)
+                    output = open_sink(path, None, thread_guard=deferred)
                 except OSError as exc:
                     raise ToolError(f"can't create file {path} - {_strerror(exc)}") from exc
                 except VmaWriterError as exc:
                     raise ToolError(str(exc)) from exc
             # Extents are written by a worker thread while the next clusters are read
             # and zero-detected: the two halves of the work run on two cores.
-            sink = BackgroundSink(output, max_bytes=_IN_FLIGHT)
+            sink = BackgroundSink(output, max_bytes=_IN_FLIGHT, thread_guard=deferred)
             writer = VmaWriter(sink)
             # At most every allocated byte of the images, plus headers (the unused
             # rest is given back at the end); writes into allocated blocks cost less.

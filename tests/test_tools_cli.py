@@ -306,7 +306,7 @@ def test_extract_write_failure_in_the_worker(
 def test_extract_without_preallocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # extract allocates each range before writing it, and stops trying where the file
     # system cannot: the result is the same, holes included.
-    import nbdvma.fileio as fileio
+    import nbdvma.vma.fileio as fileio
 
     img = tmp_path / "a.raw"
     mixed_image(img, 9)
