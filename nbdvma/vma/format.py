@@ -20,6 +20,8 @@ import attrs
 from nbdvma.errors import VmaFormatError
 
 __all__ = [
+    "BLOCKS_PER_CLUSTER",
+    "FULL_MASK",
     "VMA_BLOCKS_PER_EXTENT",
     "VMA_BLOCK_SIZE",
     "VMA_CLUSTER_SIZE",
@@ -45,6 +47,8 @@ __all__ = [
 VMA_BLOCK_SIZE = 4096
 VMA_CLUSTER_SIZE = 65536
 BLOCKS_PER_CLUSTER = VMA_CLUSTER_SIZE // VMA_BLOCK_SIZE  # 16: one mask bit each
+#: The mask of a cluster stored whole: every 4 KiB block present.
+FULL_MASK = (1 << BLOCKS_PER_CLUSTER) - 1
 VMA_EXTENT_HEADER_SIZE = 512
 #: Cluster slots per extent (the name in vma.h says "blocks"; they are clusters).
 VMA_BLOCKS_PER_EXTENT = 59
@@ -366,8 +370,3 @@ class ExtentHeader:
             ]
         )
         return cls(block_count, slots)
-
-
-def mask_blocks(mask: int) -> list[int]:
-    """The block indexes (0..15) whose bit is set in ``mask``, in storage order."""
-    return [j for j in range(BLOCKS_PER_CLUSTER) if mask >> j & 1]

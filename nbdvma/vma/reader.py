@@ -42,6 +42,7 @@ import zstandard
 
 from nbdvma.errors import VmaFormatError
 from nbdvma.vma.format import (
+    FULL_MASK,
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
     VMA_EXTENT_HEADER_SIZE,
@@ -61,7 +62,6 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SECTOR = 512
 _SECTORS_PER_CLUSTER = VMA_CLUSTER_SIZE // _SECTOR  # 128
 _BITS_PER_LONG = 64  # the C bitmap is an array of unsigned long (x86-64)
-_FULL_MASK = 0xFFFF
 #: Clusters covered by one lazily allocated bitmap chunk (64 KiB of bits).
 _CHUNK_SHIFT = 19
 _CHUNK_CLUSTERS = 1 << _CHUNK_SHIFT
@@ -352,7 +352,7 @@ class VmaReader:
                 end_byte = dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
             base = cluster * VMA_CLUSTER_SIZE
             if mask:
-                nblocks = 16 if mask == _FULL_MASK else mask.bit_count()
+                nblocks = 16 if mask == FULL_MASK else mask.bit_count()
                 stop = start + nblocks * VMA_BLOCK_SIZE
                 if stop > extent_size or (
                     end_byte is not None and base + VMA_CLUSTER_SIZE > end_byte
@@ -385,7 +385,7 @@ class VmaReader:
     @staticmethod
     def _check_edge(mask: int, base: int, room: int, end_byte: int | None) -> None:
         """S11/S12 in the C reader's order, for a cluster near a limit."""
-        if mask == _FULL_MASK:
+        if mask == FULL_MASK:
             if room < 16:  # S11
                 raise VmaFormatError("short vma extent - too many blocks")
             if end_byte is not None and base >= end_byte:  # S12
@@ -407,7 +407,7 @@ class VmaReader:
         base = cluster * VMA_CLUSTER_SIZE
         if base >= dev.size:
             return True  # a (mask 0) cluster wholly past the end
-        if mask != _FULL_MASK:
+        if mask != FULL_MASK:
             # S12 let through only set bits of blocks starting before the last full
             # sector; the one crossing the end must be zero past it.
             last = (dev.size - base - 1) // VMA_BLOCK_SIZE
