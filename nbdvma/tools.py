@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from nbdvma.errors import VmaFormatError, VmaWriterError
+from nbdvma.errors import ToolError, VmaFormatError, VmaWriterError
 from nbdvma.interrupts import deferred
 from nbdvma.pve import archive_configs
 from nbdvma.vma.background import BackgroundWriter
@@ -65,15 +65,6 @@ _IN_FLIGHT = 8 << 20
 # extract reads extents into this many buffers, writing one while reading the next.
 _EXTRACT_BUFFERS = 3
 _MAX_CONFIG_READ = 65536 + 1  # one byte more than any config may hold
-
-
-class ToolError(Exception):
-    """A command failed: ``message`` is the line for stderr, ``status`` the exit code."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 def _signed64(value: int) -> int:

@@ -749,3 +749,15 @@ def test_progress_lines_do_not_depend_on_batching(sizes: list[int], batches: lis
     assert lines(batches) == one_by_one
     if sum(sizes) and sum(batches) >= sum(sizes):
         assert f"progress 100% (read {sum(sizes) * VMA_CLUSTER_SIZE} bytes" in one_by_one
+
+
+def test_tool_errors_join_the_one_hierarchy() -> None:
+    # ToolError lives in nbdvma.errors with every other error, and nbdvma.tools still
+    # exports it for the command line; its message and status are what main prints.
+    from nbdvma import errors, tools
+
+    assert tools.ToolError is errors.ToolError
+    exc = errors.ToolError("unable to find configuration data 'x'", 255)
+    assert isinstance(exc, errors.NbdvmaError)
+    assert (str(exc), exc.message, exc.status) == (exc.message, exc.args[0], 255)
+    assert errors.ToolError("m").status == 1
