@@ -493,6 +493,26 @@ def test_bad_zstd_is_a_read_error(tmp_path: Path) -> None:
         VmaReader(src)
 
 
+def test_the_reader_owns_its_source(tmp_path: Path) -> None:
+    # The reader closes what it reads from: at the end of a with block, on close(),
+    # and when the header is refused (no caller is left holding the source).
+    good = io.BytesIO(image_archive([("disk0", b"x" * 4096)]))
+    with VmaReader(good) as reader:  # type: ignore[arg-type]
+        assert [d.name for d in reader.header.devices] == ["disk0"]
+        assert not good.closed
+    assert good.closed
+    reader.close()  # idempotent
+    bad = io.BytesIO(b"not a vma" * 2000)
+    with pytest.raises(VmaFormatError, match="wrong magic"):
+        VmaReader(bad)  # type: ignore[arg-type]
+    assert bad.closed
+    path = tmp_path / "a.vma"
+    path.write_bytes(image_archive([("disk0", b"y" * 4096)]))
+    with VmaReader.open(str(path)) as reader:
+        assert sum(1 for _ in reader.clusters()) == 1
+    assert reader._source.closed
+
+
 def test_tools_do_not_import_trio() -> None:
     code = "import sys, nbdvma.tools; assert 'trio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -195,14 +195,15 @@ def _read_into(source: BinaryIO, view: memoryview) -> int:
 
 
 class VmaReader:
-    """A streaming reader of one archive.
+    """A streaming reader of one archive, and the owner of its source.
 
     Construction reads and checks the header; iterate :meth:`clusters` (or
-    :meth:`extents`) once to read and check the rest.
+    :meth:`extents`) once to read and check the rest.  :meth:`close` (or the end of
+    a ``with`` block) closes the source; so does a construction that fails.
 
     Args:
         source: a binary stream positioned at the archive start (see
-            :func:`open_source`); the reader never seeks and never closes it.
+            :func:`open_source`, or :meth:`open`); the reader never seeks in it.
         skip: dev_ids whose clusters are not tracked for duplicates or missing
             clusters (``extract -d``); all other checks still apply to them.
 
@@ -212,7 +213,11 @@ class VmaReader:
 
     def __init__(self, source: BinaryIO, *, skip: Collection[int] = ()) -> None:
         self._source = source
-        self.header: VmaHeader = self._read_header()
+        try:
+            self.header: VmaHeader = self._read_header()
+        except BaseException:
+            source.close()
+            raise
         self.stats = ReadStats()
         vmstate = self.header.vmstate
         #: dev_id of the vmstate stream (the last device named ``vmstate``), or 0.
@@ -228,6 +233,23 @@ class VmaReader:
         }
         self._bufs = [bytearray(VMA_MAX_EXTENT_SIZE)]
         self._done = False
+
+    @classmethod
+    def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
+        """Open ``path`` (``-`` for stdin, zstd recognised; see :func:`open_source`)
+        and read its header.
+
+        Raises:
+            OSError: the file cannot be opened.
+            VmaFormatError: H1-H9.
+        """
+        return cls(open_source(path), skip=skip)
+
+    def __enter__(self) -> VmaReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _read_header(self) -> VmaHeader:
         fixed = bytearray(VMA_HEADER_SIZE)
@@ -447,6 +469,7 @@ class VmaReader:
                 raise VmaFormatError(f"detected missing cluster {missing} for stream {dev.name}")
 
     def close(self) -> None:
-        """Drop the extent buffers (the source is the caller's to close)."""
+        """Close the source and drop the extent buffers.  Idempotent."""
         self._bufs = []
         self._done = True
+        self._source.close()
