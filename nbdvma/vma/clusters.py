@@ -21,6 +21,7 @@ from typing import Self
 import attrs
 
 from nbdvma.vma.format import BLOCKS_PER_CLUSTER, FULL_MASK, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE
+from nbdvma.vma.journal import JournalRecord
 
 __all__ = [
     "PARTIAL",
@@ -118,6 +119,23 @@ class Device:
         """A device of ``clusters`` clusters, all UNTOUCHED."""
         return cls(dev_id, name, size, bytearray(clusters), array("I", [0]) * clusters)
 
+    def block_status(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """``[offset, offset+length)`` as runs of ``(length, is_zero)``; known-zero:
+        never written, or written as zeros."""
+        end = min(offset + length, self.size)
+        runs: list[tuple[int, bool]] = []
+        pos = offset
+        while pos < end:
+            cluster = pos // VMA_CLUSTER_SIZE
+            n = min((cluster + 1) * VMA_CLUSTER_SIZE, end) - pos
+            zero = self.state[cluster] in (UNTOUCHED, ZERO)
+            if runs and runs[-1][1] == zero:
+                runs[-1] = (runs[-1][0] + n, zero)
+            else:
+                runs.append((n, zero))
+            pos += n
+        return runs
+
 
 @attrs.define(eq=False)
 class Disk(Device):
@@ -137,6 +155,20 @@ class Disk(Device):
     def cluster_limit(self, cluster: int) -> int:
         """Bytes of ``cluster`` that lie inside the device."""
         return min(VMA_CLUSTER_SIZE, self.size - cluster * VMA_CLUSTER_SIZE)
+
+    def progress(self) -> DeviceProgress:
+        """The disk's progress and its byte counts so far."""
+        complete = self.done_clusters == self.cluster_count
+        return DeviceProgress(
+            self.name, self.size, self.written, self.zero_bytes, self.stored_bytes, complete
+        )
+
+    def journal_records(self) -> list[JournalRecord]:
+        """The partly written clusters, in cluster order, as the journal stores them."""
+        return [
+            JournalRecord(self.dev_id, cluster, tuple((a, bytes(p.buf[a:b])) for a, b in p.ranges))
+            for cluster, p in sorted(self.partial.items())
+        ]
 
     def mark_zero_run(self, first: int, stop: int) -> int | None:
         """Mark the UNTOUCHED clusters from ``first`` on as ZERO, up to ``stop`` or the
@@ -204,10 +236,14 @@ class VmState(Device):
         emit(self, memoryview(bytes(self.tail)))
         self.tail.clear()
 
-    @property
-    def tail_offset(self) -> int:
-        """The stream offset of the tail's first byte."""
-        return self.length - len(self.tail)
+    def progress(self) -> DeviceProgress:
+        """The stream's progress: its length so far, never complete before the end."""
+        size = self.length
+        return DeviceProgress(self.name, size, size, self.zero_bytes, self.stored_bytes, False)
+
+    def journal_record(self) -> JournalRecord:
+        """The tail, at its stream offset, as the journal stores it."""
+        return JournalRecord(self.dev_id, self.length - len(self.tail), ((0, bytes(self.tail)),))
 
 
 @attrs.define(eq=False)

@@ -30,10 +30,10 @@ past the device end are always zero-marked, as the C writer has done since 2020.
 
 The VM state is a *stream* (:class:`~nbdvma.vma.clusters.VmState`): appends of any
 size, packed into clusters in order (the reader demands 0, 1, 2, ...), the tail padded
-at finish.  Every one of its clusters
-is stored whole (mask ``0xffff``, zero blocks written as data): Proxmox's reader appends
-only the stored blocks of a VM-state cluster to ``vmstate.bin``, so a masked zero block
-would vanish from the stream and shift everything after it (``vma-format.md`` §6).
+at finish.  Every one of its clusters is stored whole (mask ``0xffff``, zero blocks
+written as data): Proxmox's reader appends only the stored blocks of a VM-state cluster
+to ``vmstate.bin``, so a masked zero block would vanish from the stream and shift
+everything after it (``vma-format.md`` §6).
 Its size in the header is a hint until finish, which rewrites the header with the true
 length when the sink allows it.
 
@@ -79,7 +79,7 @@ from nbdvma.vma.format import (
     WRITER_CLUSTERS_PER_EXTENT,
     build_header,
 )
-from nbdvma.vma.journal import JournalRecord, encode_journal
+from nbdvma.vma.journal import encode_journal
 from nbdvma.vma.sink import Buffer, Sink
 
 __all__ = ["DeviceProgress", "VmaWriter"]
@@ -467,35 +467,11 @@ class VmaWriter:
         Known-zero means never written or written as zeros (ZERO clusters, and
         clusters whose stored mask is 0); everything else counts as data.
         """
-        dev = self._device(dev_id)
-        end = min(offset + length, dev.size)
-        runs: list[tuple[int, bool]] = []
-        pos = offset
-        while pos < end:
-            cluster = pos // VMA_CLUSTER_SIZE
-            n = min((cluster + 1) * VMA_CLUSTER_SIZE, end) - pos
-            zero = dev.state[cluster] in (UNTOUCHED, ZERO)
-            if runs and runs[-1][1] == zero:
-                runs[-1] = (runs[-1][0] + n, zero)
-            else:
-                runs.append((n, zero))
-            pos += n
-        return runs
+        return self._device(dev_id).block_status(offset, length)
 
     def progress(self, dev_id: int) -> DeviceProgress:
         """The device's progress and its byte counts so far."""
-        dev = self._device(dev_id)
-        if isinstance(dev, VmState):
-            size = dev.length
-            return DeviceProgress(dev.name, size, size, dev.zero_bytes, dev.stored_bytes, False)
-        return DeviceProgress(
-            dev.name,
-            dev.size,
-            dev.written,
-            dev.zero_bytes,
-            dev.stored_bytes,
-            dev.done_clusters == dev.cluster_count,
-        )
+        return self._device(dev_id).progress()
 
     @property
     def devices(self) -> list[tuple[int, str, int]]:
@@ -521,18 +497,9 @@ class VmaWriter:
 
     def _journal(self) -> bytes | None:
         """The journal of the partly written clusters, then the stream's tail."""
-        records = [
-            JournalRecord(
-                dev.dev_id, cluster, tuple((a, bytes(part.buf[a:b])) for a, b in part.ranges)
-            )
-            for dev in self._disks()
-            for cluster, part in sorted(dev.partial.items())
-        ]
-        stream = self._vmstate
-        if stream is not None and stream.tail:
-            records.append(
-                JournalRecord(stream.dev_id, stream.tail_offset, ((0, bytes(stream.tail)),))
-            )
+        records = [r for dev in self._disks() for r in dev.journal_records()]
+        if self._vmstate is not None and self._vmstate.tail:
+            records.append(self._vmstate.journal_record())
         return encode_journal(self.uuid, records) if records else None
 
     def _disks(self) -> list[Disk]:
