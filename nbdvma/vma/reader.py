@@ -348,8 +348,8 @@ class VmaReader:
         append = out.append
         vmstate_id = self.vmstate_id
         devices = self._devices
-        tracked = self._tracked
         zero_clusters = stored_blocks = 0
+        end_byte: int | None
         for dev_id, cluster, mask in ehead.slots:
             if dev_id == vmstate_id:
                 dev = devices[dev_id]
@@ -358,20 +358,7 @@ class VmaReader:
                 self._vmstate_next += 1
                 end_byte = None  # no size bound for vmstate
             else:
-                if dev_id not in tracked:  # S7
-                    raise VmaFormatError(f"got wrong dev id {dev_id}")
-                dev = devices[dev_id]
-                bitmap = tracked[dev_id]
-                if bitmap is not None:
-                    if cluster >= bitmap.limit:  # S8: an assertion in the C reader
-                        raise VmaFormatError(
-                            f"cluster {cluster} out of range for stream {dev.name}"
-                        )
-                    if bitmap.test_and_set(cluster):  # S9
-                        raise VmaFormatError(
-                            f"found duplicated cluster {cluster} for stream {dev.name}"
-                        )
-                end_byte = dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
+                dev, end_byte = self._track(dev_id, cluster)
             base = cluster * VMA_CLUSTER_SIZE
             if mask:
                 nblocks = 16 if mask == FULL_MASK else mask.bit_count()
@@ -395,14 +382,31 @@ class VmaReader:
             start = stop
         if start != extent_size:  # S13
             raise VmaFormatError("vma extent error - missing blocks")
+        self._count(len(out), zero_clusters, stored_blocks)
+        return out
+
+    def _track(self, dev_id: int, cluster: int) -> tuple[DeviceInfo, int]:
+        """S7-S9 for a disk's cluster; return the disk and its end (whole sectors)."""
+        if dev_id not in self._tracked:  # S7
+            raise VmaFormatError(f"got wrong dev id {dev_id}")
+        dev = self._devices[dev_id]
+        bitmap = self._tracked[dev_id]
+        if bitmap is not None:
+            if cluster >= bitmap.limit:  # S8: an assertion in the C reader
+                raise VmaFormatError(f"cluster {cluster} out of range for stream {dev.name}")
+            if bitmap.test_and_set(cluster):  # S9
+                raise VmaFormatError(f"found duplicated cluster {cluster} for stream {dev.name}")
+        return dev, dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
+
+    def _count(self, clusters: int, zero_clusters: int, stored_blocks: int) -> None:
+        """Add an extent's clusters to :attr:`stats`."""
         stats = self.stats
-        stats.clusters_read += len(out)
+        stats.clusters_read += clusters
         stats.zero_cluster_bytes += zero_clusters * VMA_CLUSTER_SIZE
         stats.stored_bytes += stored_blocks * VMA_BLOCK_SIZE
         stats.partial_zero_bytes += (
-            (len(out) - zero_clusters) * 16 - stored_blocks
+            (clusters - zero_clusters) * 16 - stored_blocks
         ) * VMA_BLOCK_SIZE
-        return out
 
     @staticmethod
     def _check_edge(mask: int, base: int, room: int, end_byte: int | None) -> None:
