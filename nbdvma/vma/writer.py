@@ -413,7 +413,7 @@ class VmaWriter:
         stream.state[cluster] = PENDING
         stream.stored_bytes += VMA_CLUSTER_SIZE
 
-    # -- extents --------------------------------------------------------------------
+    # -- the header ---------------------------------------------------------------------
 
     def _build_header(self, *, final: bool = False) -> bytes:
         if self._ctime is None:
