@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-import nbdvma.fileio
+import nbdvma.vma.fileio
 from nbdvma.cli import main
 
 
@@ -22,11 +22,11 @@ def _no_fsync(fd: object) -> None:
     """Stands in for ``os.fsync``."""
 
 
-def _no_writeback(self: nbdvma.fileio.Writeback, offset: int, length: int) -> None:
-    """Stands in for :meth:`nbdvma.fileio.Writeback.wrote`."""
+def _no_writeback(self: nbdvma.vma.fileio.Writeback, offset: int, length: int) -> None:
+    """Stands in for :meth:`nbdvma.vma.fileio.Writeback.wrote`."""
 
 
 if __name__ == "__main__":
     os.fsync = _no_fsync
-    nbdvma.fileio.Writeback.wrote = _no_writeback  # type: ignore[method-assign]
+    nbdvma.vma.fileio.Writeback.wrote = _no_writeback  # type: ignore[method-assign]
     sys.exit(main())

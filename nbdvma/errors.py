@@ -28,6 +28,7 @@ __all__ = [
     "QmpTimeout",
     "RemoteProtocolError",
     "TlsError",
+    "ToolError",
     "VmaFormatError",
     "VmaWriterError",
     "errno_for_exception",
@@ -134,6 +135,16 @@ class RemoteProtocolError(NbdvmaError):
 
 class LocalProtocolError(NbdvmaError):
     """Our own code used the NBD protocol core in a way the protocol does not allow."""
+
+
+class ToolError(NbdvmaError):
+    """An archive command failed: ``message`` is the line for stderr, ``status`` the
+    exit code (1, or 255 where ``vma`` uses it)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
 
 
 #: The one errno table: a host ``errno`` -> the name of the error an NBD reply carries

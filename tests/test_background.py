@@ -1,14 +1,16 @@
-"""The worker thread behind ``nbdvma create``'s sink (nbdvma.background.BackgroundWriter)."""
+"""The worker thread behind ``nbdvma create``'s sink (nbdvma.vma.background.BackgroundWriter)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from nbdvma.background import BackgroundWriter
+from nbdvma.vma.background import BackgroundWriter
 
 
 def test_jobs_run_in_order_and_drain_waits_for_all() -> None:
@@ -110,3 +112,23 @@ def test_close_drops_queued_jobs_and_refuses_more() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         w.submit(lambda: None, [], 1)
     w.close()
+
+
+def test_the_thread_starts_inside_the_guard() -> None:
+    # The command line passes a guard that holds Ctrl-C back while the thread starts
+    # (nbdvma.interrupts.deferred): the thread is started, and recorded, inside it.
+    seen: list[tuple[str, bool]] = []
+    writer: BackgroundWriter
+
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        seen.append(("enter", writer._thread is not None))
+        yield
+        seen.append(("exit", writer._thread is not None))
+
+    writer = BackgroundWriter(thread_guard=guard)
+    writer.submit(lambda: None, [b"x"], 1)
+    writer.submit(lambda: None, [b"y"], 1)
+    writer.drain()
+    writer.close()
+    assert seen == [("enter", False), ("exit", True)]

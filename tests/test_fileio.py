@@ -1,4 +1,4 @@
-"""Early write-back (nbdvma.fileio): what is asked of the kernel, and when."""
+"""Early write-back (nbdvma.vma.fileio): what is asked of the kernel, and when."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import nbdvma.fileio as wb
-from nbdvma.fileio import Writeback
+import nbdvma.vma.fileio as wb
+from nbdvma.vma.fileio import Writeback
 
 MiB = 1 << 20
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from vmagen import CTIME, Slot, block, extent, header, image_archive
 
 from nbdvma.cli import main
-from nbdvma.tools import _Progress
+from nbdvma.tools.common import Progress
 from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, DeviceInfo
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -279,7 +279,7 @@ def test_extract_write_failure_in_the_worker(
     # ends it with the reason, and no disk image is left.
     import errno
 
-    import nbdvma.tools as tools
+    import nbdvma.tools.extract as tools
 
     img = tmp_path / "a.raw"
     mixed_image(img, 8)
@@ -306,7 +306,7 @@ def test_extract_write_failure_in_the_worker(
 def test_extract_without_preallocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # extract allocates each range before writing it, and stops trying where the file
     # system cannot: the result is the same, holes included.
-    import nbdvma.fileio as fileio
+    import nbdvma.vma.fileio as fileio
 
     img = tmp_path / "a.raw"
     mixed_image(img, 9)
@@ -520,7 +520,7 @@ def test_create_reads_images_through_windows(
     # create maps an image a window at a time and gives a window back only when the
     # writer and the sink's worker no longer read from it; small windows make every
     # image cross many of them.  Without mmap, windows are read into buffers.
-    import nbdvma.tools as tools
+    import nbdvma.tools.create as tools
 
     monkeypatch.setattr(tools, "_WINDOW", window)
     monkeypatch.setattr(tools, "_KEEP_WINDOWS", keep)
@@ -550,7 +550,7 @@ def test_create_reports_an_image_that_shrinks(
 ) -> None:
     # A mapped file that shrinks would end the process with SIGBUS: each window
     # checks the size first.  The image is cut while its first window is read.
-    import nbdvma.tools as tools
+    import nbdvma.tools.create as tools
 
     monkeypatch.setattr(tools, "_WINDOW", 64 * 1024)
     img = tmp_path / "s.raw"
@@ -739,7 +739,7 @@ def test_progress_lines_do_not_depend_on_batching(sizes: list[int], batches: lis
 
     def lines(steps: list[int]) -> list[str]:
         out = io.StringIO()
-        progress = _Progress(None, disks, out)  # type: ignore[arg-type]  # totals() unused
+        progress = Progress(None, disks, out)  # type: ignore[arg-type]  # totals() unused
         for n in steps:
             progress.update(n)
         # The duration is the one part that depends on the clock.
@@ -749,3 +749,55 @@ def test_progress_lines_do_not_depend_on_batching(sizes: list[int], batches: lis
     assert lines(batches) == one_by_one
     if sum(sizes) and sum(batches) >= sum(sizes):
         assert f"progress 100% (read {sum(sizes) * VMA_CLUSTER_SIZE} bytes" in one_by_one
+
+
+def test_tool_errors_join_the_one_hierarchy() -> None:
+    # ToolError lives in nbdvma.errors with every other error, and nbdvma.tools still
+    # exports it for the command line; its message and status are what main prints.
+    from nbdvma import errors, tools
+
+    assert tools.ToolError is errors.ToolError
+    exc = errors.ToolError("unable to find configuration data 'x'", 255)
+    assert isinstance(exc, errors.NbdvmaError)
+    assert (str(exc), exc.message, exc.status) == (exc.message, exc.args[0], 255)
+    assert errors.ToolError("m").status == 1
+
+
+def test_create_and_extract_start_every_thread_with_signals_deferred(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The VMA core knows no signals: the tools hand it interrupts.deferred, inside
+    # which each worker and write-back thread is started (a Ctrl-C in between would
+    # leave a thread, or a file, that nobody cleans up).
+    import contextlib
+    import threading
+    from collections.abc import Iterator
+
+    import nbdvma.tools.create as create
+    import nbdvma.tools.extract as extract
+
+    depth = [0]
+    started: list[tuple[str, bool]] = []
+    real_start = threading.Thread.start
+
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def start(self: threading.Thread) -> None:
+        started.append((self.name.split("-")[0], depth[0] > 0))
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(create, "deferred", guard)
+    monkeypatch.setattr(extract, "deferred", guard)
+    img = tmp_path / "a.raw"
+    img.write_bytes(data_of(320 * C, 5))  # past a write-back step of 8 MiB
+    arch = tmp_path / "a.vma"
+    assert main(["create", str(arch), str(img)]) == 0
+    assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
+    assert sorted(set(started)) == [("nbdvma", True), ("vma", True), ("writeback", True)]

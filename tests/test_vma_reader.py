@@ -493,9 +493,54 @@ def test_bad_zstd_is_a_read_error(tmp_path: Path) -> None:
         VmaReader(src)
 
 
-def test_reader_does_not_import_trio() -> None:
-    code = "import sys, nbdvma.vma.reader, nbdvma.tools; assert 'trio' not in sys.modules"
+def test_the_reader_owns_its_source(tmp_path: Path) -> None:
+    # The reader closes what it reads from: at the end of a with block, on close(),
+    # and when the header is refused (no caller is left holding the source).
+    good = io.BytesIO(image_archive([("disk0", b"x" * 4096)]))
+    with VmaReader(good) as reader:  # type: ignore[arg-type]
+        assert [d.name for d in reader.header.devices] == ["disk0"]
+        assert not good.closed
+    assert good.closed
+    reader.close()  # idempotent
+    bad = io.BytesIO(b"not a vma" * 2000)
+    with pytest.raises(VmaFormatError, match="wrong magic"):
+        VmaReader(bad)  # type: ignore[arg-type]
+    assert bad.closed
+    path = tmp_path / "a.vma"
+    path.write_bytes(image_archive([("disk0", b"y" * 4096)]))
+    with VmaReader.open(str(path)) as reader:
+        assert sum(1 for _ in reader.clusters()) == 1
+    assert reader._source.closed
+
+
+def test_tools_do_not_import_trio() -> None:
+    code = "import sys, nbdvma.tools; assert 'trio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_CORE_IMPORTS = """
+import importlib, pkgutil, sys
+import nbdvma.vma
+for info in pkgutil.iter_modules(nbdvma.vma.__path__, "nbdvma.vma."):
+    importlib.import_module(info.name)
+allowed = {"nbdvma", "nbdvma.errors", "nbdvma.vma"}
+shell = sorted(
+    name for name in sys.modules
+    if name == "trio" or name.startswith("trio.")
+    or (name.startswith("nbdvma.") and name not in allowed and not name.startswith("nbdvma.vma."))
+)
+print(len([n for n in sys.modules if n.startswith("nbdvma.vma.")]), shell)
+"""
+
+
+def test_vma_core_imports_neither_trio_nor_the_shell() -> None:
+    # Every module of the VMA core loads only the core, nbdvma.errors and the
+    # standard library (and attrs, zstandard): no trio, no signal handling.
+    out = subprocess.run(
+        [sys.executable, "-c", _CORE_IMPORTS], check=True, capture_output=True, text=True
+    ).stdout.split(maxsplit=1)
+    assert int(out[0]) >= 7  # format, journal, reader, writer, sink, background, fileio
+    assert out[1].strip() == "[]"
 
 
 # ----------------------------------------------------------------------- fuzz

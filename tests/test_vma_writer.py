@@ -30,6 +30,7 @@ from nbdvma.vma.format import (
     VmaHeader,
     header_size_untrusted,
 )
+from nbdvma.vma.journal import encode_journal, parse_journal
 from nbdvma.vma.sink import StreamSink, open_sink
 from nbdvma.vma.writer import VmaWriter
 
@@ -301,6 +302,29 @@ def test_reads_of_partial_pending_and_stored_clusters(tmp_path: Path) -> None:
     assert w.read(dev, 80 * C, 3) == bytes(3)
     assert w.block_status(dev, 0, 100 * C) == [(60 * C, False), (10 * C, True),
                                                (C, False), (29 * C, True)]  # fmt: skip
+    w.abort()
+
+
+def test_journal_bytes_as_documented_and_read_back(tmp_path: Path) -> None:
+    # A flush journals a disk cluster written in two pieces and the stream's tail in
+    # the layout that nbdvma.vma.journal documents, and parse_journal reads it back.
+    w, path = new_writer(tmp_path)
+    dev = w.add_device("d", 4 * C)
+    vm = w.add_stream()
+    w.write(dev, 2 * C + 10, b"a" * 3)
+    w.write(dev, 2 * C + 100, b"b" * 2)
+    w.append(vm, b"v" * (C + 5))
+    w.flush()
+    raw = Path(str(path) + ".part.journal").read_bytes()
+    assert raw == (
+        b"NBDVMAJ1" + w.uuid
+        + struct.pack(">HBQ", 2, dev, 2)
+        + struct.pack(">II", 10, 13) + b"aaa" + struct.pack(">II", 100, 102) + b"bb"
+        + struct.pack(">HBQ", 1, vm, C) + struct.pack(">II", 0, 5) + b"vvvvv"
+    )  # fmt: skip
+    records = parse_journal(raw).records
+    assert encode_journal(w.uuid, records) == raw
+    assert [r.pieces for r in records] == [((10, b"aaa"), (100, b"bb")), ((0, b"vvvvv"),)]
     w.abort()
 
 

@@ -20,6 +20,8 @@ import attrs
 from nbdvma.errors import VmaFormatError
 
 __all__ = [
+    "BLOCKS_PER_CLUSTER",
+    "FULL_MASK",
     "VMA_BLOCKS_PER_EXTENT",
     "VMA_BLOCK_SIZE",
     "VMA_CLUSTER_SIZE",
@@ -45,6 +47,8 @@ __all__ = [
 VMA_BLOCK_SIZE = 4096
 VMA_CLUSTER_SIZE = 65536
 BLOCKS_PER_CLUSTER = VMA_CLUSTER_SIZE // VMA_BLOCK_SIZE  # 16: one mask bit each
+#: The mask of a cluster stored whole: every 4 KiB block present.
+FULL_MASK = (1 << BLOCKS_PER_CLUSTER) - 1
 VMA_EXTENT_HEADER_SIZE = 512
 #: Cluster slots per extent (the name in vma.h says "blocks"; they are clusters).
 VMA_BLOCKS_PER_EXTENT = 59
@@ -145,47 +149,10 @@ class VmaHeader:
             raise VmaFormatError(
                 f"wrong vma blob buffer size {_c_int(blob_off)}/{_c_int(blob_size)}"
             )
-        blobs: dict[int, bytes] = {}
-        pos = bstart
-        while pos + 2 <= bend:
-            (length,) = _BLOB_LEN.unpack_from(head, pos)
-            if pos + length + 2 <= bend:
-                blobs[pos - blob_off] = bytes(head[pos + 2 : pos + 2 + length])
-            pos += length + 2
-
-        def string(ptr: int) -> str | None:
-            blob = blobs.get(ptr)
-            if blob is None:
-                return None
-            # The C reader tests the byte before the data for an empty blob: that is
-            # the high byte of the length, 0, so an empty blob passes as "".
-            if blob and blob[-1] != 0:
-                return None
-            return blob.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-        names = _PTR_TABLE.unpack_from(head, _CONFIG_NAMES_OFFSET)
-        datas = _PTR_TABLE.unpack_from(head, _CONFIG_DATA_OFFSET)
-        configs: list[tuple[str, bytes]] = []
-        for name_ptr, data_ptr in zip(names, datas, strict=True):
-            if not name_ptr or not data_ptr:
-                continue
-            name = string(name_ptr)
-            data = blobs.get(data_ptr)
-            if name is None or data is None:
-                raise VmaFormatError("vma contains invalid data pointers")
-            configs.append((name, data))
-        devices: list[DeviceInfo] = []
-        for dev_id in range(1, 256):
-            devname_ptr, _r0, size, _r1, _r2 = _DEV_INFO.unpack_from(
-                head, _DEV_INFO_OFFSET + 32 * dev_id
-            )
-            if not size:
-                continue
-            name = string(devname_ptr)
-            if name is None:
-                continue
-            devices.append(DeviceInfo(dev_id, name, size))
-        return cls(bytes(uuid), ctime, header_size, tuple(configs), tuple(devices))
+        blobs = _read_blobs(head, blob_off, bstart, bend)
+        configs = _read_configs(head, blobs)
+        devices = _read_devices(head, blobs)
+        return cls(bytes(uuid), ctime, header_size, configs, devices)
 
     @property
     def vmstate(self) -> DeviceInfo | None:
@@ -204,6 +171,62 @@ class VmaHeader:
         return None
 
 
+def _read_blobs(head: bytes, blob_off: int, bstart: int, bend: int) -> dict[int, bytes]:
+    """The blobs of the blob buffer by their pointer, walked as the C reader does."""
+    blobs: dict[int, bytes] = {}
+    pos = bstart
+    while pos + 2 <= bend:
+        (length,) = _BLOB_LEN.unpack_from(head, pos)
+        if pos + length + 2 <= bend:
+            blobs[pos - blob_off] = bytes(head[pos + 2 : pos + 2 + length])
+        pos += length + 2
+    return blobs
+
+
+def _blob_string(blobs: dict[int, bytes], ptr: int) -> str | None:
+    """The NUL-terminated string at ``ptr``, or ``None`` where the C reader finds none."""
+    blob = blobs.get(ptr)
+    if blob is None:
+        return None
+    # The C reader tests the byte before the data for an empty blob: that is the high
+    # byte of the length, 0, so an empty blob passes as "".
+    if blob and blob[-1] != 0:
+        return None
+    return blob.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _read_configs(head: bytes, blobs: dict[int, bytes]) -> tuple[tuple[str, bytes], ...]:
+    """The (name, data) configs, in slot order (H9: their pointers must be valid)."""
+    names = _PTR_TABLE.unpack_from(head, _CONFIG_NAMES_OFFSET)
+    datas = _PTR_TABLE.unpack_from(head, _CONFIG_DATA_OFFSET)
+    configs: list[tuple[str, bytes]] = []
+    for name_ptr, data_ptr in zip(names, datas, strict=True):
+        if not name_ptr or not data_ptr:
+            continue
+        name = _blob_string(blobs, name_ptr)
+        data = blobs.get(data_ptr)
+        if name is None or data is None:
+            raise VmaFormatError("vma contains invalid data pointers")
+        configs.append((name, data))
+    return tuple(configs)
+
+
+def _read_devices(head: bytes, blobs: dict[int, bytes]) -> tuple[DeviceInfo, ...]:
+    """The present devices: a size and a valid name."""
+    devices: list[DeviceInfo] = []
+    for dev_id in range(1, 256):
+        devname_ptr, _r0, size, _r1, _r2 = _DEV_INFO.unpack_from(
+            head, _DEV_INFO_OFFSET + 32 * dev_id
+        )
+        if not size:
+            continue
+        name = _blob_string(blobs, devname_ptr)
+        if name is None:
+            continue
+        devices.append(DeviceInfo(dev_id, name, size))
+    return tuple(devices)
+
+
 def header_size_untrusted(fixed: bytes) -> int:
     """Check the first 12288 bytes (H1-H3) and return ``header_size``.
 
@@ -220,6 +243,30 @@ def header_size_untrusted(fixed: bytes) -> int:
     if need <= 0 or need >= 2**31:
         raise VmaFormatError(f"wrong vma header size {_c_int(header_size)}")
     return int(header_size)
+
+
+class _BlobTable:
+    """The blob buffer as the C writer fills it, and the room it allocates for it."""
+
+    def __init__(self) -> None:
+        self.table = bytearray(1)  # relative byte 0 is never a blob: pointer 0 means "none"
+        self.allocated = 0
+
+    def add(self, data: bytes) -> int:
+        """Append a blob; return its pointer (relative to the buffer)."""
+        if len(data) > VMA_MAX_BLOB_SIZE:
+            raise ValueError(f"blob of {len(data)} bytes exceeds {VMA_MAX_BLOB_SIZE}")
+        # The C writer's growth rule (writer:101-110): when the blob does not fit, grow
+        # the table by the blob's size rounded up to 512.  That rule decides
+        # header_size.  (The C writer grows once; when its first blob is an exact
+        # multiple of 512 that is one byte short, a heap overrun: we grow again.)
+        need = len(data) + 2
+        while self.allocated < len(self.table) + need:
+            self.allocated += -(-need // 512) * 512
+        ptr = len(self.table)
+        self.table.extend(_BLOB_LEN.pack(len(data)))
+        self.table.extend(data)
+        return ptr
 
 
 def build_header(
@@ -247,35 +294,18 @@ def build_header(
         raise ValueError(f"too many configs ({len(configs)} > {VMA_MAX_CONFIGS})")
     if len(devices) > VMA_MAX_DEVICES:
         raise ValueError(f"too many devices ({len(devices)} > {VMA_MAX_DEVICES})")
-    table = bytearray(1)  # relative byte 0 is never a blob: pointer 0 means "none"
-    allocated = 0
-
-    def blob(data: bytes) -> int:
-        nonlocal allocated
-        if len(data) > VMA_MAX_BLOB_SIZE:
-            raise ValueError(f"blob of {len(data)} bytes exceeds {VMA_MAX_BLOB_SIZE}")
-        # The C writer's growth rule (writer:101-110): when the blob does not fit, grow
-        # the table by the blob's size rounded up to 512.  That rule decides
-        # header_size.  (The C writer grows once; when its first blob is an exact
-        # multiple of 512 that is one byte short, a heap overrun: we grow again.)
-        need = len(data) + 2
-        while allocated < len(table) + need:
-            allocated += -(-need // 512) * 512
-        ptr = len(table)
-        table.extend(_BLOB_LEN.pack(len(data)))
-        table.extend(data)
-        return ptr
-
+    blobs = _BlobTable()
     name_ptrs = [0] * 256
     data_ptrs = [0] * 256
     for slot, (name, data) in enumerate(configs):
-        name_ptrs[slot] = blob(name.encode() + b"\0")
-        data_ptrs[slot] = blob(data)
+        name_ptrs[slot] = blobs.add(name.encode() + b"\0")
+        data_ptrs[slot] = blobs.add(data)
     dev_entries = []
     for name, size in devices:
-        dev_entries.append((blob(name.encode() + b"\0"), size))
+        dev_entries.append((blobs.add(name.encode() + b"\0"), size))
+    table = blobs.table
     blob_size = len(table)
-    header_size = VMA_HEADER_SIZE + allocated
+    header_size = VMA_HEADER_SIZE + blobs.allocated
     if header_size > VMA_MAX_HEADER_SIZE:
         raise ValueError(f"header of {header_size} bytes exceeds {VMA_MAX_HEADER_SIZE}")
     head = bytearray(header_size)
@@ -366,8 +396,3 @@ class ExtentHeader:
             ]
         )
         return cls(block_count, slots)
-
-
-def mask_blocks(mask: int) -> list[int]:
-    """The block indexes (0..15) whose bit is set in ``mask``, in storage order."""
-    return [j for j in range(BLOCKS_PER_CLUSTER) if mask >> j & 1]

@@ -1,4 +1,4 @@
-"""The partial-cluster journal (``ARCHIVE.part.journal``): its format and a reader.
+"""The partial-cluster journal (``ARCHIVE.part.journal``): its format, encoder and reader.
 
 An NBD FLUSH must make every acknowledged write durable, but a cluster that is only
 partly written cannot go into the archive yet: its other bytes may still come, and a
@@ -33,13 +33,21 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 
 import attrs
 
 from nbdvma.errors import VmaFormatError
 from nbdvma.vma.format import VMA_CLUSTER_SIZE
 
-__all__ = ["JOURNAL_MAGIC", "Journal", "JournalRecord", "parse_journal", "read_journal"]
+__all__ = [
+    "JOURNAL_MAGIC",
+    "Journal",
+    "JournalRecord",
+    "encode_journal",
+    "parse_journal",
+    "read_journal",
+]
 
 JOURNAL_MAGIC = b"NBDVMAJ1"
 _RECORD = struct.Struct(">HBQ")
@@ -70,6 +78,17 @@ class Journal:
 
     uuid: bytes
     records: tuple[JournalRecord, ...]
+
+
+def encode_journal(uuid: bytes, records: Iterable[JournalRecord]) -> bytes:
+    """The journal's bytes: the magic, ``uuid`` and ``records`` in the given order."""
+    out = bytearray(JOURNAL_MAGIC + uuid)
+    for record in records:
+        out += _RECORD.pack(len(record.pieces), record.dev_id, record.index)
+        for start, data in record.pieces:
+            out += _RANGE.pack(start, start + len(data))
+            out += data
+    return bytes(out)
 
 
 def parse_journal(data: bytes) -> Journal:

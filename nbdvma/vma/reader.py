@@ -42,6 +42,7 @@ import zstandard
 
 from nbdvma.errors import VmaFormatError
 from nbdvma.vma.format import (
+    FULL_MASK,
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
     VMA_EXTENT_HEADER_SIZE,
@@ -61,7 +62,6 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SECTOR = 512
 _SECTORS_PER_CLUSTER = VMA_CLUSTER_SIZE // _SECTOR  # 128
 _BITS_PER_LONG = 64  # the C bitmap is an array of unsigned long (x86-64)
-_FULL_MASK = 0xFFFF
 #: Clusters covered by one lazily allocated bitmap chunk (64 KiB of bits).
 _CHUNK_SHIFT = 19
 _CHUNK_CLUSTERS = 1 << _CHUNK_SHIFT
@@ -195,14 +195,15 @@ def _read_into(source: BinaryIO, view: memoryview) -> int:
 
 
 class VmaReader:
-    """A streaming reader of one archive.
+    """A streaming reader of one archive, and the owner of its source.
 
     Construction reads and checks the header; iterate :meth:`clusters` (or
-    :meth:`extents`) once to read and check the rest.
+    :meth:`extents`) once to read and check the rest.  :meth:`close` (or the end of
+    a ``with`` block) closes the source; so does a construction that fails.
 
     Args:
         source: a binary stream positioned at the archive start (see
-            :func:`open_source`); the reader never seeks and never closes it.
+            :func:`open_source`, or :meth:`open`); the reader never seeks in it.
         skip: dev_ids whose clusters are not tracked for duplicates or missing
             clusters (``extract -d``); all other checks still apply to them.
 
@@ -212,7 +213,11 @@ class VmaReader:
 
     def __init__(self, source: BinaryIO, *, skip: Collection[int] = ()) -> None:
         self._source = source
-        self.header: VmaHeader = self._read_header()
+        try:
+            self.header: VmaHeader = self._read_header()
+        except BaseException:
+            source.close()
+            raise
         self.stats = ReadStats()
         vmstate = self.header.vmstate
         #: dev_id of the vmstate stream (the last device named ``vmstate``), or 0.
@@ -228,6 +233,23 @@ class VmaReader:
         }
         self._bufs = [bytearray(VMA_MAX_EXTENT_SIZE)]
         self._done = False
+
+    @classmethod
+    def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
+        """Open ``path`` (``-`` for stdin, zstd recognised; see :func:`open_source`)
+        and read its header.
+
+        Raises:
+            OSError: the file cannot be opened.
+            VmaFormatError: H1-H9.
+        """
+        return cls(open_source(path), skip=skip)
+
+    def __enter__(self) -> VmaReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _read_header(self) -> VmaHeader:
         fixed = bytearray(VMA_HEADER_SIZE)
@@ -326,8 +348,8 @@ class VmaReader:
         append = out.append
         vmstate_id = self.vmstate_id
         devices = self._devices
-        tracked = self._tracked
         zero_clusters = stored_blocks = 0
+        end_byte: int | None
         for dev_id, cluster, mask in ehead.slots:
             if dev_id == vmstate_id:
                 dev = devices[dev_id]
@@ -336,23 +358,10 @@ class VmaReader:
                 self._vmstate_next += 1
                 end_byte = None  # no size bound for vmstate
             else:
-                if dev_id not in tracked:  # S7
-                    raise VmaFormatError(f"got wrong dev id {dev_id}")
-                dev = devices[dev_id]
-                bitmap = tracked[dev_id]
-                if bitmap is not None:
-                    if cluster >= bitmap.limit:  # S8: an assertion in the C reader
-                        raise VmaFormatError(
-                            f"cluster {cluster} out of range for stream {dev.name}"
-                        )
-                    if bitmap.test_and_set(cluster):  # S9
-                        raise VmaFormatError(
-                            f"found duplicated cluster {cluster} for stream {dev.name}"
-                        )
-                end_byte = dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
+                dev, end_byte = self._track(dev_id, cluster)
             base = cluster * VMA_CLUSTER_SIZE
             if mask:
-                nblocks = 16 if mask == _FULL_MASK else mask.bit_count()
+                nblocks = 16 if mask == FULL_MASK else mask.bit_count()
                 stop = start + nblocks * VMA_BLOCK_SIZE
                 if stop > extent_size or (
                     end_byte is not None and base + VMA_CLUSTER_SIZE > end_byte
@@ -373,19 +382,36 @@ class VmaReader:
             start = stop
         if start != extent_size:  # S13
             raise VmaFormatError("vma extent error - missing blocks")
+        self._count(len(out), zero_clusters, stored_blocks)
+        return out
+
+    def _track(self, dev_id: int, cluster: int) -> tuple[DeviceInfo, int]:
+        """S7-S9 for a disk's cluster; return the disk and its end (whole sectors)."""
+        if dev_id not in self._tracked:  # S7
+            raise VmaFormatError(f"got wrong dev id {dev_id}")
+        dev = self._devices[dev_id]
+        bitmap = self._tracked[dev_id]
+        if bitmap is not None:
+            if cluster >= bitmap.limit:  # S8: an assertion in the C reader
+                raise VmaFormatError(f"cluster {cluster} out of range for stream {dev.name}")
+            if bitmap.test_and_set(cluster):  # S9
+                raise VmaFormatError(f"found duplicated cluster {cluster} for stream {dev.name}")
+        return dev, dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
+
+    def _count(self, clusters: int, zero_clusters: int, stored_blocks: int) -> None:
+        """Add an extent's clusters to :attr:`stats`."""
         stats = self.stats
-        stats.clusters_read += len(out)
+        stats.clusters_read += clusters
         stats.zero_cluster_bytes += zero_clusters * VMA_CLUSTER_SIZE
         stats.stored_bytes += stored_blocks * VMA_BLOCK_SIZE
         stats.partial_zero_bytes += (
-            (len(out) - zero_clusters) * 16 - stored_blocks
+            (clusters - zero_clusters) * 16 - stored_blocks
         ) * VMA_BLOCK_SIZE
-        return out
 
     @staticmethod
     def _check_edge(mask: int, base: int, room: int, end_byte: int | None) -> None:
         """S11/S12 in the C reader's order, for a cluster near a limit."""
-        if mask == _FULL_MASK:
+        if mask == FULL_MASK:
             if room < 16:  # S11
                 raise VmaFormatError("short vma extent - too many blocks")
             if end_byte is not None and base >= end_byte:  # S12
@@ -407,7 +433,7 @@ class VmaReader:
         base = cluster * VMA_CLUSTER_SIZE
         if base >= dev.size:
             return True  # a (mask 0) cluster wholly past the end
-        if mask != _FULL_MASK:
+        if mask != FULL_MASK:
             # S12 let through only set bits of blocks starting before the last full
             # sector; the one crossing the end must be zero past it.
             last = (dev.size - base - 1) // VMA_BLOCK_SIZE
@@ -447,6 +473,7 @@ class VmaReader:
                 raise VmaFormatError(f"detected missing cluster {missing} for stream {dev.name}")
 
     def close(self) -> None:
-        """Drop the extent buffers (the source is the caller's to close)."""
+        """Close the source and drop the extent buffers.  Idempotent."""
         self._bufs = []
         self._done = True
+        self._source.close()

@@ -32,9 +32,9 @@ from array import array
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
-from nbdvma.background import BackgroundWriter
 from nbdvma.errors import VmaWriterError
-from nbdvma.fileio import Writeback, preallocate
+from nbdvma.vma.background import BackgroundWriter, ThreadGuard
+from nbdvma.vma.fileio import Writeback, preallocate
 
 __all__ = ["BackgroundSink", "FileSink", "Sink", "StreamSink", "open_sink"]
 
@@ -147,8 +147,14 @@ class FileSink:
     readable = True
     seekable = True
 
-    def __init__(self, path: str, *, compress: str | None = None) -> None:
-        """Create ``PATH.part``.
+    def __init__(
+        self,
+        path: str,
+        *,
+        compress: str | None = None,
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
+        """Create ``PATH.part``; ``thread_guard`` wraps the start of its write-back thread.
 
         Raises:
             VmaWriterError: ``PATH`` or ``PATH.part`` exists already.
@@ -183,7 +189,7 @@ class FileSink:
         self._closed = False
         self._renamed = False
         # The final fsync (or a FLUSH's) then finds little left to write.
-        self._writeback = Writeback(self._fd)
+        self._writeback = Writeback(self._fd, thread_guard=thread_guard)
         self._reserve_end = 0  # set aside up to here ...
         self._reserve_limit = 0  # ... of what reserve() announced
 
@@ -388,12 +394,21 @@ class BackgroundSink:
     caller must not reuse a buffer given to :meth:`append` before :meth:`release`.
     """
 
-    def __init__(self, inner: FileSink | StreamSink, *, max_bytes: int = 16 << 20) -> None:
+    def __init__(
+        self,
+        inner: FileSink | StreamSink,
+        *,
+        max_bytes: int = 16 << 20,
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
+        """Write to ``inner`` from a thread started inside ``thread_guard()``."""
         self.inner = inner
         self.readable = inner.readable
         self.seekable = inner.seekable
         # At most max_bytes of extents in flight: four to five extents of 3.7 MiB.
-        self._worker = BackgroundWriter(max_bytes=max_bytes, name="vma-sink")
+        self._worker = BackgroundWriter(
+            max_bytes=max_bytes, name="vma-sink", thread_guard=thread_guard
+        )
         self._count = 0
 
     def reserve(self, nbytes: int) -> None:
@@ -459,13 +474,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def open_sink(path: str, compress: str | None = None) -> FileSink | StreamSink:
+def open_sink(
+    path: str,
+    compress: str | None = None,
+    *,
+    thread_guard: ThreadGuard = contextlib.nullcontext,
+) -> FileSink | StreamSink:
     """Open the output for an archive.
 
     Args:
         path: a file path, or ``-`` for stdout.  A path ending in ``.zst`` selects
             zstd compression; an existing FIFO or character device is written as a stream.
         compress: ``"zstd"`` or ``None`` (then inferred from the ``.zst`` suffix).
+        thread_guard: what a file's helper thread is started inside (see
+            :class:`~nbdvma.vma.background.BackgroundWriter`).
 
     Raises:
         VmaWriterError: an unknown compression, or the archive exists already.
@@ -483,4 +505,4 @@ def open_sink(path: str, compress: str | None = None) -> FileSink | StreamSink:
         mode = 0
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
         return StreamSink(open(path, "wb", buffering=0), compress=compress)
-    return FileSink(path, compress=compress)
+    return FileSink(path, compress=compress, thread_guard=thread_guard)

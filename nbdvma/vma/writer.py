@@ -28,11 +28,12 @@ one byte a cluster, plus a 4-byte reference for stored clusters):
 Zero detection is per 4 KiB block against a zero buffer (memcmp speed); blocks at or
 past the device end are always zero-marked, as the C writer has done since 2020.
 
-The VM state is a *stream* device: appends of any size, packed into clusters in order
-(the reader demands 0, 1, 2, ...), the tail padded at finish.  Every one of its clusters
-is stored whole (mask ``0xffff``, zero blocks written as data): Proxmox's reader appends
-only the stored blocks of a VM-state cluster to ``vmstate.bin``, so a masked zero block
-would vanish from the stream and shift everything after it (``vma-format.md`` §6).
+The VM state is a *stream* (:class:`~nbdvma.vma.clusters.VmState`): appends of any
+size, packed into clusters in order (the reader demands 0, 1, 2, ...), the tail padded
+at finish.  Every one of its clusters is stored whole (mask ``0xffff``, zero blocks
+written as data): Proxmox's reader appends only the stored blocks of a VM-state cluster
+to ``vmstate.bin``, so a masked zero block would vanish from the stream and shift
+everything after it (``vma-format.md`` §6).
 Its size in the header is a hint until finish, which rewrites the header with the true
 length when the sink allows it.
 
@@ -46,126 +47,44 @@ stay pending, so the request that hit the error fails and a retry can succeed.
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid as uuidlib
 import zlib
-from array import array
-from collections.abc import Iterator
-
-import attrs
 
 from nbdvma.errors import ClusterConflictError, PartialBufferFullError, VmaWriterError
+from nbdvma.vma.clusters import (
+    PARTIAL,
+    PENDING,
+    STORED,
+    UNTOUCHED,
+    ZERO,
+    ZERO_CLUSTER,
+    DeviceProgress,
+    Disk,
+    Partial,
+    Slot,
+    VmState,
+    empty_runs,
+    mask_and_blocks,
+    retained,
+)
+from nbdvma.vma.extents import Extents
 from nbdvma.vma.format import (
-    BLOCKS_PER_CLUSTER,
-    VMA_BLOCK_SIZE,
+    FULL_MASK,
     VMA_CLUSTER_SIZE,
-    VMA_EXTENT_HEADER_SIZE,
     VMA_MAX_BLOB_SIZE,
     VMA_MAX_CONFIGS,
     VMA_MAX_DEVICES,
     VMA_VMSTATE_NAME,
     WRITER_CLUSTERS_PER_EXTENT,
-    ExtentHeader,
     build_header,
-    encode_extent_header,
 )
-from nbdvma.vma.journal import JOURNAL_MAGIC
+from nbdvma.vma.journal import encode_journal
 from nbdvma.vma.sink import Buffer, Sink
 
 __all__ = ["DeviceProgress", "VmaWriter"]
 
-UNTOUCHED, PARTIAL, ZERO, PENDING, STORED = range(5)
-
-_ZERO_CLUSTER = bytes(VMA_CLUSTER_SIZE)
-_ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
-_BLOCK_RANGES = [(j * VMA_BLOCK_SIZE, (j + 1) * VMA_BLOCK_SIZE) for j in range(BLOCKS_PER_CLUSTER)]
 _MAX_NAME = 200  # bytes; Proxmox device names are short ("drive-scsi0")
-# Pending clusters are views of the caller's buffers; buffers larger than this are not
-# kept alive for them (58 pending clusters could otherwise pin 58 payloads of 32 MiB).
-_MAX_RETAINED = 4 * 1024 * 1024
-# Runs of clusters that finish() still has to emit as zero clusters.
-_EMPTY_RUNS = re.compile(b"[\\x00\\x02]+")
-_ZERO_STATES = bytes([ZERO]) * 65536
-_NOT_UNTOUCHED = re.compile(b"[^\\x00]")
-assert (UNTOUCHED, ZERO) == (0, 2)
-
-
-@attrs.frozen
-class DeviceProgress:
-    """How far a device has got: what ``serve`` and ``backup`` report."""
-
-    name: str
-    size: int
-    #: Bytes written by the client so far (data or zeroes), each byte counted once.
-    written: int
-    #: Bytes of the device that are zero in the archive (4 KiB blocks, clamped to size).
-    zero_bytes: int
-    #: Data bytes stored in the archive for this device.
-    stored_bytes: int
-    #: Every byte was written (streams: never, until finish).
-    complete: bool
-
-
-@attrs.define(eq=False)
-class _Partial:
-    """A cluster being assembled: its bytes and the sorted, disjoint ranges written."""
-
-    buf: bytearray
-    ranges: list[tuple[int, int]] = attrs.Factory(list)
-
-    def add(self, start: int, end: int) -> int:
-        """Mark ``[start, end)`` written; return how many bytes were new."""
-        merged: list[tuple[int, int]] = []
-        new = end - start
-        for a, b in self.ranges:
-            if b < start or a > end:
-                merged.append((a, b))
-            else:
-                new -= max(0, min(b, end) - max(a, start))
-                start, end = min(a, start), max(b, end)
-        merged.append((start, end))
-        merged.sort()
-        self.ranges = merged
-        return new
-
-    def covers(self, limit: int) -> bool:
-        return len(self.ranges) == 1 and self.ranges[0][0] == 0 and self.ranges[0][1] >= limit
-
-
-@attrs.define(eq=False)
-class _Device:
-    dev_id: int
-    name: str
-    size: int
-    stream: bool
-    state: bytearray
-    ref: array[int]
-    partial: dict[int, _Partial] = attrs.Factory(dict)
-    written: int = 0
-    zero_bytes: int = 0
-    stored_bytes: int = 0
-    #: Clusters that are ZERO, PENDING or STORED.
-    done_clusters: int = 0
-    #: Streams: bytes appended so far, and the not yet complete tail.
-    length: int = 0
-    tail: bytearray = attrs.Factory(bytearray)
-
-    @property
-    def cluster_count(self) -> int:
-        return len(self.state)
-
-    def cluster_limit(self, cluster: int) -> int:
-        """Bytes of ``cluster`` that lie inside the device."""
-        return min(VMA_CLUSTER_SIZE, self.size - cluster * VMA_CLUSTER_SIZE)
-
-
-@attrs.define(eq=False)
-class _Slot:
-    dev: _Device
-    cluster: int
-    mask: int
-    blocks: list[memoryview]  # the stored blocks, runs of set bits
 
 
 class VmaWriter:
@@ -198,10 +117,9 @@ class VmaWriter:
         self._ctime = ctime
         self._max_partial = max(VMA_CLUSTER_SIZE, max_partial_bytes)
         self._configs: list[tuple[str, bytes]] = []
-        self._devices: list[_Device] = []
-        self._header: bytes | None = None
-        self._pending: list[_Slot] = []
-        self._pending_index: dict[tuple[int, int], _Slot] = {}
+        self._devices: list[Disk | VmState] = []
+        self._vmstate: VmState | None = None
+        self._extents = Extents(sink, self.uuid, self._build_header)
         self._partial_bytes = 0
         self._state = "open"  # open -> finished | aborted
         self._started = False  # a write came: the header's contents are fixed
@@ -248,7 +166,7 @@ class VmaWriter:
         if size > 0xFFFFFFFF * VMA_CLUSTER_SIZE:
             raise VmaWriterError(f"device {name!r}: {size} bytes is past the format's 256 TiB")
         clusters = -(-size // VMA_CLUSTER_SIZE)
-        return self._add(name, size, stream=False, clusters=clusters)
+        return self._add(Disk.new(self._next_id(name), name, size, clusters))
 
     def add_stream(self, name: str = VMA_VMSTATE_NAME, size_hint: int = VMA_CLUSTER_SIZE) -> int:
         """Register a sequential stream (the VM state); return its dev id.
@@ -258,23 +176,21 @@ class VmaWriter:
         """
         self._check_registration()
         self._check_name(name, "stream name")
-        if any(d.stream for d in self._devices):
+        if self._vmstate is not None:
             raise VmaWriterError("an archive holds one VM-state stream")
-        return self._add(name, max(1, size_hint), stream=True, clusters=0)
+        dev_id = self._next_id(name)
+        self._vmstate = VmState.new(dev_id, name, max(1, size_hint), 0)
+        return self._add(self._vmstate)
 
-    def _add(self, name: str, size: int, *, stream: bool, clusters: int) -> int:
+    def _next_id(self, name: str) -> int:
+        """The id of a new device called ``name``, if there is room for it."""
         if len(self._devices) >= VMA_MAX_DEVICES:
             raise VmaWriterError(f"too many devices (at most {VMA_MAX_DEVICES})")
         if any(d.name == name for d in self._devices):
             raise VmaWriterError(f"device name {name!r} is used twice")
-        dev = _Device(
-            dev_id=len(self._devices) + 1,
-            name=name,
-            size=size,
-            stream=stream,
-            state=bytearray(clusters),
-            ref=array("I", [0]) * clusters,
-        )
+        return len(self._devices) + 1
+
+    def _add(self, dev: Disk | VmState) -> int:
         self._devices.append(dev)
         return dev.dev_id
 
@@ -295,10 +211,15 @@ class VmaWriter:
         if self._state != "open":
             raise VmaWriterError(f"the archive writer is {self._state}")
 
-    def _device(self, dev_id: int) -> _Device:
+    def _device(self, dev_id: int) -> Disk | VmState:
         if not 1 <= dev_id <= len(self._devices):
             raise VmaWriterError(f"no device with id {dev_id}")
         return self._devices[dev_id - 1]
+
+    def _start_write(self, dev_id: int) -> Disk | VmState:
+        self._check_open()
+        self._started = True
+        return self._device(dev_id)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -316,16 +237,14 @@ class VmaWriter:
             PartialBufferFullError: too many partial clusters at once.
             OSError: the sink failed (the failed part can be retried).
         """
-        self._check_open()
-        self._started = True
-        dev = self._device(dev_id)
+        dev = self._start_write(dev_id)
         view = memoryview(data if owned or isinstance(data, bytes) else bytes(data)).cast("B")
-        if dev.stream:
+        if isinstance(dev, VmState):
             if offset != dev.length:
                 raise VmaWriterError(
                     f"{dev.name} is sequential: write at {offset}, expected {dev.length}"
                 )
-            self._append(dev, view)
+            dev.append(view, self._queue_vmstate)
             return
         end = offset + len(view)
         self._check_range(dev, offset, end)
@@ -342,15 +261,13 @@ class VmaWriter:
         Raises:
             The same as :meth:`write`.
         """
-        self._check_open()
-        self._started = True
-        dev = self._device(dev_id)
-        if dev.stream:
+        dev = self._start_write(dev_id)
+        if isinstance(dev, VmState):
             if offset != dev.length:
                 raise VmaWriterError(f"{dev.name} is sequential")
             while length:
                 n = min(length, VMA_CLUSTER_SIZE)
-                self._append(dev, memoryview(_ZERO_CLUSTER)[:n])
+                dev.append(memoryview(ZERO_CLUSTER)[:n], self._queue_vmstate)
                 length -= n
             return
         end = offset + length
@@ -367,43 +284,30 @@ class VmaWriter:
                 self._mark_zero_run(dev, cluster, run)
                 pos += min(run * VMA_CLUSTER_SIZE, end - pos)
                 continue
-            self._write_cluster(dev, cluster, inner, memoryview(_ZERO_CLUSTER)[:n])
+            self._write_cluster(dev, cluster, inner, memoryview(ZERO_CLUSTER)[:n])
             pos += n
 
-    def _mark_zero_run(self, dev: _Device, first: int, count: int) -> None:
-        """Mark up to ``count`` untouched clusters from ``first`` as ZERO (stops early at
-        any other state)."""
-        state = dev.state
+    def _mark_zero_run(self, dev: Disk, first: int, count: int) -> None:
+        """Mark up to ``count`` untouched clusters from ``first`` as ZERO; zero the
+        clusters in other states among them the ordinary way."""
         stop = first + count
         nxt = first
         while nxt < stop:
-            # Find the extent of untouched clusters from nxt at C speed.
-            other = _NOT_UNTOUCHED.search(state, nxt, stop)
-            run_end = other.start() if other else stop
-            n = run_end - nxt
-            for k in range(nxt, run_end, len(_ZERO_STATES)):  # no buffer sized by the range
-                state[k : min(k + len(_ZERO_STATES), run_end)] = _ZERO_STATES[: run_end - k]
-            if n:
-                covered = min(run_end * VMA_CLUSTER_SIZE, dev.size) - nxt * VMA_CLUSTER_SIZE
-                dev.written += covered
-                dev.zero_bytes += covered
-                dev.done_clusters += n
+            other = dev.mark_zero_run(nxt, stop)
             if other is None:
                 break
-            # A cluster in another state: zero it the ordinary way (ZERO is done already).
-            cl = run_end
-            if state[cl] != ZERO:
-                zeros = memoryview(_ZERO_CLUSTER)[: dev.cluster_limit(cl)]
-                self._write_cluster(dev, cl, 0, zeros)
-            nxt = cl + 1
+            if dev.state[other] != ZERO:
+                zeros = memoryview(ZERO_CLUSTER)[: dev.cluster_limit(other)]
+                self._write_cluster(dev, other, 0, zeros)
+            nxt = other + 1
 
-    def _check_range(self, dev: _Device, start: int, end: int) -> None:
+    def _check_range(self, dev: Disk, start: int, end: int) -> None:
         if start < 0 or end > dev.size or end < start:
             raise VmaWriterError(
                 f"{dev.name}: range {start}..{end} is outside the device ({dev.size} bytes)"
             )
 
-    def _write_cluster(self, dev: _Device, cluster: int, inner: int, data: memoryview) -> None:
+    def _write_cluster(self, dev: Disk, cluster: int, inner: int, data: memoryview) -> None:
         """Apply ``data`` at byte ``inner`` of ``cluster`` (within one cluster)."""
         state = dev.state[cluster]
         limit = dev.cluster_limit(cluster)
@@ -433,7 +337,7 @@ class VmaWriter:
                     f"{dev.name}: more than {self._max_partial} bytes of partial clusters "
                     "are being assembled; write whole 64 KiB clusters"
                 )
-            part = _Partial(bytearray(VMA_CLUSTER_SIZE))
+            part = Partial(bytearray(VMA_CLUSTER_SIZE))
             if state == ZERO:
                 # Zeroed before, written now: the whole cluster is known, zeros elsewhere.
                 # It stays "written"; it is counted as done again when it completes.
@@ -449,25 +353,14 @@ class VmaWriter:
             self._complete_partial(dev, cluster)
 
     def _complete(
-        self, dev: _Device, cluster: int, data: memoryview, limit: int, *, counted: bool = False
+        self, dev: Disk, cluster: int, data: memoryview, limit: int, *, counted: bool = False
     ) -> None:
-        """A cluster is whole (``limit`` bytes): zero-detect it and queue it.
-
-        A stream's cluster is never zero-detected: it is stored whole (module docstring).
-        """
-        if dev.stream:
-            mask, blocks, stored = 0xFFFF, [data], VMA_CLUSTER_SIZE
-        else:
-            mask, blocks, stored = _mask_and_blocks(data, limit)
-        if mask == 0 and not dev.stream:
+        """A disk's cluster is whole (``limit`` bytes): zero-detect it and queue it."""
+        mask, blocks, stored = mask_and_blocks(data, limit)
+        if mask == 0:
             dev.state[cluster] = ZERO
         else:
-            obj = data.obj
-            if isinstance(obj, bytes | bytearray) and len(obj) > _MAX_RETAINED:
-                # A view keeps its whole buffer alive until the extent is written: for
-                # a large payload that left only a few clusters pending, copy them.
-                blocks = [memoryview(bytes(b)) for b in blocks]
-            self._queue(_Slot(dev, cluster, mask, blocks))
+            self._extents.queue(Slot(dev, cluster, mask, retained(data, blocks)))
             dev.state[cluster] = PENDING
             dev.stored_bytes += stored
         if not counted:
@@ -475,7 +368,7 @@ class VmaWriter:
         dev.zero_bytes += limit - min(stored, limit)
         dev.done_clusters += 1
 
-    def _check_rewrite(self, dev: _Device, cluster: int, inner: int, data: memoryview) -> None:
+    def _check_rewrite(self, dev: Disk, cluster: int, inner: int, data: memoryview) -> None:
         if dev.state[cluster] == STORED and not self._sink.readable:
             if inner == 0 and len(data) >= dev.cluster_limit(cluster):
                 full = bytes(data) + bytes(VMA_CLUSTER_SIZE - len(data))
@@ -501,64 +394,26 @@ class VmaWriter:
             VmaWriterError: ``dev_id`` is not a stream.
             OSError: the sink failed.
         """
-        self._check_open()
-        self._started = True
-        dev = self._device(dev_id)
-        if not dev.stream:
+        dev = self._start_write(dev_id)
+        if not isinstance(dev, VmState):
             raise VmaWriterError(f"{dev.name} is a disk, not a stream")
-        self._append(dev, memoryview(data).cast("B"))
+        dev.append(memoryview(data).cast("B"), self._queue_vmstate)
 
-    def _append(self, dev: _Device, view: memoryview) -> None:
-        # A tail left full by a failed sink write goes first.
-        if len(dev.tail) == VMA_CLUSTER_SIZE:
-            self._stream_cluster(dev, memoryview(bytes(dev.tail)))
-            dev.tail.clear()
-        pos = 0
-        while pos < len(view):
-            if not dev.tail and len(view) - pos >= VMA_CLUSTER_SIZE:
-                chunk = view[pos : pos + VMA_CLUSTER_SIZE]
-                if not isinstance(chunk.obj, bytes):
-                    chunk = memoryview(bytes(chunk))
-                self._stream_cluster(dev, chunk)
-                dev.length += VMA_CLUSTER_SIZE
-                pos += VMA_CLUSTER_SIZE
-                continue
-            n = min(VMA_CLUSTER_SIZE - len(dev.tail), len(view) - pos)
-            dev.tail += view[pos : pos + n]
-            dev.length += n
-            pos += n
-            if len(dev.tail) == VMA_CLUSTER_SIZE:
-                # If this fails the bytes stay in the full tail, emitted on the next call.
-                self._stream_cluster(dev, memoryview(bytes(dev.tail)))
-                dev.tail.clear()
-
-    def _stream_cluster(self, dev: _Device, data: memoryview) -> None:
-        """Queue the stream's next cluster (its index is the count so far)."""
-        cluster = len(dev.state)
-        dev.state.append(UNTOUCHED)
-        dev.ref.append(0)
+    def _queue_vmstate(self, stream: VmState, data: memoryview) -> None:
+        """Queue the stream's next cluster whole (its index is the count so far)."""
+        cluster = len(stream.state)
+        stream.state.append(UNTOUCHED)
+        stream.ref.append(0)
         try:
-            self._complete(dev, cluster, data, VMA_CLUSTER_SIZE)
+            self._extents.queue(Slot(stream, cluster, FULL_MASK, retained(data, [data])))
         except BaseException:
-            dev.state.pop()
-            dev.ref.pop()
+            stream.state.pop()
+            stream.ref.pop()
             raise
+        stream.state[cluster] = PENDING
+        stream.stored_bytes += VMA_CLUSTER_SIZE
 
-    # -- extents --------------------------------------------------------------------
-
-    def _queue(self, slot: _Slot) -> None:
-        # Flush *before* adding, as the C writer does: if that fails, the new cluster
-        # is not taken and the caller's request fails as a whole.
-        if len(self._pending) >= WRITER_CLUSTERS_PER_EXTENT:
-            self._flush_extent()
-        self._pending.append(slot)
-        self._pending_index[(slot.dev.dev_id, slot.cluster)] = slot
-
-    def _write_header(self) -> None:
-        if self._header is None:
-            header = self._build_header()
-            self._sink.write_header(header)
-            self._header = header
+    # -- the header ---------------------------------------------------------------------
 
     def _build_header(self, *, final: bool = False) -> bytes:
         if self._ctime is None:
@@ -566,33 +421,12 @@ class VmaWriter:
         devices = []
         for dev in self._devices:
             size = dev.size
-            if dev.stream and final and dev.length:
+            if isinstance(dev, VmState) and final and dev.length:
                 size = dev.length
             devices.append((dev.name, size))
         return build_header(
             uuid=self.uuid, ctime=self._ctime, configs=self._configs, devices=devices
         )
-
-    def _flush_extent(self) -> None:
-        if not self._pending:
-            return
-        self._write_header()
-        slots = self._pending
-        infos = [s.mask << 48 | s.dev.dev_id << 32 | s.cluster for s in slots]
-        count = sum(s.mask.bit_count() for s in slots)
-        parts: list[Buffer] = [encode_extent_header(self.uuid, count, infos)]
-        for s in slots:
-            parts.extend(s.blocks)
-        index = self._sink.append(parts)
-        readable = self._sink.readable
-        for s in slots:
-            s.dev.state[s.cluster] = STORED
-            if readable:
-                s.dev.ref[s.cluster] = index
-            else:
-                s.dev.ref[s.cluster] = zlib.crc32(self._slot_bytes(s))
-        self._pending = []
-        self._pending_index.clear()
 
     # -- reads ----------------------------------------------------------------------
 
@@ -605,7 +439,7 @@ class VmaWriter:
         self._check_open()
         dev = self._device(dev_id)
         end = offset + length
-        if dev.stream:
+        if isinstance(dev, VmState):
             raise VmaWriterError(f"{dev.name} is a stream; it cannot be read")
         self._check_range(dev, offset, end)
         out = bytearray()
@@ -617,37 +451,15 @@ class VmaWriter:
             pos += n
         return bytes(out)
 
-    def _cluster_bytes(self, dev: _Device, cluster: int) -> bytes:
+    def _cluster_bytes(self, dev: Disk, cluster: int) -> bytes:
         state = dev.state[cluster]
         if state in (UNTOUCHED, ZERO):
-            return _ZERO_CLUSTER
+            return ZERO_CLUSTER
         if state == PARTIAL:
             return bytes(dev.partial[cluster].buf)
         if state == PENDING:
-            return self._slot_bytes(self._pending_index[(dev.dev_id, cluster)])
-        if not self._sink.readable:
-            raise VmaWriterError(
-                f"{dev.name}: cluster {cluster} went to a stream and cannot be read back"
-            )
-        return self._read_stored(dev, cluster)
-
-    @staticmethod
-    def _slot_bytes(slot: _Slot) -> bytes:
-        return _expand(slot.mask, b"".join(slot.blocks))
-
-    def _read_stored(self, dev: _Device, cluster: int) -> bytes:
-        index = dev.ref[cluster]
-        head = ExtentHeader.from_bytes_untrusted(
-            self._sink.read_unit(index, 0, VMA_EXTENT_HEADER_SIZE), self.uuid
-        )
-        offset = VMA_EXTENT_HEADER_SIZE
-        for info in head.slots:
-            nblocks = info.mask.bit_count()
-            if info.dev_id == dev.dev_id and info.cluster == cluster:
-                data = self._sink.read_unit(index, offset, nblocks * VMA_BLOCK_SIZE)
-                return _expand(info.mask, data)
-            offset += nblocks * VMA_BLOCK_SIZE
-        raise VmaWriterError(f"{dev.name}: cluster {cluster} is missing from its extent")
+            return self._extents.pending_bytes(dev, cluster)
+        return self._extents.stored_bytes(dev, cluster)
 
     def block_status(self, dev_id: int, offset: int, length: int) -> list[tuple[int, bool]]:
         """Describe ``[offset, offset+length)`` as runs of ``(length, is_zero)``.
@@ -655,35 +467,11 @@ class VmaWriter:
         Known-zero means never written or written as zeros (ZERO clusters, and
         clusters whose stored mask is 0); everything else counts as data.
         """
-        dev = self._device(dev_id)
-        end = min(offset + length, dev.size)
-        runs: list[tuple[int, bool]] = []
-        pos = offset
-        while pos < end:
-            cluster = pos // VMA_CLUSTER_SIZE
-            n = min((cluster + 1) * VMA_CLUSTER_SIZE, end) - pos
-            zero = dev.state[cluster] in (UNTOUCHED, ZERO)
-            if runs and runs[-1][1] == zero:
-                runs[-1] = (runs[-1][0] + n, zero)
-            else:
-                runs.append((n, zero))
-            pos += n
-        return runs
+        return self._device(dev_id).block_status(offset, length)
 
     def progress(self, dev_id: int) -> DeviceProgress:
         """The device's progress and its byte counts so far."""
-        dev = self._device(dev_id)
-        if dev.stream:
-            size = dev.length
-            return DeviceProgress(dev.name, size, size, dev.zero_bytes, dev.stored_bytes, False)
-        return DeviceProgress(
-            dev.name,
-            dev.size,
-            dev.written,
-            dev.zero_bytes,
-            dev.stored_bytes,
-            dev.done_clusters == dev.cluster_count,
-        )
+        return self._device(dev_id).progress()
 
     @property
     def devices(self) -> list[tuple[int, str, int]]:
@@ -702,33 +490,20 @@ class VmaWriter:
         in :mod:`nbdvma.vma.journal`.
         """
         self._check_open()
-        self._flush_extent()
-        self._write_header()
+        self._extents.flush()
+        self._extents.write_header()
         self._sink.write_journal(self._journal())
         self._sink.sync()
 
     def _journal(self) -> bytes | None:
-        records = [
-            (dev, cluster, part)
-            for dev in self._devices
-            for cluster, part in sorted(dev.partial.items())
-        ]
-        stream_tails = [dev for dev in self._devices if dev.stream and dev.tail]
-        if not records and not stream_tails:
-            return None
-        out = bytearray(JOURNAL_MAGIC + self.uuid)
-        for dev, cluster, part in records:
-            out += len(part.ranges).to_bytes(2, "big")
-            out += dev.dev_id.to_bytes(1, "big") + cluster.to_bytes(8, "big")
-            for a, b in part.ranges:
-                out += a.to_bytes(4, "big") + b.to_bytes(4, "big")
-                out += part.buf[a:b]
-        for dev in stream_tails:
-            out += (1).to_bytes(2, "big")
-            tail_offset = dev.length - len(dev.tail)
-            out += dev.dev_id.to_bytes(1, "big") + tail_offset.to_bytes(8, "big")
-            out += (0).to_bytes(4, "big") + len(dev.tail).to_bytes(4, "big") + dev.tail
-        return bytes(out)
+        """The journal of the partly written clusters, then the stream's tail."""
+        records = [r for dev in self._disks() for r in dev.journal_records()]
+        if self._vmstate is not None and self._vmstate.tail:
+            records.append(self._vmstate.journal_record())
+        return encode_journal(self.uuid, records) if records else None
+
+    def _disks(self) -> list[Disk]:
+        return [dev for dev in self._devices if isinstance(dev, Disk)]
 
     def finish(self) -> None:
         """Complete the archive and give it its final name.
@@ -742,34 +517,36 @@ class VmaWriter:
         again once the cause is gone.
         """
         self._check_open()
-        for dev in self._devices:
-            for cluster in sorted(dev.partial):
-                self._complete_partial(dev, cluster)
-            if dev.stream and dev.tail:
-                padded = bytes(dev.tail) + bytes(VMA_CLUSTER_SIZE - len(dev.tail))
-                self._stream_cluster(dev, memoryview(padded))
-                dev.tail.clear()
-        for dev in self._devices:
-            for first, count in _empty_runs(dev.state):
-                for cluster in range(first, first + count):
-                    untouched = dev.state[cluster] == UNTOUCHED
-                    # Queued first: if that fails (ENOSPC), a retried finish counts once.
-                    self._queue(_Slot(dev, cluster, 0, []))
-                    dev.state[cluster] = PENDING
-                    if untouched:
-                        dev.zero_bytes += dev.cluster_limit(cluster)
-        if self._header is None and not self._pending:
+        for dev in self._devices:  # in device order: the extents depend on it
+            if isinstance(dev, VmState):
+                dev.finish(self._queue_vmstate)
+            else:
+                for cluster in sorted(dev.partial):
+                    self._complete_partial(dev, cluster)
+        for disk in self._disks():
+            self._queue_empty(disk)
+        if self._extents.header is None and not self._extents.pending:
             # No device at all: the C writer still writes one empty extent.
-            self._write_header()
-            self._sink.append([encode_extent_header(self.uuid, 0, [])])
-        self._flush_extent()
-        self._write_header()
-        if self._sink.seekable and any(d.stream for d in self._devices):
+            self._extents.write_empty()
+        self._extents.flush()
+        self._extents.write_header()
+        if self._sink.seekable and self._vmstate is not None:
             self._sink.patch_header(self._build_header(final=True))
         self._sink.commit()
         self._state = "finished"
 
-    def _complete_partial(self, dev: _Device, cluster: int) -> None:
+    def _queue_empty(self, dev: Disk) -> None:
+        """Queue the disk's never written and zeroed clusters as zero clusters."""
+        for first, count in empty_runs(dev.state):
+            for cluster in range(first, first + count):
+                untouched = dev.state[cluster] == UNTOUCHED
+                # Queued first: if that fails (ENOSPC), a retried finish counts once.
+                self._extents.queue(Slot(dev, cluster, 0, []))
+                dev.state[cluster] = PENDING
+                if untouched:
+                    dev.zero_bytes += dev.cluster_limit(cluster)
+
+    def _complete_partial(self, dev: Disk, cluster: int) -> None:
         """Queue a partial cluster as it is (zeros where unwritten); undone on failure."""
         part = dev.partial.pop(cluster)
         self._partial_bytes -= VMA_CLUSTER_SIZE
@@ -802,8 +579,8 @@ class VmaWriter:
             OSError: the sink failed.
         """
         self._check_open()
-        if any(b.obj is buffer for s in self._pending for b in s.blocks):
-            self._flush_extent()
+        if self._extents.holds(buffer):
+            self._extents.flush()
         self._sink.release(buffer)  # a sink that writes in the background waits here
 
     def may_write_extent(self, length: int) -> bool:
@@ -814,7 +591,7 @@ class VmaWriter:
         fill the current extent.
         """
         clusters = length // VMA_CLUSTER_SIZE + 2  # the ends may complete partial clusters
-        return len(self._pending) + clusters >= WRITER_CLUSTERS_PER_EXTENT
+        return len(self._extents.pending) + clusters >= WRITER_CLUSTERS_PER_EXTENT
 
     @property
     def finished(self) -> bool:
@@ -824,68 +601,9 @@ class VmaWriter:
     @property
     def has_output(self) -> bool:
         """Whether anything has reached the sink yet (the header is written first)."""
-        return self._header is not None
+        return self._extents.header is not None
 
     @property
     def incomplete_devices(self) -> list[str]:
         """Names of the disks not every byte of which has been written."""
-        return [d.name for d in self._devices if not d.stream and d.done_clusters < d.cluster_count]
-
-
-def _mask_and_blocks(data: memoryview, limit: int) -> tuple[int, list[memoryview], int]:
-    """Zero-detect a cluster of ``limit`` valid bytes.
-
-    Returns the mask, the stored blocks (runs of consecutive set bits as one view each)
-    and the number of stored bytes.  Blocks at or past ``limit`` are zero-marked; the
-    bytes of the last stored block past ``limit`` are zeros in the output.
-    """
-    # bytes.startswith compares a memoryview at memcmp speed; memoryview == bytes
-    # compares item by item, thirty times slower.
-    if limit == VMA_CLUSTER_SIZE and _ZERO_CLUSTER.startswith(data):
-        return 0, [], 0
-    if limit == VMA_CLUSTER_SIZE:
-        full = data
-    else:
-        padded = bytearray(VMA_CLUSTER_SIZE)
-        padded[:limit] = data[:limit]
-        full = memoryview(bytes(padded))
-    mask = 0
-    bit = 1
-    is_zero = _ZERO_BLOCK.startswith
-    for a, b in _BLOCK_RANGES[: -(-limit // VMA_BLOCK_SIZE)]:
-        if not is_zero(full[a:b]):
-            mask |= bit
-        bit <<= 1
-    if mask == 0xFFFF:  # the common case of data: one run, nothing to split
-        return mask, [full], VMA_CLUSTER_SIZE
-    blocks: list[memoryview] = []
-    j = 0
-    while j < BLOCKS_PER_CLUSTER:
-        if mask >> j & 1:
-            k = j
-            while k < BLOCKS_PER_CLUSTER and mask >> k & 1:
-                k += 1
-            blocks.append(full[j * VMA_BLOCK_SIZE : k * VMA_BLOCK_SIZE])
-            j = k
-        else:
-            j += 1
-    return mask, blocks, mask.bit_count() * VMA_BLOCK_SIZE
-
-
-def _expand(mask: int, stored: bytes) -> bytes:
-    """A cluster's 64 KiB from its mask and its stored blocks."""
-    if mask == 0xFFFF:
-        return stored
-    out = bytearray(VMA_CLUSTER_SIZE)
-    pos = 0
-    for j in range(BLOCKS_PER_CLUSTER):
-        if mask >> j & 1:
-            out[j * VMA_BLOCK_SIZE : (j + 1) * VMA_BLOCK_SIZE] = stored[pos : pos + VMA_BLOCK_SIZE]
-            pos += VMA_BLOCK_SIZE
-    return bytes(out)
-
-
-def _empty_runs(state: bytearray) -> Iterator[tuple[int, int]]:
-    """``(first, count)`` runs of clusters still to be emitted as zero clusters."""
-    for m in _EMPTY_RUNS.finditer(state):
-        yield m.start(), m.end() - m.start()
+        return [d.name for d in self._disks() if d.done_clusters < d.cluster_count]

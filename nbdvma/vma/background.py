@@ -17,14 +17,18 @@ one after: the writer stays failed).  Nothing may be assumed written until
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
-from nbdvma.interrupts import deferred
-
-__all__ = ["BackgroundWriter"]
+__all__ = ["BackgroundWriter", "ThreadGuard"]
 
 Buffer = bytes | bytearray | memoryview
+
+#: What a thread is started inside: the command line passes a guard that holds
+#: Ctrl-C back (:func:`nbdvma.interrupts.deferred`), the core knows no signals.
+ThreadGuard = Callable[[], AbstractContextManager[object]]
 
 
 class _Job:
@@ -44,9 +48,17 @@ class _Job:
 class BackgroundWriter:
     """Runs write jobs in one worker thread, in order, with a bound on bytes in flight."""
 
-    def __init__(self, *, max_bytes: int = 16 << 20, name: str = "nbdvma-writer") -> None:
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 16 << 20,
+        name: str = "nbdvma-writer",
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
+        """Create a writer; its thread starts with the first job, inside ``thread_guard()``."""
         self.max_bytes = max_bytes
         self.name = name
+        self._thread_guard = thread_guard
         self._cond = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
         self._running: _Job | None = None
@@ -75,8 +87,8 @@ class BackgroundWriter:
             if self._thread is None:
                 # A signal raised between start() and the assignment would leave a
                 # thread that close() cannot stop; one before start(), a thread that
-                # close() cannot join.
-                with deferred():
+                # close() cannot join: the guard holds signals back.
+                with self._thread_guard():
                     thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                     thread.start()
                     self._thread = thread

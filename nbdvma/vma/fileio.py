@@ -30,7 +30,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from nbdvma.interrupts import deferred
+from nbdvma.vma.background import ThreadGuard
 
 __all__ = ["DEFAULT_STEP", "Writeback", "preallocate"]
 
@@ -92,9 +92,17 @@ class Writeback:
     belong to another file).
     """
 
-    def __init__(self, fd: int, *, step: int = DEFAULT_STEP) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        step: int = DEFAULT_STEP,
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
+        """Watch ``fd``; a helper thread starts, inside ``thread_guard()``, at the first step."""
         self.fd = fd
         self.step = step
+        self._thread_guard = thread_guard
         self._low = -1  # the range written since the last request, [low, high)
         self._high = 0
         self._bytes = 0
@@ -123,8 +131,8 @@ class Writeback:
             self._low, self._high, self._bytes = -1, 0, 0
             if self._thread is None:
                 # Started on the first full step only: small files never pay for a thread.
-                # Deferred signals: see BackgroundWriter.submit.
-                with deferred():
+                # Signals held back: see BackgroundWriter.submit.
+                with self._thread_guard():
                     thread = threading.Thread(
                         target=self._run, name=f"writeback-{self.fd}", daemon=True
                     )

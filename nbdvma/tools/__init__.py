@@ -1,0 +1,29 @@
+"""The ``vma``-compatible tools: list, config, verify, extract and create.
+
+Each command behaves and prints like Proxmox's ``vma`` (format doc §8), except that
+errors never abort with a core dump: every failure is a
+:class:`~nbdvma.errors.ToolError` carrying the one line to print on stderr and the
+exit status.  Format errors keep the real tool's wording (``verify failed - found
+duplicated cluster 5 for stream disk0``).
+
+The commands live in :mod:`~nbdvma.tools.inspect` (list, config, verify),
+:mod:`~nbdvma.tools.extract` and :mod:`~nbdvma.tools.create`; what they share is in
+:mod:`~nbdvma.tools.common`.
+"""
+
+from __future__ import annotations
+
+from nbdvma.errors import ToolError
+from nbdvma.tools.create import create_archive
+from nbdvma.tools.extract import extract_archive
+from nbdvma.tools.inspect import DEFAULT_CONFIG, list_archive, print_config, verify_archive
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ToolError",
+    "create_archive",
+    "extract_archive",
+    "list_archive",
+    "print_config",
+    "verify_archive",
+]

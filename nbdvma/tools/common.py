@@ -1,0 +1,97 @@
+"""What the archive commands share: opening an archive, ``-v`` progress, messages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TextIO
+
+from nbdvma.errors import ToolError, VmaFormatError
+from nbdvma.vma.format import VMA_CLUSTER_SIZE, DeviceInfo
+from nbdvma.vma.reader import VmaReader
+
+__all__ = ["Progress", "check_name", "open_reader", "strerror"]
+
+
+def strerror(exc: OSError) -> str:
+    """The reason an ``OSError`` gives, as C's ``strerror`` would print it."""
+    return exc.strerror or str(exc)
+
+
+def open_reader(path: str, *, skip: Iterable[int] = ()) -> VmaReader:
+    """Open ``path`` and read its header; errors as the real tool prints them.
+
+    Raises:
+        ToolError: the file cannot be opened, or its header is invalid.
+    """
+    try:
+        return VmaReader.open(path, skip=frozenset(skip))
+    except OSError as exc:
+        raise ToolError(f"can't open file {path} - {strerror(exc)}") from exc
+    except VmaFormatError as exc:
+        raise ToolError(str(exc)) from exc
+
+
+def check_name(name: str, what: str) -> None:
+    """Refuse a config or device name that is not a plain file name.
+
+    Raises:
+        ToolError: ``unable to write file: invalid WHAT name NAME``.
+    """
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ToolError(f"unable to write file: invalid {what} name {name!r}")
+
+
+class Progress:
+    """The ``progress N% (read B bytes, duration S sec)`` lines of ``-v``."""
+
+    def __init__(self, reader: VmaReader, disks: Iterable[DeviceInfo], out: TextIO | None) -> None:
+        self.reader = reader
+        self.out = out
+        self.total = sum(d.size // VMA_CLUSTER_SIZE for d in disks)
+        self.start = int(time.time())
+        self.percent = 0
+        self.read = 0
+
+    def update(self, clusters: int = 1) -> None:
+        """Count clusters; print a line for each percentage reached on the way.
+
+        The lines are those that ``vma`` prints counting one cluster at a time.  As in
+        ``vma``, the total counts whole clusters only (``size // 65536``), so a disk
+        with a partial last cluster ends above 100%.
+        """
+        read = self.read
+        self.read = read + clusters
+        # The real tool divides by zero when every device is < 64 KiB; we stay quiet.
+        if self.out is None or not self.total:
+            return
+        for count in range(read + 1, read + clusters + 1):
+            percent = count * 100 // self.total
+            if percent != self.percent:
+                duration = int(time.time()) - self.start
+                self.out.write(
+                    f"progress {percent}% (read {count * VMA_CLUSTER_SIZE} bytes, "
+                    f"duration {duration} sec)\n"
+                )
+                self.out.flush()
+                self.percent = percent
+
+    def totals(self) -> None:
+        """The closing lines of ``-v``: bytes read, sparse bytes, zero-block savings."""
+        if self.out is None:
+            return
+        stats = self.reader.stats
+        read = stats.clusters_read * VMA_CLUSTER_SIZE
+        if not read:
+            self.out.write("vma archive contains no image data\n")
+            return
+        sparse = stats.zero_cluster_bytes
+        self.out.write(
+            f"total bytes read {read}, sparse bytes {sparse} ({100.0 * sparse / read:.3g}%)\n"
+        )
+        datasize = read - sparse
+        if datasize:
+            self.out.write(
+                "space reduction due to 4K zero blocks "
+                f"{100.0 * stats.partial_zero_bytes / datasize:.3g}%\n"
+            )

@@ -1,0 +1,125 @@
+"""The writer's output side: the header, the extent being filled, the extents written.
+
+:class:`Extents` is what :class:`~nbdvma.vma.writer.VmaWriter` hands complete
+clusters to.  It writes the header before the first extent, collects up to 58
+clusters (as the C writer does) and writes them as one extent, after which each
+cluster is STORED and immutable; it answers where a cluster's bytes are now, waiting
+in the current extent or read back from the sink.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+from nbdvma.errors import VmaWriterError
+from nbdvma.vma.clusters import STORED, Device, Slot, expand
+from nbdvma.vma.format import (
+    VMA_BLOCK_SIZE,
+    VMA_EXTENT_HEADER_SIZE,
+    WRITER_CLUSTERS_PER_EXTENT,
+    BlockInfo,
+    ExtentHeader,
+    encode_extent_header,
+)
+from nbdvma.vma.sink import Buffer, Sink
+
+__all__ = ["Extents"]
+
+
+class Extents:
+    """Clusters in, extents out to ``sink``, the header written first.
+
+    Args:
+        sink: where the archive goes.
+        uuid: the archive uuid, repeated in every extent header.
+        build_header: the header's bytes, asked for once, before the first unit.
+    """
+
+    def __init__(self, sink: Sink, uuid: bytes, build_header: Callable[[], bytes]) -> None:
+        self.sink = sink
+        self.uuid = uuid
+        self._build_header = build_header
+        #: The header as written, once it is.
+        self.header: bytes | None = None
+        self.pending: list[Slot] = []
+        self._index: dict[tuple[int, int], Slot] = {}
+
+    def write_header(self) -> None:
+        """Write the header unless it is written already."""
+        if self.header is None:
+            header = self._build_header()
+            self.sink.write_header(header)
+            self.header = header
+
+    def queue(self, slot: Slot) -> None:
+        """Add a cluster to the current extent, writing the extent out when it is full."""
+        # Flush *before* adding, as the C writer does: if that fails, the new cluster
+        # is not taken and the caller's request fails as a whole.
+        if len(self.pending) >= WRITER_CLUSTERS_PER_EXTENT:
+            self.flush()
+        self.pending.append(slot)
+        self._index[(slot.dev.dev_id, slot.cluster)] = slot
+
+    def flush(self) -> None:
+        """Write the clusters waiting (if any) as one extent; they become STORED."""
+        if not self.pending:
+            return
+        self.write_header()
+        slots = self.pending
+        infos = [BlockInfo(s.dev.dev_id, s.cluster, s.mask).pack() for s in slots]
+        count = sum(s.mask.bit_count() for s in slots)
+        parts: list[Buffer] = [encode_extent_header(self.uuid, count, infos)]
+        for s in slots:
+            parts.extend(s.blocks)
+        index = self.sink.append(parts)
+        readable = self.sink.readable
+        for s in slots:
+            s.dev.state[s.cluster] = STORED
+            if readable:
+                s.dev.ref[s.cluster] = index
+            else:
+                s.dev.ref[s.cluster] = zlib.crc32(slot_bytes(s))
+        self.pending = []
+        self._index.clear()
+
+    def write_empty(self) -> None:
+        """Write the header and one extent of no cluster (an archive of no device)."""
+        self.write_header()
+        self.sink.append([encode_extent_header(self.uuid, 0, [])])
+
+    def holds(self, buffer: object) -> bool:
+        """Whether a cluster waiting in the current extent is a view of ``buffer``."""
+        return any(b.obj is buffer for s in self.pending for b in s.blocks)
+
+    def pending_bytes(self, dev: Device, cluster: int) -> bytes:
+        """The 64 KiB of a PENDING cluster."""
+        return slot_bytes(self._index[(dev.dev_id, cluster)])
+
+    def stored_bytes(self, dev: Device, cluster: int) -> bytes:
+        """The 64 KiB of a STORED cluster, read back from the sink.
+
+        Raises:
+            VmaWriterError: the sink is a stream, or the extent lacks the cluster.
+        """
+        if not self.sink.readable:
+            raise VmaWriterError(
+                f"{dev.name}: cluster {cluster} went to a stream and cannot be read back"
+            )
+        index = dev.ref[cluster]
+        head = ExtentHeader.from_bytes_untrusted(
+            self.sink.read_unit(index, 0, VMA_EXTENT_HEADER_SIZE), self.uuid
+        )
+        offset = VMA_EXTENT_HEADER_SIZE
+        for info in head.slots:
+            nblocks = info.mask.bit_count()
+            if info.dev_id == dev.dev_id and info.cluster == cluster:
+                data = self.sink.read_unit(index, offset, nblocks * VMA_BLOCK_SIZE)
+                return expand(info.mask, data)
+            offset += nblocks * VMA_BLOCK_SIZE
+        raise VmaWriterError(f"{dev.name}: cluster {cluster} is missing from its extent")
+
+
+def slot_bytes(slot: Slot) -> bytes:
+    """The 64 KiB of a cluster waiting in an extent."""
+    return expand(slot.mask, b"".join(slot.blocks))
