@@ -518,31 +518,6 @@ def test_tools_do_not_import_trio() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-_CORE_IMPORTS = """
-import importlib, pkgutil, sys
-import nbdvma.vma
-for info in pkgutil.iter_modules(nbdvma.vma.__path__, "nbdvma.vma."):
-    importlib.import_module(info.name)
-allowed = {"nbdvma", "nbdvma.errors", "nbdvma.vma"}
-shell = sorted(
-    name for name in sys.modules
-    if name == "trio" or name.startswith("trio.")
-    or (name.startswith("nbdvma.") and name not in allowed and not name.startswith("nbdvma.vma."))
-)
-print(len([n for n in sys.modules if n.startswith("nbdvma.vma.")]), shell)
-"""
-
-
-def test_vma_core_imports_neither_trio_nor_the_shell() -> None:
-    # Every module of the VMA core loads only the core, nbdvma.errors and the
-    # standard library (and attrs, zstandard): no trio, no signal handling.
-    out = subprocess.run(
-        [sys.executable, "-c", _CORE_IMPORTS], check=True, capture_output=True, text=True
-    ).stdout.split(maxsplit=1)
-    assert int(out[0]) >= 7  # format, journal, reader, writer, sink, background, fileio
-    assert out[1].strip() == "[]"
-
-
 # ----------------------------------------------------------------------- fuzz
 
 
