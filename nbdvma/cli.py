@@ -53,6 +53,13 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbdvma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_archive_tools(sub)
+    _add_server_commands(sub, server_commands)
+    return parser
+
+
+def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``list``, ``config``, ``verify``, ``extract``, ``create`` (as Proxmox's ``vma``)."""
     p = sub.add_parser("list", help="print the configs and devices of an archive")
     p.add_argument("file", help="archive (- for stdin; .zst is decompressed)")
 
@@ -88,6 +95,9 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print per-image figures")
     p.add_argument("images", nargs="*", metavar="[NAME=]IMAGE", help="raw disk images")
 
+
+def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool) -> None:
+    """``serve`` and ``backup``; their options only when ``options`` (they import trio)."""
     p = sub.add_parser(
         "serve",
         help="serve NBD exports (one per guest disk) that write into one VMA archive",
@@ -95,7 +105,7 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
         "The archive is finalized and serve exits 0 once every disk was written "
         "completely and its clients disconnected (and the VM state, if declared, ended).",
     )
-    if server_commands:
+    if options:
         from nbdvma.commands import serve
 
         serve.add_arguments(p)
@@ -106,11 +116,10 @@ def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
         description="Back up the disks of the QEMU VM behind --qmp (and, with --vmstate, "
         "its VM state) into ARCHIVE, from one point in time.",
     )
-    if server_commands:
+    if options:
         from nbdvma.commands import backup
 
         backup.add_arguments(p)
-    return parser
 
 
 def _run(args: argparse.Namespace) -> None:

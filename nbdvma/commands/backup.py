@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--notes", metavar="TEXT", help="write TEXT to ARCHIVE.notes (Proxmox's backup notes)"
     )
+    _how_options(parser)
+
+
+def _how_options(parser: argparse.ArgumentParser) -> None:
+    """How the archive is written and reached: compression, rates, deadlines, the
+    NBD listener and TLS."""
     parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
     parser.add_argument(
         "--bandwidth-limit",

@@ -177,6 +177,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="unix:PATH|tcp:HOST:PORT",
         help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
     )
+    _server_options(parser)
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    """How the server runs: compression, backend, sockets, limits, deadlines, TLS."""
     parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
     parser.add_argument("--backend", choices=["vma", "null"], default="vma")
     parser.add_argument(
