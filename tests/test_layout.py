@@ -92,3 +92,14 @@ def test_modules_stay_small() -> None:
         _module_name(p): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob("*.py"))
     }
     assert {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_the_library_surface_resolves() -> None:
+    """Every public name of ``nbdvma`` loads, and ``__all__`` lists exactly them."""
+    public = set(nbdvma.__all__) - {"__version__"}
+    assert public == set(nbdvma._EXPORTS)
+    for name in sorted(public):
+        value = getattr(nbdvma, name)
+        assert getattr(value, "__name__", name) == name, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        nbdvma.nope  # noqa: B018
