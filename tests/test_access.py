@@ -8,6 +8,7 @@ exactly, on a virtual clock, in tests/test_server_memory.py; here it is their op
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -114,6 +115,11 @@ def test_serve_unix_socket_is_owner_only(serve: StartServe) -> None:
     server = serve({"d0": MiB}, ["--backend", "null"], tcp=False)
     assert server.unix is not None
     assert stat.S_IMODE(os.stat(server.unix).st_mode) == 0o600
+    # Stopped by a signal, it says so, exits 0 and leaves no socket behind.
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert "stopped by SIGTERM" in server.stderr()
+    assert not os.path.exists(server.unix)
 
 
 WARNING = "reachable from other hosts without --tls require"

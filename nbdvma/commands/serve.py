@@ -10,13 +10,15 @@ is incomplete.  ``--backend null`` serves the same exports into a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
+import os
 import sys
 
 import trio
 
-from nbdvma.addresses import TcpAddress, parse_address
+from nbdvma.addresses import Address, TcpAddress, UnixAddress, parse_address
 from nbdvma.backends import NullBackend
 from nbdvma.commands.common import (
     config_argument,
@@ -133,11 +135,19 @@ async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOption
         tls_mode=options.tls.mode,
         ssl_context=options.tls.server_context(),
     )
-    async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
-        listeners, addresses = await open_nbd_listeners(options)
+    addresses: list[Address] = []
+    try:
+        async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
+            listeners, addresses = await open_nbd_listeners(options)
+            for address in addresses:
+                _say(f"listening on {address}")
+            await nursery.start(server.serve, listeners)
+            await trio.sleep_forever()  # until a signal: nothing ever completes
+    finally:
         for address in addresses:
-            _say(f"listening on {address}")
-        await nursery.start(server.serve, listeners)
+            if isinstance(address, UnixAddress):
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
     _say(f"stopped by {stop.name}")
     return 0
 
