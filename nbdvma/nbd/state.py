@@ -111,21 +111,18 @@ MID_MESSAGE: Final = frozenset(
 class ReceiveState:
     """The receive state of one connection; its phase is derived from it."""
 
-    __slots__ = ("_current",)
+    __slots__ = ("current",)
 
     def __init__(self) -> None:
         """Start where every connection starts: waiting for the client flags."""
-        self._current = RxState.CLIENT_FLAGS
-
-    @property
-    def current(self) -> RxState:
-        """The current state."""
-        return self._current
+        #: The current state: read it freely (it is read several times per request,
+        #: so it is a plain attribute, not a property); change it only with :meth:`goto`.
+        self.current = RxState.CLIENT_FLAGS
 
     @property
     def phase(self) -> NbdPhase:
         """The phase of the current state."""
-        return PHASE[self._current]
+        return PHASE[self.current]
 
     def goto(self, new: RxState) -> None:
         """Move to ``new``.
@@ -134,6 +131,6 @@ class ReceiveState:
             LocalProtocolError: the move is not in :data:`TRANSITIONS` (a bug in the
                 core, never the peer's doing).
         """
-        if new not in TRANSITIONS[self._current]:
-            raise LocalProtocolError(f"no move from {self._current.name} to {new.name}")
-        self._current = new
+        if new not in TRANSITIONS[self.current]:
+            raise LocalProtocolError(f"no move from {self.current.name} to {new.name}")
+        self.current = new
