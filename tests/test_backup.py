@@ -24,7 +24,7 @@ import pytest
 import trio
 from conftest import QemuVm
 
-from nbdvma.backup import Disk, select_disks
+from nbdvma.backup import select_disks
 from nbdvma.errors import NbdvmaError
 from nbdvma.pve import BlockDevice, GuestDisk, assign_keys, parse_config_disks
 from nbdvma.qmp import QmpClient
@@ -179,10 +179,10 @@ def _guest() -> list[GuestDisk]:
 
 def test_select_every_disk_read_only_included() -> None:
     disks, excluded = select_disks(_guest())
-    assert disks == [
-        Disk("drive-scsi0", "d0", 1024, "scsi0", "/a"),
-        Disk("drive-scsi1", "d1", 2048, "scsi1", "/b"),
-        Disk("drive-virtio0", "d2", 4096, "virtio0", "/c"),
+    assert [(d.name, d.node, d.size, d.key, d.volume) for d in disks] == [
+        ("drive-scsi0", "d0", 1024, "scsi0", "/a"),
+        ("drive-scsi1", "d1", 2048, "scsi1", "/b"),
+        ("drive-virtio0", "d2", 4096, "virtio0", "/c"),
     ]
     assert excluded == []
 

@@ -47,8 +47,8 @@ Every wait has a deadline: QMP commands their own, the job and migration waits a
 fixed one.
 """
 
-from nbdvma.backup.options import BackupOptions, Disk, archive_path, select_disks
+from nbdvma.backup.options import BackupOptions, archive_path, select_disks
 from nbdvma.backup.run import run_backup
 from nbdvma.errors import BackupError
 
-__all__ = ["BackupError", "BackupOptions", "Disk", "archive_path", "run_backup", "select_disks"]
+__all__ = ["BackupError", "BackupOptions", "archive_path", "run_backup", "select_disks"]

@@ -31,7 +31,8 @@ from nbdvma.units import format_bytes
 from nbdvma.vzdump import BackupLog, render_bytes, render_duration
 
 if TYPE_CHECKING:
-    from nbdvma.backup.options import BackupOptions, Disk
+    from nbdvma.backup.options import BackupOptions
+    from nbdvma.pve import GuestDisk
 
 __all__ = ["BackupJob"]
 
@@ -66,7 +67,7 @@ def _rate(n: float, seconds: float) -> str:
 class _Progress:
     """vzdump's progress lines: ``INFO: 42% (860.0 MiB of 2.0 GiB) in 3s, read: ...``."""
 
-    def __init__(self, session: ArchiveSession, disks: Sequence[Disk], log: BackupLog) -> None:
+    def __init__(self, session: ArchiveSession, disks: Sequence[GuestDisk], log: BackupLog) -> None:
         self.session = session
         self.log = log
         self.total = sum(d.size for d in disks)
@@ -104,13 +105,13 @@ class BackupJob:
     qmp: QmpClient
     session: ArchiveSession
     options: BackupOptions
-    disks: list[Disk]
+    disks: list[GuestDisk]
     log: BackupLog
     token: str = attrs.field(factory=lambda: secrets.token_hex(3))
     #: Target node names we added (and have not removed yet).
     nodes: list[str] = attrs.Factory(list)
     #: job id -> disk, for the jobs we started and that have not ended yet.
-    jobs: dict[str, Disk] = attrs.Factory(dict)
+    jobs: dict[str, GuestDisk] = attrs.Factory(dict)
     #: The run state before, when we touched it (``--vmstate``).
     run_state: str | None = None
     run_state_restored: bool = True

@@ -20,27 +20,7 @@ from nbdvma.pve import (
 )
 from nbdvma.tls import TlsConfig, TlsMode
 
-__all__ = ["BackupOptions", "Disk", "archive_path", "select_disks"]
-
-
-@attrs.frozen
-class Disk:
-    """One guest disk to back up.
-
-    Attributes:
-        name: the archive device name, ``drive-KEY`` as vzdump names it.
-        node: the block node the backup job reads (``query-block``'s ``node-name``).
-        size: its exact size in bytes.
-        key: its Proxmox config key (``scsi0``).
-        volume: what it is called in the log: the volume of its config line, else
-            QEMU's image name.
-    """
-
-    name: str
-    node: str
-    size: int
-    key: str
-    volume: str = ""
+__all__ = ["BackupOptions", "archive_path", "select_disks"]
 
 
 def _absolute(path: str | None) -> str | None:
@@ -109,7 +89,7 @@ def select_disks(
     drives: Sequence[str] = (),
     excludes: Sequence[str] = (),
     config_disks: Mapping[str, ConfigDisk] | None = None,
-) -> tuple[list[Disk], list[str]]:
+) -> tuple[list[GuestDisk], list[str]]:
     """Choose the disks to back up among the VM's (:func:`nbdvma.pve.assign_keys`).
 
     Every disk is backed up, read-only ones included, but those left out on purpose:
@@ -126,7 +106,7 @@ def select_disks(
     """
     config_disks = config_disks or {}
     picked: set[str] = set()
-    disks: list[Disk] = []
+    disks: list[GuestDisk] = []
     lines: list[str] = []
     for g in guest:
         aliases = {g.key, g.name, g.block.qdev_id, g.block.backend, g.block.node} - {None, ""}
@@ -145,7 +125,7 @@ def select_disks(
             continue
         if g.block.node is None or g.block.size <= 0:
             raise BackupError(f"disk {g.key}: QEMU reports no node or size for it")
-        disks.append(Disk(g.name, g.block.node, g.block.size, g.key, volume))
+        disks.append(attrs.evolve(g, volume=volume))
     for option, names in (("--drive", drives), ("--exclude", excludes)):
         unknown = sorted(set(names) - picked)
         if unknown:

@@ -16,7 +16,7 @@ import trio
 
 from nbdvma.addresses import UnixAddress
 from nbdvma.backup.job import CLEANUP_TIMEOUT, BackupJob
-from nbdvma.backup.options import BackupOptions, Disk, archive_path, select_disks
+from nbdvma.backup.options import BackupOptions, archive_path, select_disks
 from nbdvma.errors import BackupError
 from nbdvma.pve import (
     CONFIG_NAME,
@@ -83,7 +83,7 @@ class _SessionWarnings(logging.Handler):
 
 def _configs(
     options: BackupOptions, vm: VmInfo, guest: Sequence[GuestDisk], log: BackupLog
-) -> tuple[list[Disk], list[tuple[str, bytes]]]:
+) -> tuple[list[GuestDisk], list[tuple[str, bytes]]]:
     """Choose the disks and the config blobs (the user's with map lines, or one made
     from what QEMU says)."""
     user = {}
@@ -162,7 +162,7 @@ class _Run:
     tmpdir: str = attrs.field(factory=lambda: tempfile.mkdtemp(prefix="nbdvma-backup-"))
     session: ArchiveSession | None = None
     job: BackupJob | None = None
-    disks: list[Disk] = attrs.Factory(list)
+    disks: list[GuestDisk] = attrs.Factory(list)
     failure: str | None = None
     problems: list[str] = attrs.Factory(list)
     warnings: _SessionWarnings = attrs.Factory(lambda: _SessionWarnings())
@@ -273,7 +273,7 @@ def _write_notes(path: str, text: str) -> None:
 
 def _summary(
     session: ArchiveSession,
-    disks: Sequence[Disk],
+    disks: Sequence[GuestDisk],
     archive: str,
     vm_label: str,
     started: float,

@@ -134,22 +134,35 @@ class VmInfo:
 
 @attrs.frozen
 class GuestDisk:
-    """A disk to back up, under its Proxmox config key.
+    """A disk of the VM under its Proxmox config key: what a backup takes.
 
     Attributes:
         key: the config key (``scsi0``); its archive device is ``drive-KEY``.
         block: what QEMU said of it.
         bus_note: how the key was chosen, when it was not the device's own id.
+        volume: what the log calls it: the volume of its line in the user's config
+            (``local-lvm:vm-100-disk-0``), else QEMU's image name.
     """
 
     key: str
     block: BlockDevice
     bus_note: str = ""
+    volume: str = ""
 
     @property
     def name(self) -> str:
         """The archive device name (``drive-scsi0``)."""
         return device_name(self.key)
+
+    @property
+    def node(self) -> str:
+        """The block node the backup job reads (``""`` for a drive without medium)."""
+        return self.block.node or ""
+
+    @property
+    def size(self) -> int:
+        """Its exact size in bytes."""
+        return self.block.size
 
 
 def _bus_prefix(block: BlockDevice) -> tuple[str, str]:
