@@ -1,0 +1,103 @@
+"""The server's own CPU cost, two source trees side by side (a change against its base).
+
+``qemu-img convert`` of a random image into ``serve --backend null`` of each tree, the
+trees alternating round after round so that drifts of the machine hit both; the figure
+is the server process's CPU seconds (``wait4`` rusage: user + system), which a disk
+or a slow client does not inflate.  Usage::
+
+    git worktree add /tmp/base ae36cb5
+    .venv/bin/python benchmarks/compare_trees.py /tmp/base . [--size 1G] [--rounds 8]
+
+Prints a table (median and range of each tree) and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nbdvma.units import parse_size
+
+
+def serve_command(tree: Path) -> list[str]:
+    """``nbdvma serve`` of ``tree``: ``-m nbdvma.serve`` before the command line moved."""
+    if (tree / "nbdvma" / "serve.py").exists():
+        return ["-m", "nbdvma.serve"]
+    return ["-m", "nbdvma", "serve"]
+
+
+def one_round(tree: Path, image: Path, size: int, work: Path) -> tuple[float, float]:
+    """Wall seconds of the copy and the server's CPU seconds."""
+    sock = work / "null.sock"
+    sock.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [
+            *(sys.executable, *serve_command(tree), str(work / "x.vma")),
+            *("--disk", f"d0={size}", "--backend", "null", "--listen", f"unix:{sock}"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=work,  # not the repository: "-m" would import from the current directory
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"serve of {tree} did not start")
+        time.sleep(0.02)
+    start = time.monotonic()
+    subprocess.run(
+        [
+            *("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw"),
+            *(str(image), f"nbd+unix:///d0?socket={sock}"),
+        ],
+        check=True,
+    )
+    wall = time.monotonic() - start
+    server.terminate()
+    _, _, usage = os.wait4(server.pid, 0)
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path, help="the base tree")
+    parser.add_argument("new", type=Path, help="the changed tree")
+    parser.add_argument("--size", type=parse_size, default=1 << 30)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+    trees = {"old": args.old.resolve(), "new": args.new.resolve()}
+    with tempfile.TemporaryDirectory(prefix="nbdvma-cmp-") as tmp:
+        work = Path(tmp)
+        image = work / "random.raw"
+        with image.open("wb") as f:
+            for _ in range(args.size >> 20):
+                f.write(os.urandom(1 << 20))
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                results[name].append(one_round(tree, image, args.size, work))
+    print(f"| tree | server CPU s, median | range | wall s, median |  ({args.rounds} rounds)")
+    print("|---|---|---|---|")
+    medians = {}
+    for name, runs in results.items():
+        cpu = [c for _, c in runs]
+        medians[name] = statistics.median(cpu)
+        wall = statistics.median(w for w, _ in runs)
+        print(
+            f"| {name} {trees[name]} | {medians[name]:.2f} | {min(cpu):.2f}-{max(cpu):.2f} "
+            f"| {wall:.2f} |"
+        )
+    print(f"server CPU, new / old: {medians['new'] / medians['old']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
