@@ -134,6 +134,8 @@ def _run(args: argparse.Namespace) -> None:
         drives = None
         if args.drives is not None:
             drives = [d for d in args.drives.split(",") if d]
+            if not drives:
+                raise ToolError("-d names no device: give drive-scsi0,drive-virtio1...")
         extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)

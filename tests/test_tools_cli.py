@@ -285,6 +285,7 @@ def test_extract_write_failure_in_the_worker(
     mixed_image(img, 8)
     arch = tmp_path / "a.vma"
     assert main(["create", str(arch), str(img)]) == 0
+    assert "not whole 512-byte sectors" in capsys.readouterr().err  # padded, and said
     real = tools._pwrite_all
     calls = [0]
 
@@ -627,10 +628,34 @@ def test_create_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     empty = tmp_path / "empty.raw"
     empty.write_bytes(b"")
     fails(str(empty), message="empty")
+    fails(message="nothing to archive")
+    fails(str(tmp_path), message="is not a regular file or block device")
+    qcow2 = tmp_path / "q.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1M"], check=True)
+    fails(f"drive-scsi0={qcow2}", message="is qcow2, not raw: convert it first")
+    vmdk = tmp_path / "v.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "1M"], check=True)
+    fails(str(vmdk), message="is vmdk, not raw")
     arch.write_bytes(b"existing")
     assert main(["create", str(arch), str(img)]) == 1
     assert capsys.readouterr().err.count("\n") == 1
     assert arch.read_bytes() == b"existing"
+
+
+def test_create_says_it_pads_and_extract_refuses_an_empty_device_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = tmp_path / "a.raw"
+    img.write_bytes(b"x" * 1000)
+    arch = tmp_path / "a.vma"
+    assert main(["create", str(arch), str(img)]) == 0
+    assert capsys.readouterr().err == (
+        f"warning: image {img} is 1000 bytes, not whole 512-byte sectors: stored as 1024, "
+        "zeros at the end\n"
+    )
+    assert main(["extract", str(arch), str(tmp_path / "out"), "-d", ""]) == 1
+    assert capsys.readouterr().err == "-d names no device: give drive-scsi0,drive-virtio1...\n"
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------- properties

@@ -8,16 +8,19 @@ import sys
 
 import trio
 
-from nbdvma.addresses import parse_address
 from nbdvma.backup import BackupOptions, run_backup
 from nbdvma.backup.job import DEFAULT_UNIX_TLS_HOSTNAME
-from nbdvma.commands.common import config_argument, read_configs
+from nbdvma.commands.common import (
+    address_argument,
+    config_argument,
+    read_configs,
+    size_argument,
+)
 from nbdvma.errors import BackupError, NbdvmaError
 from nbdvma.pve import (
     VMID_MAX,
     VMID_MIN,
 )
-from nbdvma.units import parse_size
 
 __all__ = ["add_arguments", "run"]
 
@@ -36,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--qmp",
         required=True,
-        type=parse_address,
+        type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
         help="QEMU's QMP socket",
     )
@@ -87,7 +90,7 @@ def _how_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
     parser.add_argument(
         "--bandwidth-limit",
-        type=parse_size,
+        type=size_argument,
         metavar="RATE",
         help="limit each backup job to RATE bytes/s (K/M/G suffixes)",
     )
@@ -100,7 +103,7 @@ def _how_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--listen",
-        type=parse_address,
+        type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
         help="where QEMU connects to send the disks (default: a unix socket in a private "
         "directory); a TCP address is reachable by every local user: use --tls-creds",

@@ -8,13 +8,17 @@ import math
 import sys
 from collections.abc import Sequence
 
-from nbdvma.errors import NbdvmaError
+from nbdvma.addresses import Address, parse_address
+from nbdvma.errors import AddressError, NbdvmaError
 from nbdvma.units import parse_size
 
 __all__ = [
+    "address_argument",
     "config_argument",
+    "count_argument",
     "first_error",
     "log_to_stderr",
+    "mode_argument",
     "read_configs",
     "seconds_argument",
     "size_argument",
@@ -73,6 +77,39 @@ def read_configs(
         except OSError as exc:
             raise NbdvmaError(f"config {path}: {exc.strerror or exc}") from None
     return items
+
+
+def address_argument(text: str) -> Address:
+    """An option's ``unix:PATH`` or ``tcp:HOST:PORT``, as argparse wants its errors."""
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def mode_argument(text: str) -> int:
+    """A unix socket's permissions in octal; the owner must keep read and write."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise argparse.ArgumentTypeError(
+            f"expected an octal mode from 0600 to 0777 (the owner needs read and write), "
+            f"got {text!r}"
+        )
+    return mode
+
+
+def count_argument(text: str) -> int:
+    """An option's whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def size_argument(text: str) -> int:

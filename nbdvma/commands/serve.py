@@ -18,12 +18,15 @@ import sys
 
 import trio
 
-from nbdvma.addresses import Address, TcpAddress, UnixAddress, parse_address
+from nbdvma.addresses import Address, TcpAddress, UnixAddress
 from nbdvma.backends import NullBackend
 from nbdvma.commands.common import (
+    address_argument,
     config_argument,
+    count_argument,
     first_error,
     log_to_stderr,
+    mode_argument,
     read_configs,
     seconds_argument,
     size_argument,
@@ -176,14 +179,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vmstate",
-        type=parse_address,
+        type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
         help="accept one connection here and store what it sends as the VM state",
     )
     parser.add_argument(
         "--listen",
         action="append",
-        type=parse_address,
+        type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
         help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
     )
@@ -193,16 +196,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _server_options(parser: argparse.ArgumentParser) -> None:
     """How the server runs: compression, backend, sockets, limits, deadlines, TLS."""
     parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
-    parser.add_argument("--backend", choices=["vma", "null"], default="vma")
+    parser.add_argument(
+        "--backend",
+        choices=["vma", "null"],
+        default="vma",
+        help="vma: write the archive (default); null: discard every write, serve until "
+        "a signal (a protocol ceiling for benchmarks)",
+    )
     parser.add_argument(
         "--socket-mode",
-        type=lambda s: int(s, 8),
+        type=mode_argument,
         default=0o600,
         metavar="MODE",
         help="permissions of unix sockets (octal, default 0600)",
     )
     parser.add_argument(
-        "--max-connections", type=int, default=100, help="connection cap (default 100)"
+        "--max-connections",
+        type=count_argument,
+        default=100,
+        metavar="N",
+        help="connection cap (default 100)",
     )
     parser.add_argument(
         "-v",
@@ -212,7 +225,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=seconds_argument,
         default=10.0,
         metavar="SECONDS",
         help="drop a client that has not finished the handshake by then (default 10)",
@@ -247,6 +260,10 @@ def _disk(text: str) -> tuple[str, int]:
     name, sep, size = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=SIZE, got {text!r}")
+    if name == "vmstate":
+        raise argparse.ArgumentTypeError(
+            "the name vmstate is the VM state's: give it with --vmstate ADDRESS"
+        )
     return name, size_argument(size)
 
 

@@ -113,6 +113,8 @@ def create_archive(
         ToolError: bad input, a limit of the format, or an I/O error; the partial
             archive is removed.
     """
+    if not images and not configs:
+        raise ToolError("nothing to archive: give at least one image or config (-c)")
     config_items = [_read_config(cfg) for cfg in configs]
     try:
         with contextlib.ExitStack() as stack:
@@ -123,6 +125,13 @@ def create_archive(
                 config_data, _, warnings = archive_configs(config_items, [i.name for i in opened])
             except ValueError as exc:
                 raise ToolError(str(exc)) from exc
+            for image in opened:
+                if image.size % _SECTOR:
+                    warnings.append(
+                        f"image {image.path} is {image.size} bytes, not whole 512-byte "
+                        f"sectors: stored as {-(-image.size // _SECTOR) * _SECTOR}, zeros "
+                        "at the end"
+                    )
             for warning in warnings:
                 err.write(f"warning: {warning}\n")
             _write_archive(path, config_data, opened, err, verbose=verbose)
@@ -144,8 +153,36 @@ def _read_config(arg: str) -> tuple[str | None, str, bytes]:
         raise ToolError(f"unable to read file '{cpath}' - {strerror(exc)}") from exc
 
 
+#: The first bytes of the image formats QEMU reads besides raw (block/*.c probes).
+IMAGE_MAGICS = (
+    (b"QFI\xfb", "qcow2"),
+    (b"KDMV", "vmdk"),
+    (b"# Disk DescriptorFile", "vmdk"),
+    (b"vhdxfile", "vhdx"),
+    (b"conectix", "vpc"),
+    (b"QED\0", "qed"),
+    (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
+    (b"<<< Sun VirtualBox Disk Image >>>", "vdi"),
+    (b"<<< innotek VirtualBox Disk Image >>>", "vdi"),
+    (b"LUKS\xba\xbe", "luks"),
+)
+
+
+def image_format(head: bytes) -> str:
+    """The format a QEMU image starting with ``head`` has (``"raw"`` if none matches)."""
+    for magic, name in IMAGE_MAGICS:
+        if head.startswith(magic):
+            return name
+    return "raw"
+
+
 def _open_image(arg: str, index: int, stack: contextlib.ExitStack) -> _Image:
-    """Open ``[NAME=]PATH`` for reading; ``stack`` closes it."""
+    """Open ``[NAME=]PATH`` for reading; ``stack`` closes it.
+
+    Raises:
+        ToolError: it cannot be opened, is no file or device, is empty, or is an image
+            of another format than raw (its bytes would be archived as the disk).
+    """
     name, image = _parse_image(arg, index)
     try:
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
@@ -153,11 +190,21 @@ def _open_image(arg: str, index: int, stack: contextlib.ExitStack) -> _Image:
         raise ToolError(f"can't open file {image} - {strerror(exc)}") from exc
     stack.callback(os.close, fd)
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ToolError(f"image {image} is not a regular file or block device")
         size = _image_size(fd)
+        head = os.pread(fd, 64, 0)
     except OSError as exc:
         raise ToolError(f"can't open file {image} - {strerror(exc)}") from exc
     if size <= 0:
         raise ToolError(f"image {image} is empty")
+    fmt = image_format(head)
+    if fmt != "raw":
+        raise ToolError(
+            f"image {image} is {fmt}, not raw: convert it first "
+            f"(qemu-img convert -O raw {image} {image}.raw)"
+        )
     return _Image(name, image, fd, size)
 
 
