@@ -150,3 +150,32 @@ def test_serve_warns_about_exposed_plain_listeners(
     server = serve({"d0": MiB}, extra, unix=False)
     poll_until(lambda: server.stderr().count("listening on") == 2, 10, "both listeners")
     assert (WARNING in server.stderr()) == warned, server.stderr()
+
+
+@pytest.mark.interop
+def test_serve_interrupted_says_what_happened_to_the_archive(
+    serve: StartServe, workdir: Path, qemu_io: str
+) -> None:
+    """Nothing written: no .part is left, and the message says so; something written:
+    the message names ARCHIVE.part, which is there, and what is incomplete."""
+    server = serve({"d0": MiB}, [], tcp=False)
+    server.process.send_signal(signal.SIGINT)
+    assert server.wait() == 128 + signal.SIGINT
+    assert "interrupted by SIGINT before anything was written; no archive left" in (server.stderr())
+    assert not (workdir / "out.vma.part").exists()
+
+    server = serve({"d0": MiB}, [], tcp=False)
+    uri = f"nbd+unix:///d0?socket={server.unix}"
+    subprocess.run(
+        [qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "flush", uri],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server.process.send_signal(signal.SIGINT)
+    assert server.wait() == 128 + signal.SIGINT
+    assert (
+        f"the archive is incomplete and left as {workdir / 'out.vma'}.part; incomplete: d0"
+        in server.stderr()
+    )
+    assert (workdir / "out.vma.part").exists()

@@ -658,6 +658,53 @@ def test_create_says_it_pads_and_extract_refuses_an_empty_device_list(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("compressor", ["gzip", "lzop"])
+def test_vzdump_gz_and_lzo_archives_are_read(
+    tmp_path: Path, compressor: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vzdump also writes .vma.gz and .vma.lzo: list, verify and extract read them."""
+    disk = data_of(3 * C + 4096, 7)
+    (tmp_path / "a.raw").write_bytes(disk)
+    arch = tmp_path / "a.vma"
+    assert main(["create", str(arch), f"drive-scsi0={tmp_path}/a.raw"]) == 0
+    suffix = ".gz" if compressor == "gzip" else ".lzo"
+    packed = tmp_path / f"a.vma{suffix}"
+    subprocess.run([compressor, "-q", "-k", str(arch)], check=True)
+    capsys.readouterr()
+    assert main(["list", str(packed)]) == 0
+    assert "devname: drive-scsi0" in capsys.readouterr().out
+    assert main(["verify", str(packed)]) == 0
+    assert main(["extract", str(packed), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == disk
+    # A cut archive fails with one line, whoever decompresses it.
+    cut = tmp_path / f"cut.vma{suffix}"
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["verify", str(cut)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+
+
+def test_restored_files_are_owner_only(tmp_path: Path) -> None:
+    """Like the archive (0600), what extract restores: disks, vmstate.bin, configs."""
+    (tmp_path / "a.raw").write_bytes(data_of(C, 1))
+    conf = tmp_path / "qemu-server.conf"
+    conf.write_bytes(CONF)
+    arch = tmp_path / "a.vma"
+    w = VmaWriter(open_sink(str(arch)))
+    w.add_config("qemu-server.conf", CONF)
+    disk = w.add_device("drive-scsi0", C)
+    state = w.add_stream()
+    w.write(disk, 0, data_of(C, 1))
+    w.append(state, b"QEVM" + bytes(100))
+    w.finish()
+    assert main(["extract", str(arch), str(tmp_path / "out")]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["disk-drive-scsi0.raw", "qemu-server.conf", "vmstate.bin"]
+    for name in names:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o600, name
+
+
 # ----------------------------------------------------------------------- properties
 
 

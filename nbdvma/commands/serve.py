@@ -119,11 +119,16 @@ async def run_session(
     # is complete after all, and that is what to report.
     if stop.signum is not None and not session.writer.finished:
         session.abort()
-        where = options.archive + ".part" if options.archive != "-" else "the output stream"
-        _say(
-            f"interrupted by {stop.name}; the archive is incomplete and left as {where}; "
-            f"incomplete: {', '.join(session.incomplete()) or 'nothing (not finalized)'}"
-        )
+        incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
+        if options.archive == "-":
+            _say(f"interrupted by {stop.name}; the output stream is incomplete: {incomplete}")
+        elif session.writer.has_output:
+            _say(
+                f"interrupted by {stop.name}; the archive is incomplete and left as "
+                f"{options.archive}.part; incomplete: {incomplete}"
+            )
+        else:  # abort() removes a .part that never received anything
+            _say(f"interrupted by {stop.name} before anything was written; no archive left")
         return 128 + stop.signum
     for line in session.summary_lines():
         _say(line)

@@ -40,6 +40,10 @@ _IOV_MAX = 1024
 # extract reads extents into this many buffers, writing one while reading the next.
 _EXTRACT_BUFFERS = 3
 
+#: Restored disks, VM state and configs hold what the archive holds: the archive is
+#: 0600, and so are they.
+RESTORED_FILE_MODE = 0o600
+
 
 def _pwrite_all(fd: int, views: Sequence[memoryview | bytes], offset: int) -> None:
     """Write ``views`` contiguously at ``offset`` (pwritev, retrying short writes)."""
@@ -75,7 +79,9 @@ class _Target:
         self.tmp = tmp
         self.final = final
         self.size = size  # the disk size; None for vmstate (grows as it is written)
-        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, RESTORED_FILE_MODE
+        )
         # The writes not yet handed to the worker.
         self.ranges: list[_Range] = []
         self.length = 0  # vmstate: bytes of clusters stored so far
@@ -196,7 +202,7 @@ class _Outputs:
             fd = os.open(
                 os.path.join(self.dirname, name),
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                0o644,
+                RESTORED_FILE_MODE,
             )
             try:
                 _pwrite_all(fd, [data], 0)

@@ -32,10 +32,11 @@ last one but inside the bitmap); such clusters are counted in
 
 from __future__ import annotations
 
+import gzip
 import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
 import attrs
 import zstandard
@@ -59,6 +60,7 @@ from nbdvma.vma.format import (
 __all__ = ["Cluster", "ReadStats", "VmaReader", "open_source"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
 _SECTOR = 512
 _SECTORS_PER_CLUSTER = VMA_CLUSTER_SIZE // _SECTOR  # 128
 _BITS_PER_LONG = 64  # the C bitmap is an array of unsigned long (x86-64)
@@ -74,7 +76,8 @@ def open_source(path: str) -> BinaryIO:
 
     ``-`` is stdin (a duplicate of fd 0, so closing the result leaves stdin open).
     A zstd-compressed archive is recognised by its magic number, or by a ``.zst``
-    suffix when the magic cannot be peeked, and decompressed on the fly (all frames).
+    suffix when the magic cannot be peeked, and decompressed on the fly (all frames);
+    so is a gzip-compressed one (``.vma.gz``, as vzdump writes with ``--compress gzip``).
 
     Args:
         path: a file name, or ``-``.
@@ -93,12 +96,30 @@ def open_source(path: str) -> BinaryIO:
     except OSError:
         raw.close()
         raise
+    if head.startswith(GZIP_MAGIC):
+        return cast(BinaryIO, _GzipSource(raw))  # a GzipFile is a binary stream
     is_zstd = head == ZSTD_MAGIC if len(head) == 4 else path.endswith(".zst")
     if not is_zstd:
         return raw
     dctx = zstandard.ZstdDecompressor()
     reader: BinaryIO = dctx.stream_reader(raw, read_across_frames=True, closefd=True)
     return reader
+
+
+class _GzipSource(gzip.GzipFile):
+    """A gzip stream that closes the file it reads (a ``GzipFile`` leaves a
+    ``fileobj`` it was given open)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        """Close the stream and the file under it."""
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 class Cluster(NamedTuple):
@@ -189,7 +210,7 @@ def _read_into(source: BinaryIO, view: memoryview) -> int:
             if not n:
                 break
             total += n
-    except (OSError, zstandard.ZstdError) as exc:
+    except (OSError, zstandard.ZstdError, EOFError) as exc:  # EOFError: a cut gzip stream
         raise VmaFormatError(f"read failed - {exc}") from exc
     return total
 
