@@ -28,7 +28,7 @@ qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel tcg -m 128 -
   -qmp "unix:$tmp/qmp.sock,server=on,wait=off" \
   -blockdev "driver=file,filename=$tmp/disk0.raw,node-name=file0" \
   -blockdev driver=raw,file=file0,node-name=disk0 \
-  -device virtio-blk-pci,drive=disk0,id=scsi0 &
+  -device virtio-blk-pci,drive=disk0,id=scsi0 2>"$tmp/qemu.log" &  # QEMU's own messages
 qemu_pid=$!
 
 "$py" -m nbdvma serve "$tmp/backup.vma" --listen "tcp:127.0.0.1:$port" \

@@ -28,7 +28,7 @@ qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel tcg -m 128 -
   -device virtio-blk-pci,drive=disk0,id=scsi0 \
   -blockdev "driver=file,filename=$tmp/disk1.raw,node-name=file1" \
   -blockdev driver=raw,file=file1,node-name=disk1 \
-  -device virtio-blk-pci,drive=disk1,id=scsi1 &
+  -device virtio-blk-pci,drive=disk1,id=scsi1 2>"$tmp/qemu.log" &  # QEMU's own messages
 qemu_pid=$!
 for _ in $(seq 100); do [ -S "$tmp/qmp.sock" ] && break; sleep 0.1; done
 

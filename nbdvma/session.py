@@ -67,8 +67,18 @@ class _Observer(ConnectionObserver):
         self.session.active[export_name] += 1
 
     def connection_ended(self, export_name: str) -> None:
-        self.session.active[export_name] -= 1
-        self.session.check_complete()
+        session = self.session
+        session.active[export_name] -= 1
+        progress = session.vma.progress(export_name)
+        if not session.active[export_name] and progress.written and not progress.complete:
+            # Nothing else will move this disk on: say so, or the session waits silently.
+            log.warning(
+                f"{export_name}: its last client disconnected with "
+                f"{format_bytes(progress.size - progress.written)} of "
+                f"{format_bytes(progress.size)} not written; waiting for a client to write "
+                "the rest"
+            )
+        session.check_complete()
 
 
 class ArchiveSession:

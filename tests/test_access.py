@@ -179,3 +179,26 @@ def test_serve_interrupted_says_what_happened_to_the_archive(
         in server.stderr()
     )
     assert (workdir / "out.vma.part").exists()
+
+
+@pytest.mark.interop
+def test_serve_says_when_a_client_leaves_a_disk_incomplete(
+    serve: StartServe, qemu_io: str, nbdinfo: str
+) -> None:
+    """A client that wrote part of a disk and left: serve says which disk and how much
+    is missing (a probe that wrote nothing is no news)."""
+    server = serve({"d0": 4 * MiB}, [], tcp=False)
+    uri = f"nbd+unix:///d0?socket={server.unix}"
+    subprocess.run([nbdinfo, uri], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 1M", uri],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    expected = (
+        "nbdvma serve: warning: d0: its last client disconnected with 3.0 MiB of 4.0 MiB "
+        "not written; waiting for a client to write the rest"
+    )
+    poll_until(lambda: expected in server.stderr(), 10, "the warning")
+    assert server.stderr().count("its last client disconnected") == 1
