@@ -24,6 +24,7 @@ cleanly) to an observer, which is how ``nbdvma serve`` knows when a disk is done
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -40,6 +41,7 @@ from nbdvma.nbd import (
     NEED_DATA,
     ConnectionClosed,
     Disconnect,
+    ExportRefused,
     HandshakeAborted,
     Limits,
     NbdServerConnection,
@@ -314,11 +316,17 @@ class NbdServer:
                     log.info("%s: transmission on export %r", conn.peer, conn.export_name)
                     self.observer.transmission_started(event.export_name)
                     await self._send(conn)
+                elif isinstance(event, ExportRefused):
+                    log.info("%s: refused: no export %r", conn.peer, event.name)
                 elif isinstance(event, RejectedRequest):
                     log.info("%s: rejected: %s", conn.peer, event.reason)
                     await self._send(conn)
                 elif isinstance(event, HandshakeAborted):
-                    await self._send(conn)
+                    # NBD_OPT_ABORT (nbdinfo --list, a probe): the spec lets the client
+                    # close without reading our ACK, so a broken pipe here is normal.
+                    log.info("%s: the client ended the handshake (NBD_OPT_ABORT)", conn.peer)
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._send(conn)
                     return
                 elif isinstance(event, Disconnect | ConnectionClosed):
                     # DISC: the outstanding requests finish (the nursery waits), then close.

@@ -202,3 +202,20 @@ def test_serve_says_when_a_client_leaves_a_disk_incomplete(
     )
     poll_until(lambda: expected in server.stderr(), 10, "the warning")
     assert server.stderr().count("its last client disconnected") == 1
+
+
+@pytest.mark.interop
+def test_serve_verbose_names_what_clients_asked_for(serve: StartServe, nbdinfo: str) -> None:
+    """``-v``: a listing client ends the handshake normally (no "Broken pipe"), and a
+    name that does not exist is logged as refused."""
+    server = serve({"d0": MiB}, ["-v"], tcp=False)
+    base = f"nbd+unix://?socket={server.unix}"
+    subprocess.run([nbdinfo, "--list", base], check=True, capture_output=True, timeout=60)
+    missing = subprocess.run(
+        [nbdinfo, f"nbd+unix:///nope?socket={server.unix}"], capture_output=True, timeout=60
+    )
+    assert missing.returncode != 0
+    poll_until(lambda: "refused: no export 'nope'" in server.stderr(), 10, "the refusal")
+    err = server.stderr()
+    assert "the client ended the handshake (NBD_OPT_ABORT)" in err
+    assert "Broken pipe" not in err

@@ -30,6 +30,7 @@ from nbdvma.nbd import (
     DataChunk,
     Disconnect,
     ExportInfo,
+    ExportRefused,
     HandshakeAborted,
     HoleChunk,
     Limits,
@@ -255,7 +256,13 @@ def test_go_infos_in_order_unknown_ignored() -> None:
 def test_go_unknown_export_then_next_option() -> None:
     conn = make()
     start(conn)
-    ((opt, rep, msg),) = replies(conn, option(O.NBD_OPT_GO, info_payload(b"other")))
+    # The I/O layer hears which name was refused (so an operator can be told).
+    assert feed(conn, option(O.NBD_OPT_GO, info_payload(b"other"))) == [
+        ExportRefused(O.NBD_OPT_GO, "other")
+    ]
+    r = Reader(conn.data_to_send())
+    ((opt, rep, msg),) = r.option_replies()
+    assert r.at_end()
     assert (opt, rep) == (7, R.NBD_REP_ERR_UNKNOWN)
     assert msg == b"unknown export"
     assert isinstance(

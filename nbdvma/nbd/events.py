@@ -21,6 +21,7 @@ __all__ = [
     "DataChunk",
     "Disconnect",
     "Event",
+    "ExportRefused",
     "HandshakeAborted",
     "HoleChunk",
     "NeedData",
@@ -96,6 +97,20 @@ class RejectedRequest:
 
 
 @attrs.frozen
+class ExportRefused:
+    """A client asked for an export that does not exist (NBD_OPT_INFO or NBD_OPT_GO);
+    the NBD_REP_ERR_UNKNOWN reply is queued and the handshake goes on.
+
+    Attributes:
+        option: the option number (NBD_OPT_INFO, NBD_OPT_GO).
+        name: the name asked for, as the client sent it (undecodable bytes replaced).
+    """
+
+    option: int
+    name: str
+
+
+@attrs.frozen
 class StartTLS:
     """NBD_OPT_STARTTLS was accepted and its ACK is queued.
 
@@ -127,6 +142,7 @@ class ConnectionClosed:
 
 Event: TypeAlias = (
     TransmissionStarted
+    | ExportRefused
     | StartTLS
     | Request
     | RejectedRequest

@@ -53,7 +53,15 @@ from .constants import (
     NbdRep,
     NbdTransmissionFlag,
 )
-from .events import NEED_DATA, Event, HandshakeAborted, NeedData, StartTLS, TransmissionStarted
+from .events import (
+    NEED_DATA,
+    Event,
+    ExportRefused,
+    HandshakeAborted,
+    NeedData,
+    StartTLS,
+    TransmissionStarted,
+)
 from .records import ExportInfo, Limits, TlsMode
 from .state import ReceiveState, RxState
 
@@ -336,7 +344,8 @@ class Handshake:
         found = self._lookup(req.name)
         if found is None:
             self._reply_error(option, NbdRep.NBD_REP_ERR_UNKNOWN, "unknown export")
-            return None
+            # Said to the I/O layer, so that an operator sees which name was refused.
+            return ExportRefused(option, req.name.decode("utf-8", "replace"))
         name, export = found
         flags = export.transmission_flags(structured_replies=self._neg.structured_replies)
         self._reply(option, NbdRep.NBD_REP_INFO, wire.encode_info_export(export.size, flags))

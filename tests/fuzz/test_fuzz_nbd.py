@@ -47,6 +47,7 @@ from nbdvma.nbd import (
     DataChunk,
     Disconnect,
     ExportInfo,
+    ExportRefused,
     HandshakeAborted,
     HoleChunk,
     NbdPhase,
@@ -287,6 +288,9 @@ class Harness:
         elif isinstance(ev, RejectedRequest):
             assert self.started is not None
             assert ev.error in _KNOWN_ERRORS
+        elif isinstance(ev, ExportRefused):
+            assert self.started is None
+            assert ev.name not in self.exports
         elif isinstance(ev, Disconnect | HandshakeAborted | ConnectionClosed):
             if isinstance(ev, Disconnect):
                 assert self.started is not None
