@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
 from nbdvma.cli import build_parser, main
+from nbdvma.commands.serve import report_progress
+from nbdvma.session import ArchiveSession, SessionOptions
 
 SERVE = ["serve", "x.vma", "--disk", "d0=1M"]
 BACKUP = ["backup", "--qmp", "unix:/run/q.sock", "x.vma"]
@@ -61,3 +64,22 @@ def test_every_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"nbdvma {name} {action.option_strings[0]} has no help"
+
+
+async def test_serve_says_what_it_still_waits_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], autojump_clock: object
+) -> None:
+    """No progress for 30 s: one line saying what is still awaited, every 30 s."""
+    session = ArchiveSession(
+        SessionOptions(archive=str(tmp_path / "a.vma"), disks=(("d0", 1 << 20),), listen=())
+    )
+    try:
+        session.writer.write(1, 0, b"x" * 262144)
+        with trio.move_on_after(65):
+            await report_progress(session, 2.0)
+    finally:
+        session.abort()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "nbdvma serve: d0: 25% (256.0 KiB of 1.0 MiB)"
+    waiting = "nbdvma serve: still waiting for: d0 (25% written, no client connected)"
+    assert lines[1:] == [waiting, waiting]

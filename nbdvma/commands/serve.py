@@ -45,21 +45,43 @@ PREFIX = "nbdvma serve: "
 FINISH_RETRY_INTERVAL = 1.0
 #: Seconds between progress lines (printed only when they changed).
 PROGRESS_INTERVAL = 2.0
+#: Seconds without any progress after which serve says what it is still waiting for.
+STATUS_INTERVAL = 30.0
 
 
 def _say(message: str) -> None:
     print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
 
 
-async def _report_progress(session: ArchiveSession, interval: float) -> None:
+async def report_progress(
+    session: ArchiveSession, interval: float, *, quiet_limit: float = STATUS_INTERVAL
+) -> None:
+    """Print the progress lines when they change; when nothing has moved for
+    ``quiet_limit`` seconds, say what is still awaited (never wait silently)."""
     last: list[str] = []
+    quiet_since = trio.current_time()
     while True:
         await trio.sleep(interval)
         lines = session.progress_lines()
+        now = trio.current_time()
         if lines != last:
             for line in lines:
                 _say(line)
-            last = lines
+            last, quiet_since = lines, now
+        elif now - quiet_since >= quiet_limit:
+            waiting = ", ".join(_awaited(session, name) for name in session.incomplete())
+            _say(f"still waiting for: {waiting}")
+            quiet_since = now
+
+
+def _awaited(session: ArchiveSession, name: str) -> str:
+    """``d0 (25% written, no client connected)``; ``vmstate (its stream has not ended)``."""
+    if name not in session.active:
+        return f"{name} (its stream has not ended)"
+    progress = session.vma.progress(name)
+    clients = session.active[name]
+    who = f"{clients} client(s) connected" if clients else "no client connected"
+    return f"{name} ({100 * progress.written // progress.size}% written, {who})"
 
 
 async def _finish_when_space(session: ArchiveSession) -> None:
@@ -106,7 +128,7 @@ async def run_session(
                 _say(f"listening on {address}")
             if session.vmstate_address is not None:
                 _say(f"vmstate on {session.vmstate_address}")
-            nursery.start_soon(_report_progress, session, progress_interval)
+            nursery.start_soon(report_progress, session, progress_interval)
             await session.done.wait()
             await _finish_when_space(session)
             nursery.cancel_scope.cancel()
