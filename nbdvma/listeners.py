@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -11,7 +12,11 @@ import trio
 from nbdvma.addresses import Address, TcpAddress, UnixAddress
 from nbdvma.errors import ListenError
 
-__all__ = ["ListenError", "open_listener"]
+__all__ = ["ListenError", "open_listener", "remove_socket"]
+
+#: The unix socket files this process created: path -> (st_dev, st_ino), so that
+#: :func:`remove_socket` never removes a file another server put there since.
+_CREATED: dict[str, tuple[int, int]] = {}
 
 
 async def open_listener(
@@ -20,8 +25,10 @@ async def open_listener(
     """Bind and listen on ``address``.
 
     A unix socket is created with ``unix_mode`` (owner only by default: whoever can
-    connect can write the backup); a stale socket file at the path is replaced, any
-    other file is an error.  A TCP port 0 is resolved to the port the kernel chose.
+    connect can write the backup).  A socket file at the path that a live server
+    listens on is an error (two servers on one path would leave the first unreachable);
+    a stale one (nobody accepts) is replaced; any other file is an error.  A TCP port 0
+    is resolved to the port the kernel chose.
 
     Returns:
         The listener and the address it really listens on.
@@ -46,6 +53,8 @@ async def _unix(address: UnixAddress, mode: int, backlog: int) -> trio.SocketLis
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenError(f"cannot listen on {address}: a file that is not a socket is there")
+        if _someone_listens(path):
+            raise ListenError(f"{address}: another server is listening there")
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -57,10 +66,39 @@ async def _unix(address: UnixAddress, mode: int, backlog: int) -> trio.SocketLis
             os.umask(old)
         os.chmod(path, mode)
         sock.listen(backlog)
+        st = os.lstat(path)
+        _CREATED[path] = (st.st_dev, st.st_ino)
     except BaseException:
         sock.close()
         raise
     return trio.SocketListener(sock)
+
+
+def _someone_listens(path: str) -> bool:
+    """Whether a server accepts on the unix socket at ``path`` (a stale file refuses)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False  # ECONNREFUSED: nobody listens; the file is stale
+    finally:
+        probe.close()
+    return True
+
+
+def remove_socket(address: Address | None) -> None:
+    """Remove a unix socket file this process created, if it is still that file."""
+    if not isinstance(address, UnixAddress):
+        return
+    created = _CREATED.pop(address.path, None)
+    try:
+        st = os.lstat(address.path)
+    except OSError:
+        return
+    if created == (st.st_dev, st.st_ino):
+        with contextlib.suppress(OSError):
+            os.unlink(address.path)
 
 
 async def _tcp(address: TcpAddress, backlog: int) -> tuple[trio.SocketListener, TcpAddress]:

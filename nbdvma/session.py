@@ -26,9 +26,9 @@ import time
 import attrs
 import trio
 
-from nbdvma.addresses import Address, TcpAddress, UnixAddress
+from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import VmaBackend
-from nbdvma.listeners import open_listener
+from nbdvma.listeners import open_listener, remove_socket
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import format_bytes
@@ -171,11 +171,9 @@ class ArchiveSession:
             await trio.to_thread.run_sync(self.writer.finish)
 
     def remove_sockets(self) -> None:
-        """Remove the unix socket files this session created."""
+        """Remove the unix socket files this session created (and only those)."""
         for address in [*self.listening, self.vmstate_address]:
-            if isinstance(address, UnixAddress):
-                with contextlib.suppress(OSError):
-                    os.unlink(address.path)
+            remove_socket(address)
 
     def abort(self) -> None:
         """Leave the archive incomplete under ``ARCHIVE.part``.

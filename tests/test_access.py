@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -219,3 +221,35 @@ def test_serve_verbose_names_what_clients_asked_for(serve: StartServe, nbdinfo: 
     err = server.stderr()
     assert "the client ended the handshake (NBD_OPT_ABORT)" in err
     assert "Broken pipe" not in err
+
+
+@pytest.mark.interop
+def test_a_unix_socket_in_use_is_refused_a_stale_one_replaced(
+    serve: StartServe, sockdir: Path, workdir: Path, nbdinfo: str
+) -> None:
+    first = serve({"d0": MiB}, ["--backend", "null"], tcp=False)
+    assert first.unix is not None
+    second = subprocess.run(
+        [
+            *(sys.executable, "-m", "nbdvma", "serve", str(workdir / "b.vma")),
+            *("--disk", "d0=1M", "--listen", f"unix:{first.unix}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1
+    assert f"unix:{first.unix}: another server is listening there" in second.stderr
+    assert second.stderr.count("\n") == 1, second.stderr
+    # The first one still serves, and its socket is still its own.
+    subprocess.run([nbdinfo, f"nbd+unix:///d0?socket={first.unix}"], check=True, timeout=60)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.wait() == 0
+    assert not os.path.exists(first.unix)
+
+    stale = sockdir / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # a socket file nobody listens on: a server that died
+    third = serve({"d0": MiB}, ["--backend", "null", "--listen", f"unix:{stale}"], tcp=False)
+    subprocess.run([nbdinfo, f"nbd+unix:///d0?socket={stale}"], check=True, timeout=60)
+    third.kill()

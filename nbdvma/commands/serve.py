@@ -10,15 +10,13 @@ is incomplete.  ``--backend null`` serves the same exports into a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import math
-import os
 import sys
 
 import trio
 
-from nbdvma.addresses import Address, TcpAddress, UnixAddress
+from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend
 from nbdvma.commands.common import (
     address_argument,
@@ -32,6 +30,7 @@ from nbdvma.commands.common import (
     size_argument,
 )
 from nbdvma.errors import NbdvmaError
+from nbdvma.listeners import remove_socket
 from nbdvma.pve import archive_configs
 from nbdvma.server import NbdServer, ServerLimits
 from nbdvma.session import ArchiveSession, SessionOptions, open_nbd_listeners
@@ -175,9 +174,7 @@ async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOption
             await trio.sleep_forever()  # until a signal: nothing ever completes
     finally:
         for address in addresses:
-            if isinstance(address, UnixAddress):
-                with contextlib.suppress(OSError):
-                    os.unlink(address.path)
+            remove_socket(address)
     _say(f"stopped by {stop.name}")
     return 0
 
