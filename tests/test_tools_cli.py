@@ -685,6 +685,29 @@ def test_vzdump_gz_and_lzo_archives_are_read(
     assert err.count("\n") == 1, err
 
 
+def test_a_changed_byte_in_a_zstd_archive_is_detected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Extent frames carry zstd's XXH64 content checksum (as the zstd CLI writes them):
+    one flipped byte of data fails verify and extract, where plain VMA checks nothing."""
+    (tmp_path / "a.raw").write_bytes(os.urandom(2 * 1024 * 1024))
+    arch = tmp_path / "a.vma.zst"
+    assert main(["create", str(arch), f"drive-scsi0={tmp_path}/a.raw"]) == 0
+    listing = subprocess.run(["zstd", "-lv", str(arch)], capture_output=True, text=True)
+    assert "Check: XXH64" in listing.stdout + listing.stderr
+    data = bytearray(arch.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad = tmp_path / "bad.vma.zst"
+    bad.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "read failed" in err
+    assert main(["extract", str(bad), str(tmp_path / "out")]) == 1
+    assert not list((tmp_path / "out").glob("disk-*.raw"))
+
+
 def test_restored_files_are_owner_only(tmp_path: Path) -> None:
     """Like the archive (0600), what extract restores: disks, vmstate.bin, configs."""
     (tmp_path / "a.raw").write_bytes(data_of(C, 1))

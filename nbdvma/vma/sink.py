@@ -114,7 +114,10 @@ class _Compressor:
     def __init__(self) -> None:
         import zstandard
 
-        self._cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1)
+        # Every extent's frame carries zstd's content checksum (XXH64), as the zstd CLI
+        # (and so vzdump) writes it: a changed byte fails the decompression, where VMA
+        # itself checks no data.  The header's frame is stored raw: it has its MD5.
+        self._cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1, write_checksum=True)
         self._dctx = zstandard.ZstdDecompressor()
 
     def compress(self, parts: Sequence[Buffer]) -> bytes:
