@@ -28,14 +28,10 @@ one byte a cluster, plus a 4-byte reference for stored clusters):
 Zero detection is per 4 KiB block against a zero buffer (memcmp speed); blocks at or
 past the device end are always zero-marked, as the C writer has done since 2020.
 
-The VM state is a *stream* (:class:`~nbdvma.vma.clusters.VmState`): appends of any
-size, packed into clusters in order (the reader demands 0, 1, 2, ...), the tail padded
-at finish.  Every one of its clusters is stored whole (mask ``0xffff``, zero blocks
-written as data): Proxmox's reader appends only the stored blocks of a VM-state cluster
-to ``vmstate.bin``, so a masked zero block would vanish from the stream and shift
-everything after it (``vma-format.md`` §6).
-Its size in the header is a hint until finish, which rewrites the header with the true
-length when the sink allows it.
+The VM state is a *stream* (:class:`~nbdvma.vma.clusters.VmState`, which says why its
+clusters are stored whole): appends of any size, packed into clusters in order (the
+reader demands 0, 1, 2, ...), the tail padded at finish.  Its size in the header is a
+hint until finish, which rewrites it with the true length when the sink allows it.
 
 FLUSH: whole clusters go out as a (short) extent, partly written ones to the side
 journal ``ARCHIVE.part.journal`` (format: :mod:`nbdvma.vma.journal`).
