@@ -24,6 +24,8 @@ from nbdvma.pve import (
     key_of_device,
     parse_config_disks,
     parse_disk_value,
+    split_config_argument,
+    stored_config_name,
     vzdump_name,
     vzdump_vmid,
     with_map_lines,
@@ -280,3 +282,15 @@ def test_generated_config_of_an_i440fx_vm_without_boot_indexes() -> None:
     assert "bios:" not in text
     assert "boot: order=ide0;virtio0\n" in text
     assert parse_config_disks(text.encode()).keys() == {"ide0", "virtio0"}
+
+
+def test_config_arguments_and_stored_names() -> None:
+    assert split_config_argument("100.conf") == (None, "100.conf")
+    assert split_config_argument("my.conf=/etc/100.conf") == ("my.conf", "/etc/100.conf")
+    assert split_config_argument("/tmp/a=b/100.conf") == (None, "/tmp/a=b/100.conf")
+    assert stored_config_name(None, "/etc/pve/qemu-server/100.conf", keyed=True) == (
+        "qemu-server.conf"
+    )
+    assert stored_config_name(None, "/etc/pve/firewall/100.fw", keyed=True) == "qemu-server.fw"
+    assert stored_config_name(None, "/etc/pve/qemu-server/100.conf", keyed=False) == "100.conf"
+    assert stored_config_name("x.conf", "/a/100.conf", keyed=True) == "x.conf"

@@ -28,6 +28,7 @@ from nbdvma.pve import (
     format_size,
     generate_config,
     parse_config_disks,
+    stored_config_name,
     vzdump_vmid,
 )
 from nbdvma.qmp import (
@@ -88,7 +89,7 @@ def _configs(
     from what QEMU says)."""
     user = {}
     for name, path, data in options.configs:
-        if name in (None, CONFIG_NAME) and not path.endswith(".fw"):
+        if stored_config_name(name, path, keyed=True) == CONFIG_NAME:
             user = parse_config_disks(data)
             break
     disks, excluded = select_disks(

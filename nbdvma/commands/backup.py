@@ -12,7 +12,6 @@ from nbdvma.backup import BackupOptions, run_backup
 from nbdvma.backup.job import DEFAULT_UNIX_TLS_HOSTNAME
 from nbdvma.commands.common import (
     address_argument,
-    config_argument,
     read_configs,
     size_argument,
 )
@@ -20,6 +19,7 @@ from nbdvma.errors import BackupError, NbdvmaError
 from nbdvma.pve import (
     VMID_MAX,
     VMID_MIN,
+    split_config_argument,
 )
 
 __all__ = ["add_arguments", "run"]
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         action="append",
         default=[],
-        type=config_argument,
+        type=split_config_argument,
         metavar="[NAME=]FILE",
         help="store FILE in the archive as config NAME (default: qemu-server.conf, or "
         "qemu-server.fw for *.fw), with #qmdump#map lines for the disks; 'none' stores "

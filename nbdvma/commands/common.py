@@ -14,7 +14,6 @@ from nbdvma.units import parse_size
 
 __all__ = [
     "address_argument",
-    "config_argument",
     "count_argument",
     "first_error",
     "log_to_stderr",
@@ -50,15 +49,6 @@ def log_to_stderr(prefix: str, *, verbose: bool) -> None:
     logger = logging.getLogger("nbdvma")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def config_argument(text: str) -> tuple[str | None, str]:
-    """``--config [NAME=]FILE`` → ``(NAME, FILE)``; NAME is ``None`` when not given
-    (:func:`nbdvma.pve.archive_configs` chooses it)."""
-    name, sep, path = text.partition("=")
-    if not sep or "/" in name:
-        return None, text
-    return name, path
 
 
 def read_configs(

@@ -20,7 +20,6 @@ from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend
 from nbdvma.commands.common import (
     address_argument,
-    config_argument,
     count_argument,
     first_error,
     log_to_stderr,
@@ -31,7 +30,7 @@ from nbdvma.commands.common import (
 )
 from nbdvma.errors import NbdvmaError
 from nbdvma.listeners import remove_socket
-from nbdvma.pve import archive_configs
+from nbdvma.pve import archive_configs, split_config_argument
 from nbdvma.server import NbdServer, ServerLimits
 from nbdvma.session import ArchiveSession, SessionOptions, open_nbd_listeners
 from nbdvma.signals import stop_on_signals
@@ -196,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         action="append",
         default=[],
-        type=config_argument,
+        type=split_config_argument,
         metavar="[NAME=]FILE",
         help="store FILE in the archive as config NAME (default: qemu-server.conf with "
         "#qmdump#map lines when the disks are named drive-KEY, else its basename)",

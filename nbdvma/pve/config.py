@@ -30,6 +30,8 @@ __all__ = [
     "map_line",
     "parse_config_disks",
     "parse_disk_value",
+    "split_config_argument",
+    "stored_config_name",
     "vzdump_name",
     "vzdump_vmid",
     "with_map_lines",
@@ -245,6 +247,27 @@ def _disk_warnings(
     return warnings
 
 
+def split_config_argument(text: str) -> tuple[str | None, str]:
+    """``[NAME=]FILE`` -> ``(NAME, FILE)``, NAME ``None`` when not given (a ``=`` after
+    a ``/`` belongs to the path)."""
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name:
+        return None, text
+    return name, path
+
+
+def stored_config_name(name: str | None, path: str, *, keyed: bool) -> str:
+    """The name a config file is stored under: NAME when given; else, when the devices
+    have Proxmox keys (``keyed``), ``qemu-server.conf`` (``qemu-server.fw`` for a
+    ``*.fw``) whatever the file is called; else its basename, as ``vma create`` does."""
+    if name is not None:
+        return name
+    basename = path.rsplit("/", 1)[-1]
+    if not keyed:
+        return basename
+    return FIREWALL_NAME if basename.endswith(".fw") else CONFIG_NAME
+
+
 def archive_configs(
     items: Sequence[tuple[str | None, str, bytes]],
     devices: Sequence[str],
@@ -273,11 +296,8 @@ def archive_configs(
     infos: list[str] = []
     warnings: list[str] = []
     out: list[tuple[str, bytes]] = []
-    for name, path, data in items:
-        if name is None:
-            name = path.rsplit("/", 1)[-1]
-            if keys:
-                name = FIREWALL_NAME if name.endswith(".fw") else CONFIG_NAME
+    for given, path, data in items:
+        name = stored_config_name(given, path, keyed=bool(keys))
         if any(name == other for other, _ in out):
             raise ValueError(f"two configs would be stored as {name!r}; name one with NAME=FILE")
         if name == CONFIG_NAME and keys:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 from nbdvma.errors import ToolError, VmaWriterError
 from nbdvma.interrupts import deferred
-from nbdvma.pve import archive_configs
+from nbdvma.pve import archive_configs, split_config_argument
 from nbdvma.tools.common import strerror
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE, WRITER_CLUSTERS_PER_EXTENT
 
@@ -143,12 +143,10 @@ def create_archive(
 
 def _read_config(arg: str) -> tuple[str | None, str, bytes]:
     """``[NAME=]FILE``: the name given (or ``None``), the file and its bytes."""
-    cname, sep, cpath = arg.partition("=")
-    if not sep or "/" in cname:
-        cname, cpath = "", arg
+    cname, cpath = split_config_argument(arg)
     try:
         with open(cpath, "rb") as f:
-            return cname or None, cpath, f.read(_MAX_CONFIG_READ)
+            return cname, cpath, f.read(_MAX_CONFIG_READ)
     except OSError as exc:
         raise ToolError(f"unable to read file '{cpath}' - {strerror(exc)}") from exc
 
