@@ -61,6 +61,16 @@ def archive_devices(archive: bytes) -> tuple[VmaHeader, list[str]]:
     return header, [d.name for d in header.devices if not d.is_vmstate]
 
 
+def archive_problems(archive: bytes) -> tuple[bytes | None, list[str]]:
+    """The archive's ``qemu-server.conf`` (``None`` without one) and what ``qmrestore``
+    would refuse about it (:func:`restore_problems`)."""
+    header, devices = archive_devices(archive)
+    config = header.config("qemu-server.conf")
+    if config is None:
+        return None, ["unable to read qemu-server.conf - No such file or directory"]
+    return config, restore_problems(config, devices)
+
+
 def restore_problems(config: bytes, devices: Sequence[str]) -> list[str]:
     """What ``qmrestore`` would refuse, in its own words, for this ``qemu-server.conf``
     and these ``DEV:`` device names; empty when restore goes through.
@@ -136,21 +146,9 @@ def vmstate_as_proxmox_extracts(archive: bytes) -> bytes:
 def main(argv: Sequence[str]) -> int:
     """``python tests/pverules.py ARCHIVE [VMSTATE]``: print what ``qmrestore`` would
     refuse (nothing: exit 0), and write the ``vmstate.bin`` Proxmox's reader extracts."""
-    import subprocess
-    import sys
-
-    archive = open(argv[0], "rb").read()  # noqa: SIM115 - a one-shot script
-    _, devices = archive_devices(archive)
-    shown = subprocess.run(
-        [sys.executable, "-m", "nbdvma", "config", argv[0], "-c", "qemu-server.conf"],
-        capture_output=True,
-        check=False,
-    )
-    problems = (
-        restore_problems(shown.stdout, devices)
-        if shown.returncode == 0
-        else ["unable to read qemu-server.conf"]
-    )
+    with open(argv[0], "rb") as f:
+        archive = f.read()
+    _, problems = archive_problems(archive)
     name = argv[0].rsplit("/", 1)[-1]
     if not VZDUMP_ARCHIVE.match(name):
         problems.append(f"couldn't determine archive info from '{name}'")
