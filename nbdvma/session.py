@@ -203,15 +203,20 @@ class ArchiveSession:
             lines.append(f"vmstate: {format_bytes(p.written)} ({state})")
         return lines
 
-    def summary_lines(self) -> list[str]:
-        """Per disk: size, zero bytes, stored bytes; then the archive and the duration."""
-        lines: list[str] = []
+    def disk_summary_lines(self) -> list[str]:
+        """Per disk: ``drive-scsi0: size 2.0 GiB, zero 1.5 GiB, stored 512.0 MiB``."""
+        lines = []
         for name in self.active:
             p = self.vma.progress(name)
             lines.append(
                 f"{name}: size {format_bytes(p.size)}, zero {format_bytes(p.zero_bytes)}, "
                 f"stored {format_bytes(p.stored_bytes)}"
             )
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        """:meth:`disk_summary_lines`, then the archive's size and the duration."""
+        lines = self.disk_summary_lines()
         if self.options.archive != "-" and os.path.exists(self.options.archive):
             size = os.path.getsize(self.options.archive)
             lines.append(f"archive {self.options.archive}: {format_bytes(size)}")

@@ -281,7 +281,7 @@ def _summary(
     log: BackupLog,
 ) -> None:
     """vzdump's closing lines, after nbdvma's per-disk figures."""
-    for line in session.summary_lines()[:-2]:
+    for line in session.disk_summary_lines():
         log.info(line)
     total = sum(d.size for d in disks)
     zero = sum(session.vma.progress(d.name).zero_bytes for d in disks)
