@@ -263,6 +263,13 @@ class Handshake:
             ((name, export),) = self._exports.items()
         return None if export is None else (name, export)
 
+    def _requested(self, option: int, raw_name: bytes) -> tuple[str, ExportInfo] | None:
+        """The export an option names; ``None`` once NBD_REP_ERR_UNKNOWN is queued."""
+        found = self._lookup(raw_name)
+        if found is None:
+            self._reply_error(option, NbdRep.NBD_REP_ERR_UNKNOWN, "unknown export")
+        return found
+
     def _agree(
         self,
         name: str,
@@ -341,9 +348,8 @@ class Handshake:
         except RemoteProtocolError as exc:
             self._reply_error(option, NbdRep.NBD_REP_ERR_INVALID, str(exc))
             return None
-        found = self._lookup(req.name)
+        found = self._requested(option, req.name)
         if found is None:
-            self._reply_error(option, NbdRep.NBD_REP_ERR_UNKNOWN, "unknown export")
             # Said to the I/O layer, so that an operator sees which name was refused.
             return ExportRefused(option, req.name.decode("utf-8", "replace"))
         name, export = found
@@ -384,9 +390,8 @@ class Handshake:
         except RemoteProtocolError as exc:
             self._reply_error(option, NbdRep.NBD_REP_ERR_INVALID, str(exc))
             return None
-        found = self._lookup(req.export_name)
+        found = self._requested(option, req.export_name)
         if found is None:
-            self._reply_error(option, NbdRep.NBD_REP_ERR_UNKNOWN, "unknown export")
             return None
         if is_set:
             if BASE_ALLOCATION in req.queries:
