@@ -53,7 +53,7 @@ async def _unix(address: UnixAddress, mode: int, backlog: int) -> trio.SocketLis
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenError(f"cannot listen on {address}: a file that is not a socket is there")
-        if _someone_listens(path):
+        if await _someone_listens(path):
             raise ListenError(f"{address}: another server is listening there")
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -74,17 +74,18 @@ async def _unix(address: UnixAddress, mode: int, backlog: int) -> trio.SocketLis
     return trio.SocketListener(sock)
 
 
-def _someone_listens(path: str) -> bool:
+async def _someone_listens(path: str) -> bool:
     """Whether a server accepts on the unix socket at ``path`` (a stale file refuses)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        with trio.move_on_after(1.0):  # a server too busy to accept still holds the path
+            await probe.connect(path)
+            return True
+        return True
     except OSError:
         return False  # ECONNREFUSED: nobody listens; the file is stale
     finally:
         probe.close()
-    return True
 
 
 def remove_socket(address: Address | None) -> None:
