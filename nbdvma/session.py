@@ -17,7 +17,6 @@ are returned as lines for the caller to show.  ``nbdvma serve`` and ``nbdvma bac
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
@@ -32,7 +31,7 @@ from nbdvma.listeners import open_listener, remove_socket
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import format_bytes
-from nbdvma.vma.sink import open_sink
+from nbdvma.vma.sink import FileSink, open_sink
 from nbdvma.vma.writer import VmaWriter
 
 __all__ = ["ArchiveSession", "SessionOptions", "open_nbd_listeners"]
@@ -101,7 +100,11 @@ class ArchiveSession:
         self.vmstate_address: Address | None = None
         self._vmstate_id = 0
         self._started = time.monotonic()
-        writer = VmaWriter(open_sink(options.archive, options.compress))
+        sink = open_sink(options.archive, options.compress)
+        #: What a dead earlier writer of this archive had left, replaced now (see
+        #: :attr:`FileSink.replaced <nbdvma.vma.sink.FileSink.replaced>`); to tell the user.
+        self.replaced = sink.replaced if isinstance(sink, FileSink) else None
+        writer = VmaWriter(sink)
         try:
             for name, data in options.configs:
                 writer.add_config(name, data)
@@ -109,8 +112,7 @@ class ArchiveSession:
             if options.vmstate is not None:
                 self._vmstate_id = writer.add_stream(size_hint=options.vmstate_size_hint)
         except BaseException:
-            writer.abort()
-            _remove_part(options.archive)
+            writer.abort(discard=True)
             raise
         self.writer = writer
         self.vma = VmaBackend(writer, devices)
@@ -178,11 +180,10 @@ class ArchiveSession:
     def abort(self) -> None:
         """Leave the archive incomplete under ``ARCHIVE.part``.
 
-        A ``.part`` that never received anything (a failure at start-up) is removed.
+        A ``.part`` that never received anything (a failure at start-up) is removed
+        (by the sink, which does it while it still holds the file's lock).
         """
         self.writer.abort()
-        if not self.writer.has_output:
-            _remove_part(self.options.archive)
 
     def vmstate_bytes(self) -> int:
         """Bytes of VM state received so far (0 without a VM-state stream)."""
@@ -252,10 +253,3 @@ def _exposed(listener: trio.SocketListener) -> bool:
     if not isinstance(name, tuple):
         return False  # a unix socket: guarded by its file mode
     return not ipaddress.ip_address(name[0]).is_loopback
-
-
-def _remove_part(archive: str) -> None:
-    """Remove the empty ``.part`` of an archive that never got any data."""
-    if archive != "-":
-        with contextlib.suppress(OSError):
-            os.unlink(archive + ".part")

@@ -688,6 +688,45 @@ def test_signal_right_after_listening(serve: StartServe) -> None:
     assert "interrupted by SIGTERM before anything was written; no archive left" in err
 
 
+def test_a_live_servers_part_is_refused_and_a_killed_ones_replaced(
+    serve: StartServe, qemu_img: str, qemu_io: str, workdir: Path
+) -> None:
+    """The lock on ``ARCHIVE.part``: a second serve of the same archive is refused
+    while the first lives (its file untouched); once the first is killed (SIGKILL:
+    no clean-up), the next run replaces its ``.part`` and journal with an INFO line."""
+    first = serve({"d0": MiB}, extra=["--verbose"])
+    run_qemu_io(qemu_io, first.uri("d0"), "write -P 0x42 0 100k", "flush")
+    part = Path(f"{first.archive}.part")
+    journal = Path(f"{part}.journal")
+    assert part.stat().st_size > 0
+    assert journal.exists()
+    before = part.read_bytes()
+    second = run_tool(
+        [*nbdvma_cmd(), "serve", first.archive, "--disk", "d0=1M", "--listen", "tcp:127.0.0.1:0"],
+        check=False,
+    )
+    assert second.returncode == 1, second.stderr
+    assert second.stderr == (
+        f"nbdvma serve: {part}: another process is writing this archive "
+        "(it holds the file's lock); wait for it or choose another name\n"
+    )
+    assert part.read_bytes() == before
+    assert journal.exists()
+    assert first.alive()
+    first.process.kill()
+    first.process.wait()
+    data = source_bytes(MiB, 13)
+    src = write_sparse(workdir / "src.raw", data)
+    third = serve({"d0": MiB})
+    assert (
+        f"nbdvma serve: replaced {part} ({len(before):,} bytes) and {journal}, "
+        "left by an earlier run no longer running" in third.stderr()
+    ), third.stderr()
+    wait_ok(qemu_img_convert(qemu_img, src, third.uri("d0")))
+    check_archive(finished_archive(third), workdir, {"d0": data})
+    assert not journal.exists()
+
+
 def test_archive_to_stdout_piped_into_verify(
     serve: StartServe, qemu_img: str, workdir: Path
 ) -> None:

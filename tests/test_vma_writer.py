@@ -31,7 +31,7 @@ from nbdvma.vma.format import (
     header_size_untrusted,
 )
 from nbdvma.vma.journal import encode_journal, parse_journal
-from nbdvma.vma.sink import StreamSink, open_sink
+from nbdvma.vma.sink import FileSink, StreamSink, open_sink
 from nbdvma.vma.writer import VmaWriter
 
 C = VMA_CLUSTER_SIZE
@@ -539,11 +539,53 @@ def test_nothing_under_the_final_name_until_finish(tmp_path: Path) -> None:
     w.abort()
     assert not path.exists()
     assert path.with_name("out.vma.part").exists()
-    with pytest.raises(VmaWriterError, match="exists"):
-        open_sink(str(path))  # the .part of the aborted run is not overwritten
     path.write_bytes(b"")
     with pytest.raises(VmaWriterError, match="exists already"):
         open_sink(str(path))
+
+
+def test_a_live_writers_part_is_refused(tmp_path: Path) -> None:
+    w, path = new_writer(tmp_path)
+    w.write(w.add_device("d", C), 0, b"\x01" * C)
+    w.flush()
+    part = path.with_name("out.vma.part")
+    before = part.read_bytes()
+    with pytest.raises(VmaWriterError, match=r"out.vma.part: another process is writing"):
+        open_sink(str(path))
+    assert part.read_bytes() == before  # untouched
+    w.finish()
+    with pytest.raises(VmaWriterError, match="exists already"):
+        open_sink(str(path))
+
+
+def test_a_dead_writers_part_and_journal_are_replaced(tmp_path: Path) -> None:
+    w, path = new_writer(tmp_path)
+    w.write(w.add_device("d", 2 * C), 0, b"\x01" * (C + 512))  # a partial cluster
+    w.flush()  # ... is journalled
+    part, journal = path.with_name("out.vma.part"), path.with_name("out.vma.part.journal")
+    assert journal.exists()
+    size = part.stat().st_size
+    w.abort()  # as a killed writer: its lock is gone, its files stay
+    sink = open_sink(str(path))
+    assert isinstance(sink, FileSink)
+    assert sink.replaced == f"{part} ({size:,} bytes) and {journal}"
+    assert part.stat().st_size == 0
+    assert not journal.exists()
+    w = VmaWriter(sink)
+    w.write(w.add_device("e", C), 0, b"\x02" * C)
+    w.finish()
+    assert [d.name for d in parse(path.read_bytes()).header.devices if d.name] == ["e"]
+
+
+def test_an_abort_before_any_output_leaves_no_part(tmp_path: Path) -> None:
+    w, path = new_writer(tmp_path)
+    w.add_device("d", C)
+    w.abort()
+    assert not path.with_name("out.vma.part").exists()
+    w, path = new_writer(tmp_path)
+    w.write(w.add_device("d", C), 0, b"\x01" * C)
+    w.abort(discard=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_whole_cluster_over_a_zeroed_one_needs_no_partial_buffer(tmp_path: Path) -> None:

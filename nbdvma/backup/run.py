@@ -226,6 +226,8 @@ class _Run:
         log.info("backup mode: snapshot")
         log.info(f"creating vzdump archive '{self.options.archive}'")
         self.session = ArchiveSession(self.session_options(configs))
+        if self.session.replaced:
+            log.info(f"replaced {self.session.replaced}, left by an earlier run no longer running")
         await self.session.start(nursery)
         self.job = BackupJob(qmp, self.session, self.options, self.disks, log)
 

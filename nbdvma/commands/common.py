@@ -15,6 +15,7 @@ from nbdvma.units import parse_size
 __all__ = [
     "address_argument",
     "count_argument",
+    "describe_error",
     "first_error",
     "log_to_stderr",
     "mode_argument",
@@ -33,6 +34,19 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error that ends a command: the thing it concerns, then why.
+
+    An ``OSError`` names its file (``/srv/x.vma.part: No space left on device``);
+    a nursery's exception group is reported by its first error.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        exc = first_error(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def log_to_stderr(prefix: str, *, verbose: bool) -> None:

@@ -21,6 +21,7 @@ from nbdvma.backends import NullBackend
 from nbdvma.commands.common import (
     address_argument,
     count_argument,
+    describe_error,
     first_error,
     log_to_stderr,
     mode_argument,
@@ -119,6 +120,8 @@ async def run_session(
         when interrupted first.
     """
     session = ArchiveSession(options)
+    if session.replaced:
+        _say(f"replaced {session.replaced}, left by an earlier run no longer running")
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             await session.start(nursery)
@@ -293,20 +296,30 @@ def _disk(text: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     """Run ``nbdvma serve`` from parsed arguments; return the exit status.
 
-    Raises:
-        NbdvmaError, OSError: what the CLI reports as one line.
+    Every error that ends it is one line on stderr with the command's prefix.
     """
+    log_to_stderr(PREFIX, verbose=args.verbose)
+    try:
+        return _run(args)
+    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and not isinstance(
+            first_error(exc), NbdvmaError | OSError
+        ):
+            raise first_error(exc) from None
+        _say(describe_error(exc))
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     names = [name for name, _ in args.disk]
     if len(set(names)) != len(names):
         raise NbdvmaError("each --disk needs a different name")
     if args.backend == "null" and (args.vmstate or args.config):
         raise NbdvmaError("--backend null discards everything: --vmstate and --config need vma")
-    log_to_stderr(PREFIX, verbose=args.verbose)
     try:
         configs, _, warnings = archive_configs(read_configs(args.config), names)
-    except (NbdvmaError, ValueError) as exc:
-        _say(str(exc))
-        return 1
+    except ValueError as exc:  # a config the archive cannot store as given
+        raise NbdvmaError(str(exc)) from None
     for warning in warnings:
         _say(f"warning: {warning}")
     options = SessionOptions(
@@ -330,9 +343,6 @@ def run(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
         ),
     )
-    try:
-        if args.backend == "null":
-            return trio.run(run_discard, options.disks, options)
-        return trio.run(run_session, options)
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
+    if args.backend == "null":
+        return trio.run(run_discard, options.disks, options)
+    return trio.run(run_session, options)

@@ -227,7 +227,7 @@ def _write_archive(
     verbose: bool,
 ) -> None:
     """Write the archive; on any failure (a signal too) remove what was written."""
-    from nbdvma.vma.sink import BackgroundSink
+    from nbdvma.vma.sink import BackgroundSink, FileSink
     from nbdvma.vma.writer import VmaWriter
 
     output: FileSink | StreamSink | None = None
@@ -236,6 +236,8 @@ def _write_archive(
     try:
         with deferred():  # a signal is raised only once output holds the file
             output = _open_output(path)
+        if isinstance(output, FileSink) and output.replaced:
+            err.write(f"replaced {output.replaced}, left by an earlier run no longer running\n")
         # Extents are written by a worker thread while the next clusters are read
         # and zero-detected: the two halves of the work run on two cores.
         sink = BackgroundSink(output, max_bytes=_IN_FLIGHT, thread_guard=deferred)
@@ -245,11 +247,10 @@ def _write_archive(
     except BaseException:
         if output is not None:
             if writer is not None:
-                writer.abort()
-            (sink or output).abort()  # idempotent: what the writer did not close yet
-            if path != "-":
-                with contextlib.suppress(OSError):
-                    os.unlink(path + ".part")
+                writer.abort(discard=True)
+            # Idempotent: what the writer did not close yet (the .part is removed
+            # while its lock is held, so never another writer's).
+            (sink or output).abort(discard=True)
         raise
 
 

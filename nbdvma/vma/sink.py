@@ -11,6 +11,10 @@ Guarantees:
 * A regular-file archive is written as ``PATH.part``; only :meth:`Sink.commit` renames
   it to ``PATH`` (after fsync of the file, and of the directory after the rename).
   Nothing ever exists under the final name before the archive is complete.
+* The writer holds an exclusive ``flock`` on ``PATH.part`` from its creation to the end
+  of the rename: a second writer of the same archive is refused, and a ``.part`` whose
+  writer is gone (killed, the machine rebooted) is known stale by its lock, not its age,
+  and is replaced (:attr:`FileSink.replaced` says what was).
 * A unit whose write fails (``ENOSPC``...) is cut off again (``ftruncate``), so the
   next attempt starts at a unit boundary and the file never carries half an extent.
 * zstd: every unit is its own zstd frame (a concatenation of frames is one valid zstd
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import stat
@@ -85,8 +90,9 @@ class Sink(Protocol):
     def commit(self) -> None:
         """Finish: sync, close and give the archive its final name."""
 
-    def abort(self) -> None:
-        """Close without committing; what was written stays under the temporary name."""
+    def abort(self, *, discard: bool = False) -> None:
+        """Close without committing; what was written stays under the temporary name,
+        unless ``discard`` (or nothing was written at all): then it is removed."""
 
 
 def _zstd_raw_frame(data: bytes) -> bytes:
@@ -166,22 +172,15 @@ class FileSink:
         self.path = path
         self.part_path = path + ".part"
         self.journal_path = self.part_path + ".journal"
-        if os.path.lexists(path):
-            raise VmaWriterError(f"{path}: archive exists already")
+        #: What an earlier, dead writer had left and this one replaced (``None``: nothing),
+        #: e.g. ``"x.vma.part (65,536 bytes) and x.vma.part.journal"``, for the caller to log.
+        self.replaced: str | None = None
+        self._fd = self._open_part()
         try:
-            self._fd = os.open(
-                self.part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
-        except FileExistsError:
-            raise VmaWriterError(
-                f"{self.part_path} exists (left by an earlier run?): remove it first"
-            ) from None
-        try:
+            self._replace_stale()
             self._rfd = os.open(self.part_path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
-            # The .part file is ours since the O_EXCL open: nobody else removes it.
-            os.close(self._fd)
-            os.unlink(self.part_path)
+            os.close(self._fd)  # the lock goes with it; a stale .part stays stale
             raise
         self._zstd = _Compressor() if compress == "zstd" else None
         self._pos = 0
@@ -195,6 +194,62 @@ class FileSink:
         self._writeback = Writeback(self._fd, thread_guard=thread_guard)
         self._reserve_end = 0  # set aside up to here ...
         self._reserve_limit = 0  # ... of what reserve() announced
+
+    def _open_part(self) -> int:
+        """Open ``PATH.part`` with its lock held, creating it if need be.
+
+        The lock is what tells a live writer's file from a dead one's (a lock dies with
+        its process).  The name is checked again once locked: a writer that was just
+        committing may have renamed the file we opened, which then is no ``.part`` any
+        more; then try again with a new one.
+        """
+        for _ in range(10):
+            if os.path.lexists(self.path):
+                raise VmaWriterError(f"{self.path}: archive exists already")
+            fd = os.open(
+                self.part_path,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise VmaWriterError(
+                        f"{self.part_path}: another process is writing this archive "
+                        "(it holds the file's lock); wait for it or choose another name"
+                    ) from None
+                opened = os.fstat(fd)
+                try:
+                    named = os.stat(self.part_path, follow_symlinks=False)
+                except FileNotFoundError:
+                    named = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if named is not None and (named.st_dev, named.st_ino) == (
+                opened.st_dev,
+                opened.st_ino,
+            ):
+                if os.path.lexists(self.path):  # committed while we were opening
+                    os.close(fd)
+                    raise VmaWriterError(f"{self.path}: archive exists already")
+                return fd
+            os.close(fd)
+        raise VmaWriterError(f"{self.part_path}: keeps being replaced by another process")
+
+    def _replace_stale(self) -> None:
+        """Empty a ``.part`` (and drop the journal) left by a writer that is gone."""
+        size = os.fstat(self._fd).st_size
+        left = [f"{self.part_path} ({size:,} bytes)"] if size else []
+        for path in (self.journal_path, self.journal_path + ".tmp"):
+            if os.path.lexists(path):
+                os.unlink(path)
+                left.append(path)
+        if size:
+            os.ftruncate(self._fd, 0)
+        if left:
+            self.replaced = " and ".join(left)
 
     def _write_unit(self, parts: Sequence[Buffer]) -> None:
         if self._reserve_end < self._reserve_limit and (
@@ -293,22 +348,29 @@ class FileSink:
 
     def commit(self) -> None:
         """See :meth:`Sink.commit`.  Each step is done once, so a failed commit can be
-        retried (a failing fsync of the directory, say)."""
+        retried (a failing fsync of the directory, say).  The file is closed (and its
+        lock released) only after the rename: until then another writer that opens
+        ``PATH.part`` finds it locked, never a finished archive it could take as stale.
+        """
         if not self._closed:
-            # Frees what reserve() set aside and was not needed (the size stays).
-            os.ftruncate(self._fd, self._pos)
-            os.fsync(self._fd)
+            if not self._renamed:
+                # Frees what reserve() set aside and was not needed (the size stays).
+                os.ftruncate(self._fd, self._pos)
+                os.fsync(self._fd)
+                if os.path.lexists(self.path):
+                    raise VmaWriterError(f"{self.path}: appeared while the archive was written")
+                os.rename(self.part_path, self.path)
+                self._renamed = True
             self._close()
-        if not self._renamed:
-            if os.path.lexists(self.path):
-                raise VmaWriterError(f"{self.path}: appeared while the archive was written")
-            os.rename(self.part_path, self.path)
-            self._renamed = True
         _fsync_dir(self.path)
         self.write_journal(None)
 
-    def abort(self) -> None:
-        """See :meth:`Sink.abort`."""
+    def abort(self, *, discard: bool = False) -> None:
+        """See :meth:`Sink.abort`: removal happens with the lock still held."""
+        if not self._closed and not self._renamed and (discard or self._pos == 0):
+            for path in (self.part_path, self.journal_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         self._close()
 
     def _close(self) -> None:
@@ -382,7 +444,7 @@ class StreamSink:
         """See :meth:`Sink.commit`."""
         self.sync()
 
-    def abort(self) -> None:
+    def abort(self, *, discard: bool = False) -> None:
         """Nothing to undo: the reader of the stream sees it end early."""
 
 
@@ -463,10 +525,10 @@ class BackgroundSink:
         self._worker.close()
         self.inner.commit()
 
-    def abort(self) -> None:
+    def abort(self, *, discard: bool = False) -> None:
         """See :meth:`Sink.abort`: extents not yet written are dropped."""
         self._worker.close()
-        self.inner.abort()
+        self.inner.abort(discard=discard)
 
 
 def _fsync_dir(path: str) -> None:

@@ -556,11 +556,12 @@ class VmaWriter:
             self._partial_bytes += VMA_CLUSTER_SIZE
             raise
 
-    def abort(self) -> None:
-        """Stop without completing: the sink keeps what it has under its temporary name."""
+    def abort(self, *, discard: bool = False) -> None:
+        """Stop without completing: the sink keeps what it has under its temporary
+        name, unless ``discard`` (or nothing reached it): then that is removed."""
         if self._state == "open":
             self._state = "aborted"
-            self._sink.abort()
+            self._sink.abort(discard=discard)
 
     def release(self, buffer: object) -> None:
         """Hold no view of ``buffer`` any more, so that the caller may fill it again.
