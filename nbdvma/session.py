@@ -17,6 +17,7 @@ are returned as lines for the caller to show.  ``nbdvma serve`` and ``nbdvma bac
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -61,6 +62,7 @@ class SessionOptions:
 class _Observer(ConnectionObserver):
     def __init__(self, session: ArchiveSession) -> None:
         self.session = session
+        self.full = False  # an ENOSPC was reported and no write has succeeded since
 
     def transmission_started(self, export_name: str) -> None:
         self.session.active[export_name] += 1
@@ -78,6 +80,22 @@ class _Observer(ConnectionObserver):
                 "the rest"
             )
         session.check_complete()
+
+    def request_failed(self, export_name: str, command: str, error: int) -> None:
+        if error in (errno.ENOSPC, errno.EDQUOT) and not self.full:
+            # Once per episode, not per request: a client retries (QEMU's backup job
+            # fails, or retries with on-target-error=retry... ) and each would log.
+            self.full = True
+            log.warning(
+                f"{export_name}: {command} answered {errno.errorcode[error]}: "
+                f"{self.session.space_report()}; clients get {errno.errorcode[error]} "
+                "until space is freed"
+            )
+
+    def requests_recovered(self, export_name: str, command: str) -> None:
+        if self.full:
+            self.full = False
+            log.warning(f"{export_name}: {command} succeeded: space available again")
 
 
 class ArchiveSession:
@@ -184,6 +202,20 @@ class ArchiveSession:
         (by the sink, which does it while it still holds the file's lock).
         """
         self.writer.abort()
+
+    def space_report(self) -> str:
+        """``no space left for /srv/x.vma.part (12.0 KiB free on its file system)``."""
+        if self.options.archive == "-":
+            return "no space left for the output stream"
+        part = os.path.abspath(self.options.archive + ".part")
+        try:
+            fs = os.statvfs(os.path.dirname(part))
+        except OSError as exc:
+            return f"no space left for {part} (free space unknown: {exc.strerror})"
+        return (
+            f"no space left for {part} "
+            f"({format_bytes(fs.f_bavail * fs.f_frsize)} free on its file system)"
+        )
 
     def vmstate_bytes(self) -> int:
         """Bytes of VM state received so far (0 without a VM-state stream)."""
