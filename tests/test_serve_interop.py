@@ -727,6 +727,35 @@ def test_a_live_servers_part_is_refused_and_a_killed_ones_replaced(
     assert not journal.exists()
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_null_backend_ends_as_the_vma_one_does(
+    serve: StartServe, qemu_img: str, qemu_io: str, workdir: Path, transport: str
+) -> None:
+    """``--backend null``: the disk written completely (qemu-img, whose zeroes count)
+    and its client gone, serve ends by itself with exit 0 and a summary; a disk not
+    written stays awaited; no archive is ever made."""
+    data = source_bytes(SIZE, 14)
+    src = write_sparse(workdir / "src.raw", data)
+    server = serve({"d0": SIZE, "d1": MiB}, extra=["--backend", "null"])
+    wait_ok(qemu_img_convert(qemu_img, src, server.uri("d0", transport)))
+    run_qemu_io(qemu_io, server.uri("d1", transport), "write -P 1 0 512k")
+    assert server.alive(), server.stderr()  # d1 is half written
+    run_qemu_io(qemu_io, server.uri("d1", transport), "write -z 512k 512k")
+    assert server.wait() == 0, server.stderr()
+    err = server.stderr()
+    assert "nbdvma serve: d0: size 3.0 MiB, discarded\n" in err
+    assert "nbdvma serve: d1: size 1.0 MiB, discarded\n" in err
+    assert list(workdir.glob("out.vma*")) == []
+
+
+def test_null_backend_interrupted_exits_as_the_vma_one(serve: StartServe, qemu_io: str) -> None:
+    server = serve({"d0": MiB, "d1": MiB}, extra=["--backend", "null"])
+    run_qemu_io(qemu_io, server.uri("d0"), "write -P 1 0 1M")
+    server.signal(signal.SIGINT)
+    assert server.wait() == 128 + signal.SIGINT
+    assert "nbdvma serve: interrupted by SIGINT; incomplete: d1\n" in server.stderr()
+
+
 def test_archive_to_stdout_piped_into_verify(
     serve: StartServe, qemu_img: str, workdir: Path
 ) -> None:

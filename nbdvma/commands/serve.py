@@ -4,20 +4,21 @@ The command runs one :class:`~nbdvma.session.ArchiveSession` until the archive i
 complete, printing where it listens, progress per disk and a summary on stderr (every
 line prefixed ``nbdvma serve:``).  SIGINT/SIGTERM leave ``ARCHIVE.part`` and name what
 is incomplete.  ``--backend null`` serves the same exports into a
-:class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks).
+:class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks), and
+ends the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import math
 import sys
 
 import trio
 
-from nbdvma.addresses import Address, TcpAddress
-from nbdvma.backends import NullBackend
+from nbdvma.addresses import TcpAddress
 from nbdvma.commands.common import (
     address_argument,
     count_argument,
@@ -30,10 +31,9 @@ from nbdvma.commands.common import (
     size_argument,
 )
 from nbdvma.errors import NbdvmaError
-from nbdvma.listeners import remove_socket
 from nbdvma.pve import archive_configs, split_config_argument
-from nbdvma.server import NbdServer, ServerLimits
-from nbdvma.session import ArchiveSession, SessionOptions, open_nbd_listeners
+from nbdvma.server import ServerLimits
+from nbdvma.session import ArchiveSession, DiscardSession, ExportSession, SessionOptions
 from nbdvma.signals import stop_on_signals
 from nbdvma.tls import TlsConfig, TlsMode
 
@@ -53,7 +53,7 @@ def _say(message: str) -> None:
 
 
 async def report_progress(
-    session: ArchiveSession, interval: float, *, quiet_limit: float = STATUS_INTERVAL
+    session: ExportSession, interval: float, *, quiet_limit: float = STATUS_INTERVAL
 ) -> None:
     """Print the progress lines when they change; when nothing has moved for
     ``quiet_limit`` seconds, say what is still awaited (never wait silently)."""
@@ -73,17 +73,17 @@ async def report_progress(
             quiet_since = now
 
 
-def _awaited(session: ArchiveSession, name: str) -> str:
+def _awaited(session: ExportSession, name: str) -> str:
     """``d0 (25% written, no client connected)``; ``vmstate (its stream has not ended)``."""
     if name not in session.active:
         return f"{name} (its stream has not ended)"
-    progress = session.vma.progress(name)
+    progress = session.progress(name)
     clients = session.active[name]
     who = f"{clients} client(s) connected" if clients else "no client connected"
     return f"{name} ({100 * progress.written // progress.size}% written, {who})"
 
 
-async def _finish_when_space(session: ArchiveSession) -> None:
+async def _finish_when_space(session: ExportSession) -> None:
     """Finish the archive; while its file system is full, say so once and retry.
 
     Every client is done by now, so nothing is lost by waiting: the writer's finish
@@ -111,15 +111,24 @@ async def _finish_when_space(session: ArchiveSession) -> None:
 
 
 async def run_session(
-    options: SessionOptions, *, progress_interval: float = PROGRESS_INTERVAL
+    options: SessionOptions,
+    *,
+    progress_interval: float = PROGRESS_INTERVAL,
+    discard: bool = False,
 ) -> int:
-    """Run one session until the archive is complete or a signal arrives.
+    """Run one session until every disk is complete or a signal arrives.
+
+    Args:
+        options: the archive, disks, listeners...
+        progress_interval: seconds between progress lines.
+        discard: serve into a :class:`~nbdvma.session.DiscardSession` (``--backend
+            null``): the same exports and the same end, no archive.
 
     Returns:
         The exit status: 0 when the archive is finished, 128 + the signal number
         when interrupted first.
     """
-    session = ArchiveSession(options)
+    session = DiscardSession(options) if discard else ArchiveSession(options)
     if session.replaced:
         _say(f"replaced {session.replaced}, left by an earlier run no longer running")
     try:
@@ -140,12 +149,14 @@ async def run_session(
         session.remove_sockets()
     # A signal during finish() does not stop it (it runs in a thread): then the archive
     # is complete after all, and that is what to report.
-    if stop.signum is not None and not session.writer.finished:
+    if stop.signum is not None and not session.finished:
         session.abort()
         incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
-        if options.archive == "-":
+        if discard:
+            _say(f"interrupted by {stop.name}; incomplete: {incomplete}")
+        elif options.archive == "-":
             _say(f"interrupted by {stop.name}; the output stream is incomplete: {incomplete}")
-        elif session.writer.has_output:
+        elif session.has_output:
             _say(
                 f"interrupted by {stop.name}; the archive is incomplete and left as "
                 f"{options.archive}.part; incomplete: {incomplete}"
@@ -155,29 +166,6 @@ async def run_session(
         return 128 + stop.signum
     for line in session.summary_lines():
         _say(line)
-    return 0
-
-
-async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOptions) -> int:
-    """``--backend null``: the same exports, every write discarded, until a signal."""
-    server = NbdServer(
-        NullBackend(disks),
-        limits=options.limits,
-        tls_mode=options.tls.mode,
-        ssl_context=options.tls.server_context(),
-    )
-    addresses: list[Address] = []
-    try:
-        async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
-            listeners, addresses = await open_nbd_listeners(options)
-            for address in addresses:
-                _say(f"listening on {address}")
-            await nursery.start(server.serve, listeners)
-            await trio.sleep_forever()  # until a signal: nothing ever completes
-    finally:
-        for address in addresses:
-            remove_socket(address)
-    _say(f"stopped by {stop.name}")
     return 0
 
 
@@ -226,8 +214,8 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["vma", "null"],
         default="vma",
-        help="vma: write the archive (default); null: discard every write, serve until "
-        "a signal (a protocol ceiling for benchmarks)",
+        help="vma: write the archive (default); null: discard every write, end as vma "
+        "does once every disk was written (the protocol's own cost, for benchmarks)",
     )
     parser.add_argument(
         "--socket-mode",
@@ -343,6 +331,4 @@ def _run(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
         ),
     )
-    if args.backend == "null":
-        return trio.run(run_discard, options.disks, options)
-    return trio.run(run_session, options)
+    return trio.run(functools.partial(run_session, options, discard=args.backend == "null"))
