@@ -287,10 +287,20 @@ class ArchiveSession(ExportSession):
     async def _receive_vmstate(self, listener: trio.SocketListener) -> None:
         async with listener:
             stream = await listener.accept()
+        head = b""
         async with stream:
             while data := await stream.receive_some(1 << 20):
+                if len(head) < len(QEMU_VM_FILE_HEAD):
+                    head += data[: len(QEMU_VM_FILE_HEAD) - len(head)]
+                    if len(head) == len(QEMU_VM_FILE_HEAD):
+                        _check_vmstate_head(head)
                 async with self.vma.lock:
                     self.writer.append(self._vmstate_id, data)
+        if len(head) < len(QEMU_VM_FILE_HEAD):
+            log.warning(
+                f"vmstate: the stream ended after {len(head)} bytes, before a QEMU "
+                "migration stream's header: the archive has no usable VM state"
+            )
         self.vmstate_done = True
         log.info("vmstate: complete")
         self.check_complete()
@@ -342,6 +352,27 @@ class ArchiveSession(ExportSession):
             lines.append(f"archive {self.options.archive}: {format_bytes(size)}")
         lines.append(f"duration {time.monotonic() - self._started:.1f}s")
         return lines
+
+
+#: How a QEMU migration stream begins: ``QEMU_VM_FILE_MAGIC`` ("QEVM"), then
+#: ``QEMU_VM_FILE_VERSION`` 3 (big-endian), as QEMU's migration/savevm.c writes them.
+QEMU_VM_FILE_HEAD = b"QEVM" + (3).to_bytes(4, "big")
+
+
+def _check_vmstate_head(head: bytes) -> None:
+    """Warn when the VM state is no QEMU migration stream (stored anyway: nothing a
+    client sends is dropped, but nobody could resume from it)."""
+    if head[:4] != QEMU_VM_FILE_HEAD[:4]:
+        log.warning(
+            f"vmstate: the stream begins with {head[:4]!r}, not QEMU's migration magic "
+            "b'QEVM': stored as sent, but QEMU cannot load it (was it a QEMU migrate?)"
+        )
+    elif head != QEMU_VM_FILE_HEAD:
+        version = int.from_bytes(head[4:], "big")
+        log.warning(
+            f"vmstate: QEMU migration stream version {version}, not 3: stored as sent, "
+            "but QEMU cannot load it"
+        )
 
 
 async def open_nbd_listeners(
