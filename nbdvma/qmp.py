@@ -50,9 +50,9 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import os
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
