@@ -29,7 +29,7 @@ from nbdvma.commands.common import (
     seconds_argument,
     size_argument,
 )
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import NbdvmaError, TlsError
 from nbdvma.listeners import remove_socket
 from nbdvma.pve import archive_configs, split_config_argument
 from nbdvma.server import NbdServer, ServerLimits
@@ -268,9 +268,15 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls",
         choices=[m.value for m in TlsMode],
-        default=TlsMode.OFF.value,
         help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
-        "require: nothing works before TLS (default off)",
+        "require: nothing works before TLS (default: require with --tls-creds, else off)",
+    )
+    tls.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="the certificates in QEMU's tls-creds-x509 layout, as qemu-nbd takes them: "
+        "DIR/server-cert.pem, DIR/server-key.pem, and DIR/ca-cert.pem for "
+        "--tls-verify-client; implies --tls require (instead of --tls-cert/--tls-key/--tls-ca)",
     )
     tls.add_argument("--tls-cert", metavar="PEM", help="the server certificate (chain)")
     tls.add_argument("--tls-key", metavar="PEM", help="its private key (unencrypted)")
@@ -278,7 +284,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls-verify-client",
         action="store_true",
-        help="require a client certificate signed by --tls-ca",
+        help="require a client certificate signed by --tls-ca (or DIR/ca-cert.pem)",
     )
 
 
@@ -291,6 +297,29 @@ def _disk(text: str) -> tuple[str, int]:
             "the name vmstate is the VM state's: give it with --vmstate ADDRESS"
         )
     return name, size_argument(size)
+
+
+def _tls_config(args: argparse.Namespace) -> TlsConfig:
+    """``--tls-creds DIR`` (TLS required unless ``--tls`` says otherwise), or the
+    separate ``--tls-cert``/``--tls-key``/``--tls-ca`` files."""
+    if args.tls_creds is None:
+        return TlsConfig(
+            mode=TlsMode(args.tls or TlsMode.OFF.value),
+            cert=args.tls_cert,
+            key=args.tls_key,
+            ca=args.tls_ca,
+            verify_client=args.tls_verify_client,
+        )
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        raise TlsError(
+            "--tls-creds DIR holds the certificate, key and CA: "
+            "give it or --tls-cert/--tls-key/--tls-ca, not both"
+        )
+    return TlsConfig.from_creds_dir(
+        args.tls_creds,
+        TlsMode(args.tls or TlsMode.REQUIRE.value),
+        verify_client=args.tls_verify_client,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -330,13 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         listen=tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
         compress=args.compress,
         unix_mode=args.socket_mode,
-        tls=TlsConfig(
-            mode=TlsMode(args.tls),
-            cert=args.tls_cert,
-            key=args.tls_key,
-            ca=args.tls_ca,
-            verify_client=args.tls_verify_client,
-        ),
+        tls=_tls_config(args),
         limits=ServerLimits(
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
