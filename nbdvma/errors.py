@@ -22,6 +22,7 @@ __all__ = [
     "LocalProtocolError",
     "NbdvmaError",
     "PartialBufferFullError",
+    "PidFileError",
     "QmpConnectionClosed",
     "QmpError",
     "QmpEventOverflow",
@@ -88,6 +89,10 @@ class AddressError(NbdvmaError, ValueError):
 
 class ListenError(NbdvmaError):
     """A listener cannot be opened (address in use, a non-socket file in the way...)."""
+
+
+class PidFileError(NbdvmaError):
+    """The ``--pid-file`` cannot be written."""
 
 
 class TlsError(NbdvmaError):

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import signal
 import sys
+from functools import partial
 
+import attrs
 import trio
 
 from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend
+from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
     address_argument,
     count_argument,
@@ -31,10 +35,11 @@ from nbdvma.commands.common import (
 )
 from nbdvma.errors import NbdvmaError, TlsError
 from nbdvma.listeners import remove_socket
+from nbdvma.pidfile import pid_file
 from nbdvma.pve import archive_configs, split_config_argument
 from nbdvma.server import NbdServer, ServerLimits
 from nbdvma.session import ArchiveSession, SessionOptions, open_nbd_listeners
-from nbdvma.signals import stop_on_signals
+from nbdvma.signals import Interrupt, stop_on_signals
 from nbdvma.tls import TlsConfig, TlsMode
 
 __all__ = ["add_arguments", "run"]
@@ -110,18 +115,34 @@ async def _finish_when_space(session: ArchiveSession) -> None:
             return
 
 
+@attrs.frozen
+class Conventions:
+    """What serve does once it listens, as qemu-nbd and nbdkit users expect."""
+
+    #: ``--pid-file``: written once listening, removed at exit.
+    pid_file: str | None = None
+    #: ``--run``: a shell command that runs while serve listens (nbdkit's captive mode).
+    run: str | None = None
+
+
 async def run_session(
-    options: SessionOptions, *, progress_interval: float = PROGRESS_INTERVAL
+    options: SessionOptions,
+    *,
+    progress_interval: float = PROGRESS_INTERVAL,
+    conventions: Conventions = Conventions(),
 ) -> int:
-    """Run one session until the archive is complete or a signal arrives.
+    """Run one session until the archive is complete, a signal arrives, or the
+    ``--run`` command exits.
 
     Returns:
         The exit status: 0 when the archive is finished, 128 + the signal number
-        when interrupted first.
+        when interrupted first; with ``--run``, the command's status when not 0, and
+        1 when it exited 0 with the archive incomplete.
     """
     session = ArchiveSession(options)
     if session.replaced:
         _say(f"replaced {session.replaced}, left by an earlier run no longer running")
+    command: CaptiveCommand | None = None
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             await session.start(nursery)
@@ -129,10 +150,22 @@ async def run_session(
                 _say(f"listening on {address}")
             if session.vmstate_address is not None:
                 _say(f"vmstate on {session.vmstate_address}")
-            nursery.start_soon(report_progress, session, progress_interval)
-            await session.done.wait()
-            await _finish_when_space(session)
-            nursery.cancel_scope.cancel()
+            with pid_file(conventions.pid_file):
+                command = await start_command(
+                    nursery,
+                    conventions.run,
+                    session.listening,
+                    options.disks[0][0],
+                    options.tls.mode,
+                )
+                nursery.start_soon(report_progress, session, progress_interval)
+                await until_complete(session, command)
+                if session.done.is_set():
+                    await _finish_when_space(session)
+                    if command is not None and not command.exited.is_set():
+                        _say("archive complete; waiting for the --run command to exit")
+                        await command.exited.wait()
+                nursery.cancel_scope.cancel()
     except BaseException:
         session.abort()
         raise
@@ -140,26 +173,49 @@ async def run_session(
         session.remove_sockets()
     # A signal during finish() does not stop it (it runs in a thread): then the archive
     # is complete after all, and that is what to report.
-    if stop.signum is not None and not session.writer.finished:
+    if not session.writer.finished:
         session.abort()
-        incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
-        if options.archive == "-":
-            _say(f"interrupted by {stop.name}; the output stream is incomplete: {incomplete}")
-        elif session.writer.has_output:
-            _say(
-                f"interrupted by {stop.name}; the archive is incomplete and left as "
-                f"{options.archive}.part; incomplete: {incomplete}"
-            )
-        else:  # abort() removes a .part that never received anything
-            _say(f"interrupted by {stop.name} before anything was written; no archive left")
-        return 128 + stop.signum
+        return _report_incomplete(session, stop, command)
     for line in session.summary_lines():
         _say(line)
+    if command is not None and command.stopped:
+        _say(f"interrupted by {stop.name}; the archive is complete; the --run command stopped")
+        return 128 + (stop.signum or signal.SIGINT)
+    if command is not None and command.status:
+        _say(f"the --run command {command.describe()}; the archive is complete")
+        return command.status
     return 0
 
 
-async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOptions) -> int:
-    """``--backend null``: the same exports, every write discarded, until a signal."""
+def _report_incomplete(
+    session: ArchiveSession, stop: Interrupt, command: CaptiveCommand | None
+) -> int:
+    """Say why the archive is incomplete and what is left of it; the exit status."""
+    if stop.signum is not None or command is None:
+        why, status = f"interrupted by {stop.name}", 128 + (stop.signum or signal.SIGINT)
+    else:
+        why, status = f"the --run command {command.describe()}", command.status or 1
+    incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
+    archive = session.options.archive
+    if archive == "-":
+        _say(f"{why}; the output stream is incomplete: {incomplete}")
+    elif session.writer.has_output:
+        _say(
+            f"{why}; the archive is incomplete and left as {archive}.part; incomplete: {incomplete}"
+        )
+    else:  # abort() removes a .part that never received anything
+        _say(f"{why} before anything was written; no archive left; incomplete: {incomplete}")
+    return status
+
+
+async def run_discard(
+    disks: tuple[tuple[str, int], ...],
+    options: SessionOptions,
+    *,
+    conventions: Conventions = Conventions(),
+) -> int:
+    """``--backend null``: the same exports, every write discarded, until a signal (or
+    until the ``--run`` command exits: then its status)."""
     server = NbdServer(
         NullBackend(disks),
         limits=options.limits,
@@ -167,16 +223,27 @@ async def run_discard(disks: tuple[tuple[str, int], ...], options: SessionOption
         ssl_context=options.tls.server_context(),
     )
     addresses: list[Address] = []
+    command: CaptiveCommand | None = None
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             listeners, addresses = await open_nbd_listeners(options)
             for address in addresses:
                 _say(f"listening on {address}")
             await nursery.start(server.serve, listeners)
-            await trio.sleep_forever()  # until a signal: nothing ever completes
+            with pid_file(conventions.pid_file):
+                command = await start_command(
+                    nursery, conventions.run, addresses, disks[0][0], options.tls.mode
+                )
+                if command is None:
+                    await trio.sleep_forever()  # until a signal: nothing ever completes
+                await command.exited.wait()
+                nursery.cancel_scope.cancel()
     finally:
         for address in addresses:
             remove_socket(address)
+    if command is not None and not command.stopped:
+        _say(f"the --run command {command.describe()}")
+        return command.status
     _say(f"stopped by {stop.name}")
     return 0
 
@@ -215,6 +282,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
         help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
+    )
+    parser.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="write serve's process id to FILE once it listens (a script that waits for "
+        "FILE can connect at once); removed at exit",
+    )
+    parser.add_argument(
+        "--run",
+        metavar="CMD",
+        help="once listening, run the shell command CMD (nbdkit's captive mode) with $uri "
+        "(the NBD URI of the first --disk), $exportname, $unixsocket, $port and $tls "
+        "set; serve ends when CMD does, with CMD's exit status if not 0, else 0 only if "
+        "the archive is complete; a signal to serve stops CMD too",
     )
     _server_options(parser)
 
@@ -366,6 +447,7 @@ def _run(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
         ),
     )
+    conventions = Conventions(pid_file=args.pid_file, run=args.run)
     if args.backend == "null":
-        return trio.run(run_discard, options.disks, options)
-    return trio.run(run_session, options)
+        return trio.run(partial(run_discard, conventions=conventions), options.disks, options)
+    return trio.run(partial(run_session, conventions=conventions), options)

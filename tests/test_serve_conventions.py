@@ -1,0 +1,252 @@
+"""What users of qemu-nbd and nbdkit expect of ``nbdvma serve``: ``--pid-file``,
+``--run`` (nbdkit's captive mode), with real clients.
+
+``--tls-creds`` is in ``test_tls.py``, next to the certificates it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from servehelpers import (
+    ServeProcess,
+    StartServe,
+    extract_disks,
+    nbdvma,
+    poll_until,
+    run_tool,
+    serve_command,
+)
+
+from nbdvma.addresses import TcpAddress, UnixAddress
+from nbdvma.captive import nbd_uri
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(workdir: Path) -> tuple[Path, bytes]:
+    """A 1 MiB raw image of random data with a zero stretch; its bytes."""
+    data = bytearray(os.urandom(MiB))
+    data[256 * 1024 : 512 * 1024] = bytes(256 * 1024)
+    path = workdir / "img.raw"
+    path.write_bytes(data)
+    return path, bytes(data)
+
+
+def serve_run(
+    workdir: Path, disks: dict[str, int], listen: Sequence[str], extra: Sequence[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run ``serve`` to its end (in ``workdir``, archive ``out.vma``)."""
+    cmd = serve_command(workdir / "out.vma", disks, listen, extra)
+    return run_tool(cmd, check=False, timeout=60, cwd=workdir)
+
+
+def lines(text: str) -> list[str]:
+    return text.strip().splitlines()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
+
+
+# -- --pid-file ---------------------------------------------------------------------------
+
+
+def test_pid_file_appears_when_listening_and_goes_at_exit(
+    workdir: Path, sockdir: Path, qemu_img: str, nbdinfo: str, image: tuple[Path, bytes]
+) -> None:
+    sock = sockdir / "s.sock"
+    pid_file = workdir / "serve.pid"
+    err = workdir / "serve.err"
+    with err.open("wb") as f:
+        process = subprocess.Popen(
+            serve_command(workdir / "out.vma", {"d0": MiB}, [f"unix:{sock}"],
+                          ["--pid-file", str(pid_file)]),
+            stdin=subprocess.DEVNULL, stderr=f,
+        )  # fmt: skip
+    server = ServeProcess(process, str(workdir / "out.vma"), err)
+    try:
+        poll_until(pid_file.exists, 20, "the pid file", interval=0.001)
+        # As a script would: the file is there, so connect at once.
+        run_tool([nbdinfo, f"nbd+unix:///d0?socket={sock}"])
+        assert pid_file.read_text() == f"{process.pid}\n"
+        assert [p.name for p in workdir.iterdir() if p.name.startswith(".")] == []
+        run_tool([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(image[0]),
+                  f"nbd+unix:///d0?socket={sock}"])  # fmt: skip
+        assert server.wait() == 0, server.stderr()
+    finally:
+        server.kill()
+    assert not pid_file.exists()
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": image[1]}
+
+
+def test_pid_file_of_another_server_is_left_alone(serve: StartServe, workdir: Path) -> None:
+    pid_file = workdir / "serve.pid"
+    server = serve({"d0": MiB}, ["--pid-file", str(pid_file)])
+    poll_until(pid_file.exists, 10, "the pid file")
+    other = workdir / "other.pid"
+    other.write_text("1\n")
+    other.replace(pid_file)  # a second server wrote its own since
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 128 + signal.SIGTERM
+    assert pid_file.read_text() == "1\n"
+
+
+def test_pid_file_that_cannot_be_written_is_one_line(workdir: Path) -> None:
+    result = serve_run(
+        workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--pid-file", "/nonexistent/serve.pid"]
+    )
+    assert result.returncode == 1
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: cannot write the pid file /nonexistent/serve.pid: No such file or directory"
+    )
+    assert list(workdir.glob("out.vma*")) == []
+
+
+# -- --run ----------------------------------------------------------------------------------
+
+
+def test_run_qemu_img_writes_the_archive(
+    workdir: Path, sockdir: Path, qemu_img: str, image: tuple[Path, bytes]
+) -> None:
+    run = f'qemu-img convert -n -f raw -O raw {image[0]} "$uri"'
+    result = serve_run(workdir, {"d0": MiB}, [f"unix:{sockdir}/s.sock"], ["--run", run])
+    assert result.returncode == 0, result.stderr
+    nbdvma("verify", "--strict", str(workdir / "out.vma"))
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": image[1]}
+    assert not (sockdir / "s.sock").exists()
+
+
+@pytest.mark.parametrize("first", ["unix", "tcp"])
+def test_run_environment(workdir: Path, sockdir: Path, first: str) -> None:
+    """$uri/$nbd name the first disk on the first listener; $unixsocket and $port the
+    first of each kind; $tls is unset without TLS; an inherited $uri is replaced."""
+    sock = f"{sockdir}/s.sock"
+    listen = [f"unix:{sock}", "tcp:127.0.0.1:0"]
+    if first == "tcp":
+        listen.reverse()
+    show = 'printf "%s\\n" "$uri" "$nbd" "$unixsocket" "$port" "$exportname" "${tls-unset}"'
+    cmd = serve_command(workdir / "out.vma", {"drive-scsi0": MiB, "d1": MiB}, listen,
+                        ["--run", f"{show} > env.out; exit 3"])  # fmt: skip
+    env = {**os.environ, "uri": "inherited", "tls": "inherited"}
+    result = run_tool(cmd, check=False, timeout=60, cwd=workdir, env=env)
+    assert result.returncode == 3, result.stderr
+    port = next(
+        line.rsplit(":", 1)[1] for line in lines(result.stderr) if "listening on tcp:" in line
+    )
+    if first == "unix":
+        uri = f"nbd+unix:///drive-scsi0?socket={sock}"
+    else:
+        uri = f"nbd://127.0.0.1:{port}/drive-scsi0"
+    assert lines((workdir / "env.out").read_text()) == [
+        uri,
+        uri,
+        sock,
+        port,
+        "drive-scsi0",
+        "unset",
+    ]
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: the --run command exited with status 3 before anything was "
+        "written; no archive left; incomplete: drive-scsi0, d1"
+    )
+    assert list(workdir.glob("out.vma*")) == []
+
+
+def test_run_exit_status_and_part(workdir: Path, qemu_io: str) -> None:
+    """A command that fails half-way: its status, ``.part`` left, what is incomplete."""
+    run = 'qemu-io -f raw -c "write -P 0x5a 0 64k" "$uri" && exit 7'
+    result = serve_run(workdir, {"d0": MiB, "d1": MiB}, ["tcp:127.0.0.1:0"], ["--run", run])
+    assert result.returncode == 7, result.stderr
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: the --run command exited with status 7; the archive is incomplete "
+        f"and left as {workdir}/out.vma.part; incomplete: d0, d1"
+    )
+    assert [p.name for p in workdir.glob("out.vma*")] == ["out.vma.part"]
+
+
+def test_run_true_with_nothing_written_fails(workdir: Path) -> None:
+    result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--run", "true"])
+    assert result.returncode == 1
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: the --run command exited with status 0 before anything was "
+        "written; no archive left; incomplete: d0"
+    )
+
+
+def test_run_archive_finalized_while_the_command_runs(
+    workdir: Path, qemu_img: str, image: tuple[Path, bytes]
+) -> None:
+    """Every disk written: the archive is finished at once, and serve waits for the
+    command (which sees the archive) and exits with its status."""
+    run = (
+        f'qemu-img convert -n -f raw -O raw {image[0]} "$uri" || exit 1; '
+        "for i in $(seq 200); do [ -e out.vma ] && exit 5; sleep 0.05; done; exit 1"
+    )
+    result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--run", run])
+    assert result.returncode == 5, result.stderr
+    assert "nbdvma serve: archive complete; waiting for the --run command to exit" in lines(
+        result.stderr
+    )
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: the --run command exited with status 5; the archive is complete"
+    )
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": image[1]}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_command_and_its_children(
+    serve: StartServe, workdir: Path, signum: int
+) -> None:
+    run = "echo $$ > sh.pid; sleep 60 & echo $! > sleep.pid; wait; echo survived > out"
+    server = serve({"d0": MiB}, ["--run", f"cd {workdir} && {run}"])
+    poll_until((workdir / "sleep.pid").exists, 10, "the command's pid files")
+    time.sleep(0.05)  # both pids written
+    pids = [int((workdir / name).read_text()) for name in ("sh.pid", "sleep.pid")]
+    assert all(alive(pid) for pid in pids)
+    server.signal(signum)
+    assert server.wait() == 128 + signum
+    poll_until(lambda: not any(alive(pid) for pid in pids), 5, "the command and its child")
+    assert not (workdir / "out").exists()
+    assert lines(server.stderr())[-1] == (
+        f"nbdvma serve: interrupted by {signal.Signals(signum).name} before anything was "
+        "written; no archive left; incomplete: d0"
+    )
+
+
+def test_run_with_the_null_backend(workdir: Path, qemu_io: str) -> None:
+    run = 'qemu-io -f raw -c "write 0 64k" "$uri" && exit 4'
+    result = serve_run(
+        workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--backend", "null", "--run", run]
+    )
+    assert result.returncode == 4, result.stderr
+    assert lines(result.stderr)[-1] == "nbdvma serve: the --run command exited with status 4"
+
+
+@pytest.mark.parametrize(
+    ("address", "export", "tls", "uri"),
+    [
+        (UnixAddress("/r/s p.sock"), "d0", False, "nbd+unix:///d0?socket=/r/s%20p.sock"),
+        (UnixAddress("/r/s"), "a b", True, "nbds+unix:///a%20b?socket=/r/s"),
+        (TcpAddress("0.0.0.0", 10809), "d0", False, "nbd://127.0.0.1:10809/d0"),
+        (TcpAddress("::", 7), "d0", True, "nbds://[::1]:7/d0"),
+        (TcpAddress("fe80::1", 7), "x/y", False, "nbd://[fe80::1]:7/x/y"),
+        (TcpAddress("localhost", 7), "d0", False, "nbd://localhost:7/d0"),
+    ],
+)
+def test_nbd_uri(address: UnixAddress | TcpAddress, export: str, tls: bool, uri: str) -> None:
+    assert nbd_uri(address, export, tls=tls) == uri
