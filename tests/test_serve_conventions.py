@@ -1,5 +1,5 @@
 """What users of qemu-nbd and nbdkit expect of ``nbdvma serve``: ``--pid-file``,
-``--run`` (nbdkit's captive mode), with real clients.
+``--run`` (nbdkit's captive mode) and systemd socket activation, with real clients.
 
 ``--tls-creds`` is in ``test_tls.py``, next to the certificates it needs.
 """
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,10 @@ from servehelpers import (
     serve_command,
 )
 
+from nbdvma.activation import listen_fds
 from nbdvma.addresses import TcpAddress, UnixAddress
 from nbdvma.captive import nbd_uri
+from nbdvma.errors import ActivationError
 
 pytestmark = pytest.mark.interop
 
@@ -250,3 +254,147 @@ def test_run_with_the_null_backend(workdir: Path, qemu_io: str) -> None:
 )
 def test_nbd_uri(address: UnixAddress | TcpAddress, export: str, tls: bool, uri: str) -> None:
     assert nbd_uri(address, export, tls=tls) == uri
+
+
+# -- systemd socket activation ----------------------------------------------------------------
+
+#: Run as ``python -c LAUNCH FD ARGV...``: make FD this process's fd 3, set the variables
+#: as systemd would (LISTEN_PID is this pid, which exec keeps) and exec ARGV.
+LAUNCH = """
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)
+os.set_inheritable(3, True)  # dup2 onto itself leaves close-on-exec set
+if fd != 3:
+    os.close(fd)
+pid = os.environ.pop("TEST_LISTEN_PID", str(os.getpid()))
+os.environ.update(LISTEN_PID=pid, LISTEN_FDS="1", LISTEN_FDNAMES="nbd")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@pytest.fixture
+def activated(workdir: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """``activated(sock, argv, env=None) -> ServeProcess``: ``argv`` started with
+    ``sock`` as fd 3 and the activation variables; killed at teardown."""
+    started: list[ServeProcess] = []
+
+    def start(
+        sock: socket.socket, argv: list[str], env: dict[str, str] | None = None
+    ) -> ServeProcess:
+        err = workdir / f"activated-{len(started)}.err"
+        with err.open("wb") as f:
+            process = subprocess.Popen(
+                [sys.executable, "-c", LAUNCH, str(sock.fileno()), *argv[1:]],
+                pass_fds=(sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stderr=f,
+                cwd=workdir,
+                env=env,
+            )
+        server = ServeProcess(process, str(workdir / "out.vma"), err)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def unix_listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    return sock
+
+
+def test_activation_unix_socket(
+    activated: Callable[..., ServeProcess],
+    workdir: Path,
+    sockdir: Path,
+    qemu_img: str,
+    image: tuple[Path, bytes],
+) -> None:
+    """A unix socket passed as fd 3: served, named in $uri, never removed; the
+    variables reach no child."""
+    path = sockdir / "activated.sock"
+    run = f'env > child.env; qemu-img convert -n -f raw -O raw {image[0]} "$uri"'
+    with unix_listener(path) as sock:
+        argv = serve_command(workdir / "out.vma", {"d0": MiB}, [], ["--run", run])
+        server = activated(sock, argv)
+        assert server.wait() == 0, server.stderr()
+    assert f"nbdvma serve: listening on unix:{path}" in lines(server.stderr())
+    assert path.exists()  # systemd's socket file: not serve's to remove
+    child_env = (workdir / "child.env").read_text()
+    assert f"uri=nbd+unix:///d0?socket={path}\n" in child_env
+    assert "LISTEN_" not in child_env
+    nbdvma("verify", "--strict", str(workdir / "out.vma"))
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": image[1]}
+
+
+def test_activation_tcp_socket(
+    activated: Callable[..., ServeProcess], workdir: Path, nbdcopy: str, image: tuple[Path, bytes]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+        server = activated(sock, serve_command(workdir / "out.vma", {"d0": MiB}, []))
+        poll_until(lambda: "listening on" in server.stderr(), 20, "serve listening")
+        assert f"nbdvma serve: listening on tcp:127.0.0.1:{port}" in lines(server.stderr())
+        run_tool([nbdcopy, "--flush", str(image[0]), f"nbd://127.0.0.1:{port}/d0"])
+        assert server.wait() == 0, server.stderr()
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": image[1]}
+
+
+def test_activation_for_another_process_is_ignored(
+    activated: Callable[..., ServeProcess], workdir: Path, sockdir: Path
+) -> None:
+    """LISTEN_PID of another process: fd 3 is not serve's; --listen is used, and the
+    variables are unset all the same."""
+    with unix_listener(sockdir / "not-ours.sock") as sock:
+        argv = serve_command(
+            workdir / "out.vma", {"d0": MiB}, [f"unix:{sockdir}/own.sock"],
+            ["--run", "env > child.env; exit 9"],
+        )  # fmt: skip
+        server = activated(sock, argv, {**os.environ, "TEST_LISTEN_PID": str(os.getpid())})
+        assert server.wait() == 9, server.stderr()
+    assert [line for line in lines(server.stderr()) if "listening" in line] == [
+        f"nbdvma serve: listening on unix:{sockdir}/own.sock"
+    ]
+    assert "LISTEN_" not in (workdir / "child.env").read_text()
+
+
+def test_activation_with_listen_is_refused(
+    activated: Callable[..., ServeProcess], workdir: Path
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        argv = serve_command(workdir / "out.vma", {"d0": MiB}, ["tcp:127.0.0.1:0"])
+        server = activated(sock, argv)
+        assert server.wait() == 1
+    assert lines(server.stderr()) == [
+        "nbdvma serve: systemd passes 1 listening socket(s) (LISTEN_FDS): serve listens "
+        "on those; drop --listen"
+    ]
+    assert list(workdir.glob("out.vma*")) == []
+
+
+def test_activated_fd_that_is_not_listening(
+    activated: Callable[..., ServeProcess], workdir: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        server = activated(sock, serve_command(workdir / "out.vma", {"d0": MiB}, []))
+        assert server.wait() == 1
+    assert lines(server.stderr()) == ["nbdvma serve: fd 3 is a socket that does not listen"]
+
+
+def test_listen_fds_reads_and_unsets_the_variables() -> None:
+    env = {"LISTEN_PID": "42", "LISTEN_FDS": "0", "LISTEN_FDNAMES": "", "PATH": "/bin"}
+    assert listen_fds(env, pid=42) == ()
+    assert env == {"PATH": "/bin"}
+    env = {"LISTEN_PID": "41", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
+    assert listen_fds(env, pid=42) == ()  # someone else's
+    assert env == {}
+    assert listen_fds({"LISTEN_FDS": "1"}, pid=42) == ()  # no LISTEN_PID: not for us
+    with pytest.raises(ActivationError, match=r"^LISTEN_FDS='x' is not a number"):
+        listen_fds({"LISTEN_PID": "42", "LISTEN_FDS": "x"}, pid=42)
+    with pytest.raises(ActivationError, match=r"^LISTEN_PID='-1' is not a number"):
+        listen_fds({"LISTEN_PID": "-1", "LISTEN_FDS": "1"}, pid=42)

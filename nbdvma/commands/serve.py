@@ -19,6 +19,7 @@ from functools import partial
 import attrs
 import trio
 
+from nbdvma.activation import listen_fds
 from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend
 from nbdvma.captive import CaptiveCommand, start_command, until_complete
@@ -33,7 +34,7 @@ from nbdvma.commands.common import (
     seconds_argument,
     size_argument,
 )
-from nbdvma.errors import NbdvmaError, TlsError
+from nbdvma.errors import ActivationError, NbdvmaError, TlsError
 from nbdvma.listeners import remove_socket
 from nbdvma.pidfile import pid_file
 from nbdvma.pve import archive_configs, split_config_argument
@@ -281,7 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
-        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
+        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809; "
+        "under systemd socket activation, the sockets systemd passes instead)",
     )
     parser.add_argument(
         "--pid-file",
@@ -421,6 +423,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Read (and unset) first, so that no child ever sees the variables.
+    activated = listen_fds()
+    if activated and args.listen:
+        raise ActivationError(
+            f"systemd passes {len(activated)} listening socket(s) (LISTEN_FDS): "
+            "serve listens on those; drop --listen"
+        )
     names = [name for name, _ in args.disk]
     if len(set(names)) != len(names):
         raise NbdvmaError("each --disk needs a different name")
@@ -437,7 +446,8 @@ def _run(args: argparse.Namespace) -> int:
         disks=tuple(args.disk),
         configs=tuple(configs),
         vmstate=args.vmstate,
-        listen=tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
+        listen=() if activated else tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
+        listen_fds=activated,
         compress=args.compress,
         unix_mode=args.socket_mode,
         tls=_tls_config(args),
