@@ -212,6 +212,30 @@ def test_run_archive_finalized_while_the_command_runs(
     assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": image[1]}
 
 
+#: A libnbd client that connects, then forks: the command (the parent) exits at once,
+#: and the child writes the whole disk over the inherited connection a moment later.
+FORKING_CLIENT = """
+import nbd, os, time
+h = nbd.NBD()
+h.connect_uri(os.environ["uri"])
+if os.fork():
+    os._exit(0)
+time.sleep(0.3)
+h.pwrite(b"\\x5a" * h.get_size(), 0)
+h.flush()
+h.shutdown()
+"""
+
+
+def test_run_waits_for_the_connections_of_an_exited_command(workdir: Path, libnbd: object) -> None:
+    """The server learns of its clients' ends after the command has exited: what they
+    still do over connections open at that moment counts."""
+    run = f"exec {sys.executable} -c '{FORKING_CLIENT}'"
+    result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--run", run])
+    assert result.returncode == 0, result.stderr
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": b"\x5a" * MiB}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_command_and_its_children(
     serve: StartServe, workdir: Path, signum: int

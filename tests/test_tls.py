@@ -500,6 +500,38 @@ def test_tls_creds_dir_means_require(
     finished(server, workdir, {"d0": source.read_bytes()})
 
 
+@pytest.mark.parametrize(
+    ("mode", "scheme", "level"), [("require", "nbds", "2"), ("on", "nbd", "1")]
+)
+def test_run_command_gets_the_tls_uri(
+    pki: Pki,
+    server_creds: Path,
+    nbdcopy: str,
+    source: Path,
+    workdir: Path,
+    mode: str,
+    scheme: str,
+    level: str,
+) -> None:
+    """``--run`` with TLS: ``$uri`` is ``nbds://`` when TLS is required (and a client
+    that follows it uses TLS), ``$tls`` is nbdkit's 1 (on) or 2 (require)."""
+    run = (
+        'printf "%s %s\\n" "$uri" "$tls" > env.out && '
+        f'nbdcopy --flush {source} "$uri?tls-certificates={pki.ca_only}"'
+    )
+    result = run_tool(
+        [sys.executable, "-m", "nbdvma", "serve", str(workdir / "out.vma"), "--disk",
+         f"d0={SIZE}", "--listen", "tcp:127.0.0.1:0", "--tls-creds", str(server_creds),
+         "--tls", mode, "--run", run, "-v"],
+        check=False, timeout=60, cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    port = result.stderr.split("listening on tcp:127.0.0.1:", 1)[1].split()[0]
+    assert (workdir / "env.out").read_text() == f"{scheme}://127.0.0.1:{port}/d0 {level}\n"
+    assert "TLS handshake failed" not in result.stderr
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": source.read_bytes()}
+
+
 def test_tls_creds_dir_missing_file_is_named(workdir: Path, server_creds: Path) -> None:
     partial = workdir / "creds"
     partial.mkdir()
