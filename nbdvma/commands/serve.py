@@ -5,6 +5,10 @@ complete, printing where it listens, progress per disk and a summary on stderr (
 line prefixed ``nbdvma serve:``).  SIGINT/SIGTERM leave ``ARCHIVE.part`` and name what
 is incomplete.  ``--backend null`` serves the same exports into a
 :class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks).
+
+What users of qemu-nbd and nbdkit expect: ``--pid-file`` (:mod:`nbdvma.pidfile`),
+``--run`` (:mod:`nbdvma.captive`: the run ends with the command), ``--tls-creds DIR``
+and systemd socket activation (:mod:`nbdvma.activation`, instead of ``--listen``).
 """
 
 from __future__ import annotations
@@ -295,9 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--run",
         metavar="CMD",
         help="once listening, run the shell command CMD (nbdkit's captive mode) with $uri "
-        "(the NBD URI of the first --disk), $exportname, $unixsocket, $port and $tls "
-        "set; serve ends when CMD does, with CMD's exit status if not 0, else 0 only if "
-        "the archive is complete; a signal to serve stops CMD too",
+        "and $nbd (the NBD URI of the first --disk on the first listener), $exportname, "
+        "$unixsocket, $port and $tls set; serve ends when CMD does, with CMD's exit "
+        "status if not 0, else 0 only if the archive is complete; a signal to serve "
+        "stops CMD and what it started",
     )
     _server_options(parser)
 
