@@ -16,7 +16,9 @@ them wherever the command says ``"$uri"``:
 ``tls``
     ``1`` with TLS offered, ``2`` with TLS required; unset without TLS.
 
-The command inherits stdin, stdout and stderr, and stays in the server's process group,
+The command inherits stdin, stdout and stderr (its stdout goes to stderr when the
+archive is written to stdout: it must not mix into the archive), and stays in the
+server's process group,
 so that it can be interactive (``nbdsh``) and a Ctrl-C reaches it too.  When the server
 stops it (a signal), :class:`CaptiveCommand` sends SIGTERM to the command *and every
 process it started* (found through ``/proc``: a shell running a script does not pass
@@ -119,10 +121,12 @@ class CaptiveCommand:
         returncode: its status as :mod:`subprocess` gives it (negative: killed by
             that signal); ``None`` while it runs.
         stopped: whether the server stopped it (rather than it ending by itself).
+        stdout: the fd its stdout is (``None``: inherited).
     """
 
     command: str
     env: Mapping[str, str]
+    stdout: int | None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
     returncode: int | None = None
     stopped: bool = False
@@ -149,8 +153,10 @@ class CaptiveCommand:
         Raises:
             OSError: ``/bin/sh`` cannot be started.
         """
-        # stdin/stdout/stderr are inherited (None), as the command is the user's.
-        process = await trio.lowlevel.open_process(["/bin/sh", "-c", self.command], env=self.env)
+        # stdin/stderr are inherited (None), as the command is the user's.
+        process = await trio.lowlevel.open_process(
+            ["/bin/sh", "-c", self.command], env=self.env, stdout=self.stdout
+        )
         task_status.started()
         try:
             await process.wait()
@@ -175,16 +181,20 @@ async def start_command(
     listening: Sequence[Address],
     export: str,
     tls: TlsMode,
+    *,
+    stdout: int | None = None,
 ) -> CaptiveCommand | None:
     """Start ``command`` (if any) in ``nursery``, with the server's addresses in its
-    environment (:func:`captive_environment` of ``os.environ``); returns once it runs.
+    environment (:func:`captive_environment` of ``os.environ``) and ``stdout`` as its
+    stdout (``None``: inherited); returns once it runs.
 
     Raises:
         OSError: ``/bin/sh`` cannot be started.
     """
     if command is None:
         return None
-    captive = CaptiveCommand(command, captive_environment(listening, export, tls, os.environ))
+    env = captive_environment(listening, export, tls, os.environ)
+    captive = CaptiveCommand(command, env, stdout=stdout)
     await nursery.start(captive.run)
     return captive
 

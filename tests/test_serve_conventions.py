@@ -135,6 +135,23 @@ def test_run_qemu_img_writes_the_archive(
     assert not (sockdir / "s.sock").exists()
 
 
+def test_run_with_the_archive_on_stdout(
+    workdir: Path, qemu_img: str, image: tuple[Path, bytes]
+) -> None:
+    """``serve -``: the command's stdout goes to stderr, never into the archive."""
+    run = f'echo from-the-command; qemu-img convert -n -f raw -O raw {image[0]} "$uri"'
+    out = workdir / "stdout.vma"
+    with out.open("wb") as f:
+        process = subprocess.run(
+            serve_command("-", {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--run", run]),
+            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.PIPE, timeout=60, check=False,
+        )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert b"from-the-command\n" in process.stderr
+    nbdvma("verify", "--strict", str(out))
+    assert extract_disks(out, workdir / "x") == {"d0": image[1]}
+
+
 @pytest.mark.parametrize("first", ["unix", "tcp"])
 def test_run_environment(workdir: Path, sockdir: Path, first: str) -> None:
     """$uri/$nbd name the first disk on the first listener; $unixsocket and $port the

@@ -162,6 +162,8 @@ async def run_session(
                     session.listening,
                     options.disks[0][0],
                     options.tls.mode,
+                    # The archive on stdout must not get the command's output mixed in.
+                    stdout=sys.stderr.fileno() if options.archive == "-" else None,
                 )
                 nursery.start_soon(report_progress, session, progress_interval)
                 await until_complete(session, command)
