@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,10 @@ def one_round(tree: Path, image: Path, size: int, work: Path) -> tuple[float, fl
         check=True,
     )
     wall = time.monotonic() - start
-    server.terminate()
+    # Older trees serve null until a signal; newer ones end once the disk is written.
+    # (os.kill, not Popen.terminate: that would reap an exited child before wait4.)
+    time.sleep(0.5)
+    os.kill(server.pid, signal.SIGTERM)
     _, _, usage = os.wait4(server.pid, 0)
     return wall, usage.ru_utime + usage.ru_stime
 

@@ -15,6 +15,23 @@ tmp=$(mktemp -d /tmp/nbdvma-example-XXXXXX)
 qemu_pid=
 cleanup() { [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
+# Stop QEMU as an administrator does: QMP "quit", then wait for it to exit (a signal
+# would make it log "terminating on signal 15").
+qmp_quit() {
+  python3 - "$tmp/qmp.sock" <<'PY'
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+f.readline()  # greeting
+for cmd in ("qmp_capabilities", "quit"):
+    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+    while "return" not in json.loads(f.readline() or '{"return": {}}'):
+        pass  # an event
+PY
+  wait "$qemu_pid" || { echo "QEMU exited with $?; its messages: $tmp/qemu.log" >&2; exit 1; }
+  qemu_pid=
+}
 
 # Two raw disks with some data and holes; the second is not a multiple of 64 KiB.
 truncate -s 64M "$tmp/disk0.raw"
@@ -44,6 +61,7 @@ CONF
 mkdir "$tmp/dump"
 "$py" -m nbdvma backup --qmp "unix:$tmp/qmp.sock" --vmid 100 "$tmp/dump" \
   --vmstate --config "$tmp/qemu-server.conf"
+qmp_quit
 
 archive=$(ls "$tmp"/dump/vzdump-qemu-100-*.vma)
 "$py" -m nbdvma list "$archive"

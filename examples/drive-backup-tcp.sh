@@ -18,6 +18,23 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
+# Stop QEMU as an administrator does: QMP "quit", then wait for it to exit (a signal
+# would make it log "terminating on signal 15").
+qmp_quit() {
+  python3 - "$tmp/qmp.sock" <<'PY'
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+f.readline()  # greeting
+for cmd in ("qmp_capabilities", "quit"):
+    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+    while "return" not in json.loads(f.readline() or '{"return": {}}'):
+        pass  # an event
+PY
+  wait "$qemu_pid" || { echo "QEMU exited with $?; its messages: $tmp/qemu.log" >&2; exit 1; }
+  qemu_pid=
+}
 
 size=$((24 * 1024 * 1024))
 truncate -s "$size" "$tmp/disk0.raw"
@@ -64,6 +81,7 @@ while True:
         break
 PY
 wait "$serve_pid"; serve_pid=
+qmp_quit
 
 "$py" -m nbdvma extract "$tmp/backup.vma" "$tmp/restore"
 cmp "$tmp/disk0.raw" "$tmp/restore/disk-drive-scsi0.raw" && echo "restored disk is identical"

@@ -14,6 +14,23 @@ tmp=$(mktemp -d /tmp/nbdvma-example-XXXXXX)
 qemu_pid=
 cleanup() { [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
+# Stop QEMU as an administrator does: QMP "quit", then wait for it to exit (a signal
+# would make it log "terminating on signal 15").
+qmp_quit() {
+  python3 - "$tmp/qmp.sock" <<'PY'
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+f.readline()  # greeting
+for cmd in ("qmp_capabilities", "quit"):
+    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+    while "return" not in json.loads(f.readline() or '{"return": {}}'):
+        pass  # an event
+PY
+  wait "$qemu_pid" || { echo "QEMU exited with $?; its messages: $tmp/qemu.log" >&2; exit 1; }
+  qemu_pid=
+}
 
 truncate -s 48M "$tmp/disk0.raw"
 dd if=/dev/urandom of="$tmp/disk0.raw" bs=1M count=4 seek=1 conv=notrunc status=none
@@ -33,6 +50,7 @@ qemu_pid=$!
 for _ in $(seq 100); do [ -S "$tmp/qmp.sock" ] && break; sleep 0.1; done
 
 "$py" -m nbdvma backup --qmp "unix:$tmp/qmp.sock" "$tmp/backup.vma.zst" --compress zstd --vmstate
+qmp_quit
 "$py" -m nbdvma extract "$tmp/backup.vma.zst" "$tmp/restore"
 
 cmp "$tmp/disk0.raw" "$tmp/restore/disk-drive-scsi0.raw"

@@ -14,6 +14,7 @@ transmission flags, and maps any exception a backend raises to an NBD error with
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Protocol
@@ -143,17 +144,64 @@ class VmaBackend:
         return [(n, _HOLE if zero else 0) for n, zero in runs]
 
 
+class _Coverage:
+    """The byte ranges of a disk written so far: sorted, disjoint, adjacent ones merged.
+
+    A client writing in order keeps one range, so a write costs a bisect and a compare.
+    """
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.covered = 0
+
+    def add(self, start: int, end: int) -> None:
+        """Mark ``[start, end)`` written."""
+        if start >= end:
+            return
+        starts, ends = self.starts, self.ends
+        # The ranges that touch [start, end): from the first that ends at or after
+        # start to the last that starts at or before end.
+        first = bisect.bisect_left(ends, start)
+        last = bisect.bisect_right(starts, end)
+        if first < last:
+            start = min(start, starts[first])
+            end = max(end, ends[last - 1])
+            self.covered -= sum(ends[i] - starts[i] for i in range(first, last))
+        starts[first:last] = [start]
+        ends[first:last] = [end]
+        self.covered += end - start
+
+
 class NullBackend:
-    """Discards every write and reads zeros, like nbdkit's ``null`` plugin."""
+    """Discards every write and reads zeros, like nbdkit's ``null`` plugin.
+
+    It remembers which bytes were written, so that a session over it ends as one over
+    an archive does: once every disk was written completely.
+    """
 
     def __init__(self, disks: Iterable[tuple[str, int]]) -> None:
         """Serve ``disks`` (``(name, size)``) with every capability."""
         self._exports = full_exports(disks)
+        self._written = {e.name: _Coverage() for e in self._exports}
 
     @property
     def exports(self) -> Sequence[ExportInfo]:
         """See :meth:`Backend.exports`."""
         return self._exports
+
+    def progress(self, export_name: str) -> DeviceProgress:
+        """How much of the disk was written (and discarded)."""
+        size = next(e.size for e in self._exports if e.name == export_name)
+        written = self._written[export_name].covered
+        return DeviceProgress(
+            name=export_name,
+            size=size,
+            written=written,
+            zero_bytes=0,
+            stored_bytes=0,
+            complete=written == size,
+        )
 
     async def pread(self, export_name: str, offset: int, length: int) -> bytes:
         """Zeros."""
@@ -162,13 +210,15 @@ class NullBackend:
     async def pwrite(
         self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool
     ) -> None:
-        """Discard."""
+        """Discard (and remember the range)."""
+        self._written[export_name].add(offset, offset + len(data))
 
     async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
-        """Discard."""
+        """Discard (and remember the range)."""
+        self._written[export_name].add(offset, offset + length)
 
     async def trim(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
-        """Discard."""
+        """Discard: a trimmed range is not written (as with the VMA backend)."""
 
     async def flush(self) -> None:
         """Nothing to make durable."""

@@ -39,7 +39,7 @@ import trio
 
 from nbdvma.addresses import Address, TcpAddress, UnixAddress
 from nbdvma.nbd import TlsMode
-from nbdvma.session import ArchiveSession
+from nbdvma.session import ExportSession
 
 __all__ = [
     "KILL_AFTER",
@@ -199,8 +199,8 @@ async def start_command(
     return captive
 
 
-async def until_complete(session: ArchiveSession, command: CaptiveCommand | None) -> None:
-    """Wait until the archive is complete (:attr:`ArchiveSession.done`), or until
+async def until_complete(session: ExportSession, command: CaptiveCommand | None) -> None:
+    """Wait until every disk is complete (:attr:`ExportSession.done`), or until
     ``command`` has exited and the connections it made are gone: what its clients sent
     before they exited is in the archive then, and a disk they completed counts."""
     if command is None:

@@ -24,6 +24,7 @@ __all__ = [
     "NbdvmaError",
     "PartialBufferFullError",
     "PidFileError",
+    "QmpConnectError",
     "QmpConnectionClosed",
     "QmpError",
     "QmpEventOverflow",
@@ -126,6 +127,11 @@ class QmpError(NbdvmaError):
 class QmpConnectionClosed(NbdvmaError):
     """The QMP connection is gone: QEMU exited, closed the socket or spoke something other
     than QMP.  The message says which."""
+
+
+class QmpConnectError(NbdvmaError):
+    """QEMU's QMP socket could not be connected (no such socket, refused, no
+    permission); the message names the address and the reason."""
 
 
 class QmpTimeout(NbdvmaError):

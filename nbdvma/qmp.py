@@ -52,6 +52,7 @@ import itertools
 import json
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,6 +62,7 @@ import trio
 
 from nbdvma.addresses import Address, open_stream
 from nbdvma.errors import (
+    QmpConnectError,
     QmpConnectionClosed,
     QmpError,
     QmpEventOverflow,
@@ -70,6 +72,7 @@ from nbdvma.errors import (
 __all__ = [
     "EventMatch",
     "QmpClient",
+    "QmpConnectError",
     "QmpConnectionClosed",
     "QmpError",
     "QmpEvent",
@@ -261,7 +264,7 @@ class QmpClient:
             event_buffer: how many events to keep for lagging cursors.
 
         Raises:
-            OSError: the socket could not be connected.
+            QmpConnectError: the socket could not be connected.
             QmpConnectionClosed: QEMU closed the connection or did not greet in QMP.
             QmpTimeout: the greeting or the negotiation took longer than ``timeout``.
         """
@@ -270,6 +273,11 @@ class QmpClient:
                 stream = await open_stream(address)
         except trio.TooSlowError:
             raise QmpTimeout(f"connecting to QMP at {address} took over {timeout} s") from None
+        except OSError as exc:
+            # "No such file or directory" alone does not say which: name the socket.
+            raise QmpConnectError(
+                f"QMP {address}: {_reason(exc)} (is QEMU running with -qmp {address},server=on?)"
+            ) from None
         async with cls.over_stream(stream, timeout=timeout, event_buffer=event_buffer) as client:
             yield client
 
@@ -574,3 +582,18 @@ def _parse_line_untrusted(line: bytes) -> dict[str, Any]:
 def _abbrev(value: object, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    """The system's words for a failed connect: trio's TCP connect reports "all attempts
+    to connect ... failed" and keeps each attempt's error (refused...) as the cause."""
+    cause = exc
+    while True:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        elif cause.__cause__ is not None:
+            cause = cause.__cause__
+        else:
+            return str(exc)

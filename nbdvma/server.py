@@ -125,6 +125,12 @@ class ConnectionObserver:
     def connection_ended(self, export_name: str) -> None:
         """The connection to the export ``export_name`` is closed (cleanly or not)."""
 
+    def request_failed(self, export_name: str, command: str, error: int) -> None:
+        """A request on ``export_name`` was answered with the errno ``error``."""
+
+    def requests_recovered(self, export_name: str, command: str) -> None:
+        """A write-type request (not READ) succeeded after requests had failed."""
+
 
 @attrs.define(eq=False)
 class _Connection:
@@ -173,6 +179,8 @@ class NbdServer:
         self.backend = backend
         self.limits = limits or ServerLimits()
         self.observer = observer or ConnectionObserver()
+        # A request failed and no write has succeeded since (see requests_recovered).
+        self._failing = False
         self.tls_mode = tls_mode
         self.ssl_context = ssl_context
         # The block sizes are the server's to offer: a preferred 64 KiB (a VMA
@@ -407,7 +415,14 @@ class NbdServer:
                 err = errno_for_exception(exc)
                 if err != errno.ENOSPC:
                     log.warning("%s: %s failed: %s", conn.peer, req.command.name, exc)
+                # (A full disk is the observer's to report: once, not per request.)
+                self._failing = True
+                self.observer.request_failed(export_name, req.command.name, err)
                 core.send_error(req.cookie, err, str(exc))
+            else:
+                if self._failing and req.command in _WRITE_COMMANDS:
+                    self._failing = False
+                    self.observer.requests_recovered(export_name, req.command.name)
             await self._send(conn)
         finally:
             conn.in_flight -= 1
@@ -417,6 +432,15 @@ class NbdServer:
                 conn.receive_scope.deadline = trio.current_time() + self.limits.idle_timeout
             conn.budget.release(cost)
             self._budget.release(cost)
+
+
+_WRITE_COMMANDS = frozenset(
+    {
+        NbdCommand.NBD_CMD_WRITE,
+        NbdCommand.NBD_CMD_WRITE_ZEROES,
+        NbdCommand.NBD_CMD_FLUSH,
+    }
+)
 
 
 class _TlsHandshakeFailed(Exception):

@@ -17,24 +17,32 @@ are returned as lines for the caller to show.  ``nbdvma serve`` and ``nbdvma bac
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import ssl
 import time
 
 import attrs
 import trio
 
 from nbdvma.addresses import Address, TcpAddress
-from nbdvma.backends import VmaBackend
+from nbdvma.backends import NullBackend, VmaBackend
 from nbdvma.listeners import adopt_listener, open_listener, remove_socket
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import format_bytes
 from nbdvma.vma.sink import FileSink, open_sink
-from nbdvma.vma.writer import VmaWriter
+from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
-__all__ = ["ArchiveSession", "SessionOptions", "open_nbd_listeners"]
+__all__ = [
+    "ArchiveSession",
+    "DiscardSession",
+    "ExportSession",
+    "SessionOptions",
+    "open_nbd_listeners",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,9 @@ class SessionOptions:
 
 
 class _Observer(ConnectionObserver):
-    def __init__(self, session: ArchiveSession) -> None:
+    def __init__(self, session: ExportSession) -> None:
         self.session = session
+        self.full = False  # an ENOSPC was reported and no write has succeeded since
 
     def transmission_started(self, export_name: str) -> None:
         self.session.active[export_name] += 1
@@ -71,7 +80,7 @@ class _Observer(ConnectionObserver):
     def connection_ended(self, export_name: str) -> None:
         session = self.session
         session.active[export_name] -= 1
-        progress = session.vma.progress(export_name)
+        progress = session.progress(export_name)
         if not session.active[export_name] and progress.written and not progress.complete:
             # Nothing else will move this disk on: say so, or the session waits silently.
             log.warning(
@@ -82,57 +91,64 @@ class _Observer(ConnectionObserver):
             )
         session.check_complete()
 
+    def request_failed(self, export_name: str, command: str, error: int) -> None:
+        if error in (errno.ENOSPC, errno.EDQUOT) and not self.full:
+            # Once per episode, not per request: a client retries (QEMU's backup job
+            # fails, or retries with on-target-error=retry... ) and each would log.
+            self.full = True
+            log.warning(
+                f"{export_name}: {command} answered {errno.errorcode[error]}: "
+                f"{self.session.space_report()}; clients get {errno.errorcode[error]} "
+                "until space is freed"
+            )
 
-class ArchiveSession:
-    """One archive being written through NBD (and a VM-state socket)."""
+    def requests_recovered(self, export_name: str, command: str) -> None:
+        if self.full:
+            self.full = False
+            log.warning(f"{export_name}: {command} succeeded: space available again")
 
-    def __init__(self, options: SessionOptions) -> None:
-        """Open the archive (as ``ARCHIVE.part``) and register every device.
 
-        Raises:
-            NbdvmaError: bad options or an existing archive.
-            OSError: the archive cannot be created.
-        """
+class ExportSession:
+    """Exports served until every one was written completely: the rule that ends a
+    session, whatever keeps the data (:class:`ArchiveSession`, :class:`DiscardSession`).
+    """
+
+    def __init__(
+        self,
+        options: SessionOptions,
+        backend: VmaBackend | NullBackend,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        """Serve ``options.disks`` from ``backend`` (not listening yet: :meth:`start`)."""
         self.options = options
-        # Certificates first: a bad one must not leave an archive behind.
-        ssl_context = options.tls.server_context()
+        self.backend = backend
         self.active: dict[str, int] = {name: 0 for name, _ in options.disks}
         self.done = trio.Event()
-        self.vmstate_done = options.vmstate is None
+        self.vmstate_done = True
         self.listening: list[Address] = []
         self.vmstate_address: Address | None = None
-        self._vmstate_id = 0
-        self._started = time.monotonic()
-        sink = open_sink(options.archive, options.compress)
         #: What a dead earlier writer of this archive had left, replaced now (see
         #: :attr:`FileSink.replaced <nbdvma.vma.sink.FileSink.replaced>`); to tell the user.
-        self.replaced = sink.replaced if isinstance(sink, FileSink) else None
-        writer = VmaWriter(sink)
-        try:
-            for name, data in options.configs:
-                writer.add_config(name, data)
-            devices = {name: writer.add_device(name, size) for name, size in options.disks}
-            if options.vmstate is not None:
-                self._vmstate_id = writer.add_stream(size_hint=options.vmstate_size_hint)
-        except BaseException:
-            writer.abort(discard=True)
-            raise
-        self.writer = writer
-        self.vma = VmaBackend(writer, devices)
+        self.replaced: str | None = None
+        self._started = time.monotonic()
         self.server = NbdServer(
-            self.vma,
+            backend,
             limits=options.limits,
             observer=_Observer(self),
             tls_mode=options.tls.mode,
             ssl_context=ssl_context,
         )
 
+    def progress(self, name: str) -> DeviceProgress:
+        """How far the disk ``name`` has got."""
+        return self.backend.progress(name)
+
     def check_complete(self) -> None:
         """Set :attr:`done` once every disk and the VM state are complete."""
         if not self.vmstate_done:
             return
         for name in self.active:
-            if self.active[name] or not self.vma.progress(name).complete:
+            if self.active[name] or not self.progress(name).complete:
                 return
         self.done.set()
 
@@ -140,7 +156,7 @@ class ArchiveSession:
         """Names of what is not complete yet (disks, then ``vmstate``)."""
         out = []
         for name in self.active:
-            if not self.vma.progress(name).complete or self.active[name]:
+            if not self.progress(name).complete or self.active[name]:
                 out.append(name)
         if not self.vmstate_done:
             out.append("vmstate")
@@ -150,6 +166,118 @@ class ArchiveSession:
         """Open the listeners and serve in ``nursery``; returns once listening."""
         listeners, self.listening = await open_nbd_listeners(self.options)
         await nursery.start(self.server.serve, listeners)
+
+    async def finish(self) -> None:
+        """Once :attr:`done`: make what was written final."""
+
+    def abort(self) -> None:
+        """Stop without finishing."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` completed."""
+        return self.done.is_set()
+
+    @property
+    def has_output(self) -> bool:
+        """Whether anything was kept (a ``.part`` left by :meth:`abort`)."""
+        return False
+
+    def remove_sockets(self) -> None:
+        """Remove the unix socket files this session created (and only those)."""
+        for address in [*self.listening, self.vmstate_address]:
+            remove_socket(address)
+
+    def space_report(self) -> str:
+        """``no space left for /srv/x.vma.part (12.0 KiB free on its file system)``."""
+        if self.options.archive == "-":
+            return "no space left for the output stream"
+        part = os.path.abspath(self.options.archive + ".part")
+        try:
+            fs = os.statvfs(os.path.dirname(part))
+        except OSError as exc:
+            return f"no space left for {part} (free space unknown: {exc.strerror})"
+        return (
+            f"no space left for {part} "
+            f"({format_bytes(fs.f_bavail * fs.f_frsize)} free on its file system)"
+        )
+
+    def progress_lines(self) -> list[str]:
+        """One line per disk: ``drive-scsi0: 42% (860.0 MiB of 2.0 GiB)``."""
+        lines: list[str] = []
+        for name in self.active:
+            p = self.progress(name)
+            pct = int(100 * p.written / p.size)
+            lines.append(f"{name}: {pct}% ({format_bytes(p.written)} of {format_bytes(p.size)})")
+        return lines
+
+    def disk_summary_lines(self) -> list[str]:
+        """Per disk: ``drive-scsi0: size 2.0 GiB, zero 1.5 GiB, stored 512.0 MiB``."""
+        lines = []
+        for name in self.active:
+            p = self.progress(name)
+            lines.append(
+                f"{name}: size {format_bytes(p.size)}, zero {format_bytes(p.zero_bytes)}, "
+                f"stored {format_bytes(p.stored_bytes)}"
+            )
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        """:meth:`disk_summary_lines`, then the duration."""
+        return [*self.disk_summary_lines(), f"duration {time.monotonic() - self._started:.1f}s"]
+
+
+class DiscardSession(ExportSession):
+    """The same exports and the same end, every write discarded (``--backend null``):
+    the protocol's own cost, for benchmarks."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        """Serve ``options.disks`` into a :class:`~nbdvma.backends.NullBackend`."""
+        super().__init__(options, NullBackend(options.disks), options.tls.server_context())
+
+    def summary_lines(self) -> list[str]:
+        """Each disk's size (all of it was written, and discarded), then the duration."""
+        return [
+            *(f"{name}: size {format_bytes(size)}, discarded" for name, size in self.options.disks),
+            f"duration {time.monotonic() - self._started:.1f}s",
+        ]
+
+
+class ArchiveSession(ExportSession):
+    """One archive being written through NBD (and a VM-state socket)."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        """Open the archive (as ``ARCHIVE.part``) and register every device.
+
+        Raises:
+            NbdvmaError: bad options or an existing archive.
+            OSError: the archive cannot be created.
+        """
+        # Certificates first: a bad one must not leave an archive behind.
+        ssl_context = options.tls.server_context()
+        sink = open_sink(options.archive, options.compress)
+        writer = VmaWriter(sink)
+        try:
+            for name, data in options.configs:
+                writer.add_config(name, data)
+            devices = {name: writer.add_device(name, size) for name, size in options.disks}
+            vmstate_id = 0
+            if options.vmstate is not None:
+                vmstate_id = writer.add_stream(size_hint=options.vmstate_size_hint)
+        except BaseException:
+            writer.abort(discard=True)
+            raise
+        self.writer = writer
+        self.vma = VmaBackend(writer, devices)
+        super().__init__(options, self.vma, ssl_context)
+        self.replaced = sink.replaced if isinstance(sink, FileSink) else None
+        self.vmstate_done = options.vmstate is None
+        self._vmstate_id = vmstate_id
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open the listeners (and the VM state's) and serve in ``nursery``; returns
+        once listening."""
+        await super().start(nursery)
         if self.options.vmstate is not None:
             listener, real = await open_listener(
                 self.options.vmstate, unix_mode=self.options.unix_mode
@@ -162,10 +290,20 @@ class ArchiveSession:
     async def _receive_vmstate(self, listener: trio.SocketListener) -> None:
         async with listener:
             stream = await listener.accept()
+        head = b""
         async with stream:
             while data := await stream.receive_some(1 << 20):
+                if len(head) < len(QEMU_VM_FILE_HEAD):
+                    head += data[: len(QEMU_VM_FILE_HEAD) - len(head)]
+                    if len(head) == len(QEMU_VM_FILE_HEAD):
+                        _check_vmstate_head(head)
                 async with self.vma.lock:
                     self.writer.append(self._vmstate_id, data)
+        if len(head) < len(QEMU_VM_FILE_HEAD):
+            log.warning(
+                f"vmstate: the stream ended after {len(head)} bytes, before a QEMU "
+                "migration stream's header: the archive has no usable VM state"
+            )
         self.vmstate_done = True
         log.info("vmstate: complete")
         self.check_complete()
@@ -175,11 +313,6 @@ class ArchiveSession:
         async with self.vma.lock:
             await trio.to_thread.run_sync(self.writer.finish)
 
-    def remove_sockets(self) -> None:
-        """Remove the unix socket files this session created (and only those)."""
-        for address in [*self.listening, self.vmstate_address]:
-            remove_socket(address)
-
     def abort(self) -> None:
         """Leave the archive incomplete under ``ARCHIVE.part``.
 
@@ -188,6 +321,16 @@ class ArchiveSession:
         """
         self.writer.abort()
 
+    @property
+    def finished(self) -> bool:
+        """Whether the archive is finished: it has its final name."""
+        return self.writer.finished
+
+    @property
+    def has_output(self) -> bool:
+        """Whether anything reached the archive (then :meth:`abort` leaves a ``.part``)."""
+        return self.writer.has_output
+
     def vmstate_bytes(self) -> int:
         """Bytes of VM state received so far (0 without a VM-state stream)."""
         if not self._vmstate_id:
@@ -195,27 +338,13 @@ class ArchiveSession:
         return self.writer.progress(self._vmstate_id).written
 
     def progress_lines(self) -> list[str]:
-        """One line per disk: ``drive-scsi0: 42% (860.0 MiB of 2.0 GiB)``."""
-        lines: list[str] = []
-        for name in self.active:
-            p = self.vma.progress(name)
-            pct = int(100 * p.written / p.size)
-            lines.append(f"{name}: {pct}% ({format_bytes(p.written)} of {format_bytes(p.size)})")
+        """One line per disk: ``drive-scsi0: 42% (860.0 MiB of 2.0 GiB)``, then the
+        VM state's."""
+        lines = super().progress_lines()
         if self.options.vmstate is not None:
             p = self.writer.progress(self._vmstate_id)
             state = "complete" if self.vmstate_done else "receiving"
             lines.append(f"vmstate: {format_bytes(p.written)} ({state})")
-        return lines
-
-    def disk_summary_lines(self) -> list[str]:
-        """Per disk: ``drive-scsi0: size 2.0 GiB, zero 1.5 GiB, stored 512.0 MiB``."""
-        lines = []
-        for name in self.active:
-            p = self.vma.progress(name)
-            lines.append(
-                f"{name}: size {format_bytes(p.size)}, zero {format_bytes(p.zero_bytes)}, "
-                f"stored {format_bytes(p.stored_bytes)}"
-            )
         return lines
 
     def summary_lines(self) -> list[str]:
@@ -226,6 +355,27 @@ class ArchiveSession:
             lines.append(f"archive {self.options.archive}: {format_bytes(size)}")
         lines.append(f"duration {time.monotonic() - self._started:.1f}s")
         return lines
+
+
+#: How a QEMU migration stream begins: ``QEMU_VM_FILE_MAGIC`` ("QEVM"), then
+#: ``QEMU_VM_FILE_VERSION`` 3 (big-endian), as QEMU's migration/savevm.c writes them.
+QEMU_VM_FILE_HEAD = b"QEVM" + (3).to_bytes(4, "big")
+
+
+def _check_vmstate_head(head: bytes) -> None:
+    """Warn when the VM state is no QEMU migration stream (stored anyway: nothing a
+    client sends is dropped, but nobody could resume from it)."""
+    if head[:4] != QEMU_VM_FILE_HEAD[:4]:
+        log.warning(
+            f"vmstate: the stream begins with {head[:4]!r}, not QEMU's migration magic "
+            "b'QEVM': stored as sent, but QEMU cannot load it (was it a QEMU migrate?)"
+        )
+    elif head != QEMU_VM_FILE_HEAD:
+        version = int.from_bytes(head[4:], "big")
+        log.warning(
+            f"vmstate: QEMU migration stream version {version}, not 3: stored as sent, "
+            "but QEMU cannot load it"
+        )
 
 
 async def open_nbd_listeners(

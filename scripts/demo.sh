@@ -146,6 +146,24 @@ if status != "completed":
 sys.exit(status != "completed")
 PY
 echo
+echo "== both QEMUs stopped as an administrator does: QMP quit"
+"$PYTHON" - "$DIR/qmp.sock" "$DIR/incoming.sock" <<'PY'
+import sys, trio
+from nbdvma.qmp import QmpClient, QmpConnectionClosed
+
+async def main() -> None:
+    for path in sys.argv[1:]:
+        async with QmpClient.connect(f"unix:{path}") as qmp:
+            try:
+                await qmp.execute("quit")
+            except QmpConnectionClosed:
+                pass  # QEMU may close the socket before its answer arrives
+
+trio.run(main)
+PY
+for pid in "${PIDS[@]}"; do wait "$pid"; done
+PIDS=()
+echo
 echo "== restore on Proxmox VE:  qmrestore $(basename "$ARCHIVE") 100 --storage local-lvm"
 echo
 echo "demo: OK (files in $DIR)"

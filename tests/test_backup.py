@@ -448,7 +448,11 @@ def test_backup_generated_config_vzdump_names_and_a_vm_state_proxmox_restores(
     ]:
         assert line in err.splitlines(), line
     # 4 MiB + 3 MiB 3.5 KiB + 2 MiB + 528 KiB
-    assert re.search(r"^INFO: 100% \(9\.5 MiB of 9\.5 MiB\) in \d+s, read: ", err, re.M), err
+    assert re.search(r"^INFO: 100% \(9\.5 MiB of 9\.5 MiB\) in \d+s", err, re.M), err
+    progress = re.findall(r"^INFO: +\d+% \(.*\) in (\d+)s(, read: .*/s, write: .*/s)?$", err, re.M)
+    assert progress, err
+    for seconds, rates in progress:  # rates only once they mean something
+        assert bool(rates) == (int(seconds) >= 1), err
     assert re.search(r"^INFO: transferred 9\.52 MiB in (<1|\d+) seconds", err, re.M), err
     assert re.search(r"^INFO: Finished Backup of VM 100 \(00:00:\d\d\)$", err, re.M), err
     log = archive.with_name(archive.name.replace(".vma.zst", ".log")).read_text()

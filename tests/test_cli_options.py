@@ -3,6 +3,7 @@ the user's terms (never a Python name such as ``parse_address`` or ``<lambda>``)
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,50 @@ async def test_serve_says_what_it_still_waits_for(
     assert lines[0] == "nbdvma serve: d0: 25% (256.0 KiB of 1.0 MiB)"
     waiting = "nbdvma serve: still waiting for: d0 (25% written, no client connected)"
     assert lines[1:] == [waiting, waiting]
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["backup", "--qmp", "unix:{tmp}/nope.sock", "{tmp}/x.vma"],
+            "ERROR: backup failed: QMP unix:{tmp}/nope.sock: No such file or directory "
+            "(is QEMU running with -qmp unix:{tmp}/nope.sock,server=on?)",
+        ),
+        (
+            ["backup", "--qmp", "tcp:127.0.0.1:{port}", "{tmp}/x.vma"],
+            "ERROR: backup failed: QMP tcp:127.0.0.1:{port}: Connection refused "
+            "(is QEMU running with -qmp tcp:127.0.0.1:{port},server=on?)",
+        ),
+        (
+            [*SERVE[:1], "{tmp}/nodir/x.vma", *SERVE[2:]],
+            "nbdvma serve: {tmp}/nodir/x.vma.part: No such file or directory",
+        ),
+        (
+            [*SERVE, "--config", "{tmp}/nope.conf"],
+            "nbdvma serve: config {tmp}/nope.conf: No such file or directory",
+        ),
+    ],
+)
+def test_run_time_errors_are_one_line_naming_the_thing(
+    argv: list[str],
+    line: str,
+    capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The failures an operator meets first (no QEMU behind the QMP address, a missing
+    or unwritable archive directory, a missing config) name what failed."""
+    monkeypatch.chdir(tmp_path)
+    fill = {"tmp": str(tmp_path), "port": str(_free_tcp_port())}
+    argv = [a.format(**fill) for a in argv]
+    assert main(argv) == 1
+    err = capfd.readouterr().err
+    assert line.format(**fill) in err.splitlines(), err
+    assert "Traceback" not in err

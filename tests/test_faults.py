@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -316,6 +317,14 @@ def test_disk_full_enospc_retry_and_finish_waits_for_space(
             h.flush()
         assert nbd_errno(info.value) == errno.ENOSPC
         assert server.alive()
+        # Said once (not per request), with the file and the free space.
+        (full,) = [ln for ln in server.stderr().splitlines() if "ENOSPC" in ln]
+        assert re.fullmatch(
+            rf"nbdvma serve: warning: d0: NBD_CMD_WRITE answered ENOSPC: no space left for "
+            rf"{re.escape(str(archive))}\.part \([0-9.]+ (bytes|KiB|MiB) free on its file "
+            r"system\); clients get ENOSPC until space is freed",
+            full,
+        ), full
 
         resize(fs, 64 * MiB)
         h.pwrite(data[failed_at : failed_at + MiB], failed_at)  # the failed request again
@@ -342,7 +351,8 @@ def test_disk_full_enospc_retry_and_finish_waits_for_space(
         server.kill()
     err = server.stderr()
     assert err.count(retrying) == 1, err
-    assert "space available again" in err
+    assert "nbdvma serve: warning: d0: NBD_CMD_WRITE succeeded: space available again" in err
+    assert "space available again; archive finished" in err
     assert "Traceback" not in err
     check_archive(archive, workdir / "restore", {"d0": data})
 

@@ -220,7 +220,7 @@ def test_run_archive_finalized_while_the_command_runs(
     )
     result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--run", run])
     assert result.returncode == 5, result.stderr
-    assert "nbdvma serve: archive complete; waiting for the --run command to exit" in lines(
+    assert "nbdvma serve: the archive is complete; waiting for the --run command to exit" in lines(
         result.stderr
     )
     assert lines(result.stderr)[-1] == (
@@ -273,13 +273,25 @@ def test_signal_stops_the_command_and_its_children(
     )
 
 
-def test_run_with_the_null_backend(workdir: Path, qemu_io: str) -> None:
+def test_run_with_the_null_backend(
+    workdir: Path, qemu_img: str, qemu_io: str, image: tuple[Path, bytes]
+) -> None:
+    """``--backend null`` ends as vma does, and so does its --run command."""
     run = 'qemu-io -f raw -c "write 0 64k" "$uri" && exit 4'
-    result = serve_run(
-        workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--backend", "null", "--run", run]
-    )
+    null = ["--backend", "null", "--run"]
+    result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], [*null, run])
     assert result.returncode == 4, result.stderr
-    assert lines(result.stderr)[-1] == "nbdvma serve: the --run command exited with status 4"
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: the --run command exited with status 4; incomplete: d0"
+    )
+    run = f'qemu-img convert -n -f raw -O raw {image[0]} "$uri"; sleep 0.5; exit 6'
+    result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], [*null, run])
+    assert result.returncode == 6, result.stderr
+    assert "nbdvma serve: d0: size 1.0 MiB, discarded" in lines(result.stderr)
+    assert lines(result.stderr)[-1] == (
+        "nbdvma serve: the --run command exited with status 6; every disk is complete"
+    )
+    assert list(workdir.glob("out.vma*")) == []
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import random
 import re
 import select
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -725,6 +726,75 @@ def test_a_live_servers_part_is_refused_and_a_killed_ones_replaced(
     wait_ok(qemu_img_convert(qemu_img, src, third.uri("d0")))
     check_archive(finished_archive(third), workdir, {"d0": data})
     assert not journal.exists()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_null_backend_ends_as_the_vma_one_does(
+    serve: StartServe, qemu_img: str, qemu_io: str, workdir: Path, transport: str
+) -> None:
+    """``--backend null``: the disk written completely (qemu-img, whose zeroes count)
+    and its client gone, serve ends by itself with exit 0 and a summary; a disk not
+    written stays awaited; no archive is ever made."""
+    data = source_bytes(SIZE, 14)
+    src = write_sparse(workdir / "src.raw", data)
+    server = serve({"d0": SIZE, "d1": MiB}, extra=["--backend", "null"])
+    wait_ok(qemu_img_convert(qemu_img, src, server.uri("d0", transport)))
+    run_qemu_io(qemu_io, server.uri("d1", transport), "write -P 1 0 512k")
+    assert server.alive(), server.stderr()  # d1 is half written
+    run_qemu_io(qemu_io, server.uri("d1", transport), "write -z 512k 512k")
+    assert server.wait() == 0, server.stderr()
+    err = server.stderr()
+    assert "nbdvma serve: d0: size 3.0 MiB, discarded\n" in err
+    assert "nbdvma serve: d1: size 1.0 MiB, discarded\n" in err
+    assert list(workdir.glob("out.vma*")) == []
+
+
+def test_null_backend_interrupted_exits_as_the_vma_one(serve: StartServe, qemu_io: str) -> None:
+    server = serve({"d0": MiB, "d1": MiB}, extra=["--backend", "null"])
+    run_qemu_io(qemu_io, server.uri("d0"), "write -P 1 0 1M")
+    server.signal(signal.SIGINT)
+    assert server.wait() == 128 + signal.SIGINT
+    assert "nbdvma serve: interrupted by SIGINT; incomplete: d1\n" in server.stderr()
+
+
+@pytest.mark.parametrize(
+    ("stream", "warning"),
+    [
+        (b"QEVM\x00\x00\x00\x03" + bytes(100_000), None),
+        (
+            b"hello, world" * 1000,
+            "nbdvma serve: warning: vmstate: the stream begins with b'hell', not QEMU's "
+            "migration magic b'QEVM': stored as sent, but QEMU cannot load it (was it a "
+            "QEMU migrate?)",
+        ),
+        (
+            b"QEVM\x00\x00\x00\x02" + bytes(1000),
+            "nbdvma serve: warning: vmstate: QEMU migration stream version 2, not 3: stored "
+            "as sent, but QEMU cannot load it",
+        ),
+        (
+            b"QEV",
+            "nbdvma serve: warning: vmstate: the stream ended after 3 bytes, before a QEMU "
+            "migration stream's header: the archive has no usable VM state",
+        ),
+    ],
+)
+def test_vmstate_that_is_no_qemu_migration_stream_is_stored_with_a_warning(
+    serve: StartServe, qemu_io: str, sockdir: Path, workdir: Path, stream: bytes, warning: str
+) -> None:
+    server = serve({"d0": MiB}, extra=["--vmstate", f"unix:{sockdir / 'vm.sock'}"])
+    run_qemu_io(qemu_io, server.uri("d0"), "write -z 0 1M")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sockdir / "vm.sock"))
+        for i in range(0, len(stream), 5):  # the magic split across receives
+            s.sendall(stream[i : i + 5])
+            if i < 20:
+                time.sleep(0.01)
+    archive = finished_archive(server)
+    warnings = [ln for ln in server.stderr().splitlines() if "warning: vmstate" in ln]
+    assert warnings == ([warning] if warning else []), server.stderr()
+    nbdvma("extract", str(archive), str(workdir / "x"))
+    assert (workdir / "x" / "vmstate.bin").read_bytes()[: len(stream)] == stream
 
 
 def test_archive_to_stdout_piped_into_verify(

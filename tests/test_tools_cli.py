@@ -367,6 +367,27 @@ def test_stdin_and_zstd(two_disks: tuple[Path, bytes, bytes], tmp_path: Path) ->
     assert (tmp_path / "o" / "disk-drive-scsi0.raw").read_bytes() == a
 
 
+def test_extract_v_into_a_closed_pipe_blames_no_disk(tmp_path: Path) -> None:
+    """``extract -v … | head -1``: stdout broke, not the disk: no "write failed" line,
+    a failure status, and no restored file that looks complete."""
+    path = tmp_path / "big.vma"
+    slots = [Slot(1, c, 0xFFFF, block(c % 250 + 1) * 16) for c in range(400)]
+    path.write_bytes(
+        header([("drive-scsi0", 400 * C)])
+        + b"".join(extent(slots[i : i + 58]) for i in range(0, 400, 58))
+    )
+    proc = subprocess.run(
+        f"{NBDVMA} extract -v {path} {tmp_path / 'o'} | head -1",
+        shell=True,
+        capture_output=True,
+        check=False,
+        executable="/bin/bash",
+    )
+    assert proc.stdout.startswith(b"DEVINFO ")
+    assert proc.stderr == b""
+    assert not (tmp_path / "o" / "disk-drive-scsi0.raw").exists()
+
+
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_bytes(b"hello\n" * 5000)

@@ -88,12 +88,19 @@ class _Progress:
         if percent == self.last_percent and not force:
             return
         written = self.stored()
-        dt = max(now - self.last_time, 1.0)  # as vzdump: rates over at least a second
-        self.log.info(
-            f"{percent:3d}% ({render_bytes(read, 1)} of {render_bytes(self.total, 1)}) "
-            f"in {render_duration(now - self.start)}, read: {_rate(read - self.last_read, dt)}, "
-            f"write: {_rate(written - self.last_written, dt)}"
+        elapsed = render_duration(now - self.start)
+        line = (
+            f"{percent:3d}% ({render_bytes(read, 1)} of {render_bytes(self.total, 1)}) in {elapsed}"
         )
+        # Rates only once the line says a second has passed: "read: 93.8 GiB/s" after
+        # "in 0s" says nothing (vzdump prints it all the same).
+        if elapsed != "0s":
+            dt = max(now - self.last_time, 1.0)  # as vzdump: rates over at least a second
+            line += (
+                f", read: {_rate(read - self.last_read, dt)}, "
+                f"write: {_rate(written - self.last_written, dt)}"
+            )
+        self.log.info(line)
         self.last_time, self.last_read, self.last_written = now, read, written
         self.last_percent = percent
 

@@ -4,7 +4,8 @@ The command runs one :class:`~nbdvma.session.ArchiveSession` until the archive i
 complete, printing where it listens, progress per disk and a summary on stderr (every
 line prefixed ``nbdvma serve:``).  SIGINT/SIGTERM leave ``ARCHIVE.part`` and name what
 is incomplete.  ``--backend null`` serves the same exports into a
-:class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks).
+:class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks), and
+ends the same way.
 
 What users of qemu-nbd and nbdkit expect: ``--pid-file`` (:mod:`nbdvma.pidfile`),
 ``--run`` (:mod:`nbdvma.captive`: the run ends with the command), ``--tls-creds DIR``
@@ -15,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import math
 import signal
 import sys
-from functools import partial
 
 import attrs
 import trio
 
 from nbdvma.activation import listen_fds
-from nbdvma.addresses import Address, TcpAddress
-from nbdvma.backends import NullBackend
+from nbdvma.addresses import TcpAddress
 from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
     address_argument,
@@ -39,11 +39,10 @@ from nbdvma.commands.common import (
     size_argument,
 )
 from nbdvma.errors import ActivationError, NbdvmaError, TlsError
-from nbdvma.listeners import remove_socket
 from nbdvma.pidfile import pid_file
 from nbdvma.pve import archive_configs, split_config_argument
-from nbdvma.server import NbdServer, ServerLimits
-from nbdvma.session import ArchiveSession, SessionOptions, open_nbd_listeners
+from nbdvma.server import ServerLimits
+from nbdvma.session import ArchiveSession, DiscardSession, ExportSession, SessionOptions
 from nbdvma.signals import Interrupt, stop_on_signals
 from nbdvma.tls import TlsConfig, TlsMode
 
@@ -63,7 +62,7 @@ def _say(message: str) -> None:
 
 
 async def report_progress(
-    session: ArchiveSession, interval: float, *, quiet_limit: float = STATUS_INTERVAL
+    session: ExportSession, interval: float, *, quiet_limit: float = STATUS_INTERVAL
 ) -> None:
     """Print the progress lines when they change; when nothing has moved for
     ``quiet_limit`` seconds, say what is still awaited (never wait silently)."""
@@ -83,17 +82,17 @@ async def report_progress(
             quiet_since = now
 
 
-def _awaited(session: ArchiveSession, name: str) -> str:
+def _awaited(session: ExportSession, name: str) -> str:
     """``d0 (25% written, no client connected)``; ``vmstate (its stream has not ended)``."""
     if name not in session.active:
         return f"{name} (its stream has not ended)"
-    progress = session.vma.progress(name)
+    progress = session.progress(name)
     clients = session.active[name]
     who = f"{clients} client(s) connected" if clients else "no client connected"
     return f"{name} ({100 * progress.written // progress.size}% written, {who})"
 
 
-async def _finish_when_space(session: ArchiveSession) -> None:
+async def _finish_when_space(session: ExportSession) -> None:
     """Finish the archive; while its file system is full, say so once and retry.
 
     Every client is done by now, so nothing is lost by waiting: the writer's finish
@@ -134,17 +133,25 @@ async def run_session(
     options: SessionOptions,
     *,
     progress_interval: float = PROGRESS_INTERVAL,
+    discard: bool = False,
     conventions: Conventions = Conventions(),
 ) -> int:
-    """Run one session until the archive is complete, a signal arrives, or the
+    """Run one session until every disk is complete, a signal arrives, or the
     ``--run`` command exits.
+
+    Args:
+        options: the archive, disks, listeners...
+        progress_interval: seconds between progress lines.
+        discard: serve into a :class:`~nbdvma.session.DiscardSession` (``--backend
+            null``): the same exports and the same end, no archive.
+        conventions: ``--pid-file`` and ``--run``.
 
     Returns:
         The exit status: 0 when the archive is finished, 128 + the signal number
         when interrupted first; with ``--run``, the command's status when not 0, and
         1 when it exited 0 with the archive incomplete.
     """
-    session = ArchiveSession(options)
+    session = DiscardSession(options) if discard else ArchiveSession(options)
     if session.replaced:
         _say(f"replaced {session.replaced}, left by an earlier run no longer running")
     command: CaptiveCommand | None = None
@@ -170,7 +177,7 @@ async def run_session(
                 if session.done.is_set():
                     await _finish_when_space(session)
                     if command is not None and not command.exited.is_set():
-                        _say("archive complete; waiting for the --run command to exit")
+                        _say(f"{_complete(discard)}; waiting for the --run command to exit")
                         await command.exited.wait()
                 nursery.cancel_scope.cancel()
     except BaseException:
@@ -180,79 +187,45 @@ async def run_session(
         session.remove_sockets()
     # A signal during finish() does not stop it (it runs in a thread): then the archive
     # is complete after all, and that is what to report.
-    if not session.writer.finished:
+    if not session.finished:
         session.abort()
-        return _report_incomplete(session, stop, command)
+        return _report_incomplete(session, stop, command, discard=discard)
     for line in session.summary_lines():
         _say(line)
     if command is not None and command.stopped:
-        _say(f"interrupted by {stop.name}; the archive is complete; the --run command stopped")
+        _say(f"interrupted by {stop.name}; {_complete(discard)}; the --run command stopped")
         return 128 + (stop.signum or signal.SIGINT)
     if command is not None and command.status:
-        _say(f"the --run command {command.describe()}; the archive is complete")
+        _say(f"the --run command {command.describe()}; {_complete(discard)}")
         return command.status
     return 0
 
 
+def _complete(discard: bool) -> str:
+    return "every disk is complete" if discard else "the archive is complete"
+
+
 def _report_incomplete(
-    session: ArchiveSession, stop: Interrupt, command: CaptiveCommand | None
+    session: ExportSession, stop: Interrupt, command: CaptiveCommand | None, *, discard: bool
 ) -> int:
-    """Say why the archive is incomplete and what is left of it; the exit status."""
+    """Say why the disks are incomplete and what is left of the archive; the exit status."""
     if stop.signum is not None or command is None:
         why, status = f"interrupted by {stop.name}", 128 + (stop.signum or signal.SIGINT)
     else:
         why, status = f"the --run command {command.describe()}", command.status or 1
     incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
     archive = session.options.archive
-    if archive == "-":
+    if discard:
+        _say(f"{why}; incomplete: {incomplete}")
+    elif archive == "-":
         _say(f"{why}; the output stream is incomplete: {incomplete}")
-    elif session.writer.has_output:
+    elif session.has_output:
         _say(
             f"{why}; the archive is incomplete and left as {archive}.part; incomplete: {incomplete}"
         )
     else:  # abort() removes a .part that never received anything
         _say(f"{why} before anything was written; no archive left; incomplete: {incomplete}")
     return status
-
-
-async def run_discard(
-    disks: tuple[tuple[str, int], ...],
-    options: SessionOptions,
-    *,
-    conventions: Conventions = Conventions(),
-) -> int:
-    """``--backend null``: the same exports, every write discarded, until a signal (or
-    until the ``--run`` command exits: then its status)."""
-    server = NbdServer(
-        NullBackend(disks),
-        limits=options.limits,
-        tls_mode=options.tls.mode,
-        ssl_context=options.tls.server_context(),
-    )
-    addresses: list[Address] = []
-    command: CaptiveCommand | None = None
-    try:
-        async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
-            listeners, addresses = await open_nbd_listeners(options)
-            for address in addresses:
-                _say(f"listening on {address}")
-            await nursery.start(server.serve, listeners)
-            with pid_file(conventions.pid_file):
-                command = await start_command(
-                    nursery, conventions.run, addresses, disks[0][0], options.tls.mode
-                )
-                if command is None:
-                    await trio.sleep_forever()  # until a signal: nothing ever completes
-                await command.exited.wait()
-                nursery.cancel_scope.cancel()
-    finally:
-        for address in addresses:
-            remove_socket(address)
-    if command is not None and not command.stopped:
-        _say(f"the --run command {command.describe()}")
-        return command.status
-    _say(f"stopped by {stop.name}")
-    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -316,8 +289,8 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["vma", "null"],
         default="vma",
-        help="vma: write the archive (default); null: discard every write, serve until "
-        "a signal (a protocol ceiling for benchmarks)",
+        help="vma: write the archive (default); null: discard every write, end as vma "
+        "does once every disk was written (the protocol's own cost, for benchmarks)",
     )
     parser.add_argument(
         "--socket-mode",
@@ -465,6 +438,8 @@ def _run(args: argparse.Namespace) -> int:
         ),
     )
     conventions = Conventions(pid_file=args.pid_file, run=args.run)
-    if args.backend == "null":
-        return trio.run(partial(run_discard, conventions=conventions), options.disks, options)
-    return trio.run(partial(run_session, conventions=conventions), options)
+    return trio.run(
+        functools.partial(
+            run_session, options, discard=args.backend == "null", conventions=conventions
+        )
+    )

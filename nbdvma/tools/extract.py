@@ -356,6 +356,8 @@ def _restore(
             target.close()
     except VmaFormatError as exc:
         raise ToolError(f"restore failed - {exc}") from exc
+    except BrokenPipeError:
+        raise  # the reader of -v's progress (stdout) went away, not the disk: quietly
     except OSError as exc:
         raise ToolError(f"restore failed - write failed: {strerror(exc)}") from exc
 
