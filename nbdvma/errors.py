@@ -15,6 +15,7 @@ from typing import Final
 
 __all__ = [
     "NBD_ERRNO_NAMES",
+    "ActivationError",
     "AddressError",
     "BackupError",
     "ClusterConflictError",
@@ -22,6 +23,7 @@ __all__ = [
     "LocalProtocolError",
     "NbdvmaError",
     "PartialBufferFullError",
+    "PidFileError",
     "QmpConnectError",
     "QmpConnectionClosed",
     "QmpError",
@@ -89,6 +91,15 @@ class AddressError(NbdvmaError, ValueError):
 
 class ListenError(NbdvmaError):
     """A listener cannot be opened (address in use, a non-socket file in the way...)."""
+
+
+class ActivationError(ListenError):
+    """The sockets systemd passes (``LISTEN_PID``/``LISTEN_FDS``) cannot be used: a
+    malformed variable, or an fd that is not a listening stream socket."""
+
+
+class PidFileError(NbdvmaError):
+    """The ``--pid-file`` cannot be written."""
 
 
 class TlsError(NbdvmaError):

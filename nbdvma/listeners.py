@@ -1,4 +1,5 @@
-"""Listening sockets for ``--listen`` and ``--vmstate``: unix (mode 0600) and TCP."""
+"""Listening sockets for ``--listen`` and ``--vmstate``: unix (mode 0600) and TCP, bound
+here or passed already listening (systemd socket activation)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import trio
 from nbdvma.addresses import Address, TcpAddress, UnixAddress
 from nbdvma.errors import ListenError
 
-__all__ = ["ListenError", "open_listener", "remove_socket"]
+__all__ = ["ListenError", "adopt_listener", "open_listener", "remove_socket"]
 
 #: The unix socket files this process created: path -> (st_dev, st_ino), so that
 #: :func:`remove_socket` never removes a file another server put there since.
@@ -119,3 +120,44 @@ async def _tcp(address: TcpAddress, backlog: int) -> tuple[trio.SocketListener, 
         raise
     port = sock.getsockname()[1]
     return trio.SocketListener(sock), address.with_port(port)
+
+
+def adopt_listener(fd: int) -> tuple[trio.SocketListener, Address]:
+    """Accept on ``fd``, a socket that is already listening (socket activation).
+
+    Its family (unix or TCP over IPv4/IPv6) is read from the socket itself.  A unix
+    socket adopted here is never removed by :func:`remove_socket`: whoever bound it
+    (systemd) owns the file.
+
+    Returns:
+        The listener (which owns ``fd`` from now on) and the address it listens on.
+
+    Raises:
+        ListenError: ``fd`` is not a listening stream socket of those families.
+    """
+    try:
+        sock = socket.socket(fileno=fd)  # family and type from the kernel
+    except OSError as exc:
+        raise ListenError(f"fd {fd}: {exc.strerror or exc}") from None
+    try:
+        address = _listening_address(sock, fd)
+    except BaseException:
+        sock.detach()  # not ours to close: the error is reported, the fd left as it was
+        raise
+    sock.set_inheritable(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), address
+
+
+def _listening_address(sock: socket.socket, fd: int) -> Address:
+    if sock.type != socket.SOCK_STREAM:
+        raise ListenError(f"fd {fd} is not a stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ListenError(f"fd {fd} is a socket that does not listen")
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(name, bytes):  # the abstract namespace: shown as ss and systemd do
+            return UnixAddress("@" + name[1:].decode(errors="replace"))
+        return UnixAddress(name)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return TcpAddress(name[0], name[1])
+    raise ListenError(f"fd {fd} is neither a unix nor a TCP socket")

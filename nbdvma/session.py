@@ -29,7 +29,7 @@ import trio
 
 from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend, VmaBackend
-from nbdvma.listeners import open_listener, remove_socket
+from nbdvma.listeners import adopt_listener, open_listener, remove_socket
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import format_bytes
@@ -57,6 +57,9 @@ class SessionOptions:
     configs: tuple[tuple[str, bytes], ...] = ()
     vmstate: Address | None = None
     listen: tuple[Address, ...] = (TcpAddress("127.0.0.1", 10809),)
+    #: Sockets already listening (systemd socket activation), accepted on as they are,
+    #: before the addresses of :attr:`listen`.
+    listen_fds: tuple[int, ...] = ()
     compress: str | None = None
     unix_mode: int = 0o600
     limits: ServerLimits = attrs.Factory(ServerLimits)
@@ -378,15 +381,21 @@ def _check_vmstate_head(head: bytes) -> None:
 async def open_nbd_listeners(
     options: SessionOptions,
 ) -> tuple[list[trio.SocketListener], list[Address]]:
-    """Listen on every address of ``options.listen``; warn about a TCP listener that
-    other hosts reach without TLS required.
+    """Listen on every socket of ``options.listen_fds`` and every address of
+    ``options.listen``; warn about a TCP listener that other hosts reach without TLS
+    required.
 
     Returns:
         The listeners and the addresses they really have (ports resolved).
+
+    Raises:
+        ListenError: a socket cannot be bound or adopted.
     """
     listeners, addresses = [], []
+    opened = [adopt_listener(fd) for fd in options.listen_fds]
     for address in options.listen:
-        listener, real = await open_listener(address, unix_mode=options.unix_mode)
+        opened.append(await open_listener(address, unix_mode=options.unix_mode))
+    for listener, real in opened:
         listeners.append(listener)
         addresses.append(real)
         if _exposed(listener) and options.tls.mode is not TlsMode.REQUIRE:

@@ -17,6 +17,7 @@ hand-roll.  Use X.509 certificates (a private CA is enough; see docs/security.md
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import NoReturn
 
@@ -69,6 +70,29 @@ class TlsConfig:
             raise TlsError("--tls-verify-client needs --tls-ca")
         if self.ca and not self.verify_client:
             raise TlsError("--tls-ca is used only with --tls-verify-client")
+
+    @classmethod
+    def from_creds_dir(
+        cls, directory: str, mode: TlsMode = TlsMode.REQUIRE, *, verify_client: bool = False
+    ) -> TlsConfig:
+        """The server side of a credentials directory in QEMU's ``tls-creds-x509`` layout.
+
+        ``server-cert.pem`` and ``server-key.pem`` are the server's; ``ca-cert.pem`` is
+        the CA that signs client certificates (read only with ``verify_client``).  The
+        files are read by :meth:`server_context`, which names any that is missing.
+
+        Raises:
+            TlsError: ``mode`` is ``OFF`` (a credentials directory is for TLS).
+        """
+        if mode is TlsMode.OFF:
+            raise TlsError("--tls off contradicts --tls-creds: give --tls on or require")
+        return cls(
+            mode=mode,
+            cert=os.path.join(directory, "server-cert.pem"),
+            key=os.path.join(directory, "server-key.pem"),
+            ca=os.path.join(directory, "ca-cert.pem") if verify_client else None,
+            verify_client=verify_client,
+        )
 
     @property
     def enabled(self) -> bool:

@@ -459,6 +459,97 @@ def test_not_tls_after_ack_fails_cleanly(serve: StartServe, pki: Pki) -> None:
     assert server.alive()
 
 
+# -- --tls-creds DIR: QEMU's layout, TLS required ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def server_creds(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's credentials dir as qemu-nbd takes it: ca-cert.pem, server-*.pem."""
+    d = tmp_path_factory.mktemp("server-creds")
+    for path in (pki.ca, pki.server_cert, pki.server_key):
+        (d / path.name).write_bytes(path.read_bytes())
+    return d
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["server-auth", "mutual"])
+def test_tls_creds_dir_means_require(
+    serve: StartServe,
+    pki: Pki,
+    server_creds: Path,
+    qemu_img: str,
+    source: Path,
+    workdir: Path,
+    verify: bool,
+) -> None:
+    """``--tls-creds DIR`` alone requires TLS: a plain client is refused, a TLS one
+    (with a client certificate when ``--tls-verify-client``) writes the archive."""
+    extra = ["--tls-creds", str(server_creds), *(["--tls-verify-client"] if verify else [])]
+    server = serve({"d0": SIZE}, extra, unix=False)
+    plain = run_tool(
+        [qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(source),
+         server.uri("d0", "tcp")],
+        check=False,
+    )  # fmt: skip
+    assert plain.returncode != 0
+    assert "TLS" in plain.stderr
+    if verify:  # ca-cert.pem of DIR is the one that checks client certificates
+        no_cert = qemu_tls_target(pki.ca_only, "d0", port=server.tcp_port)
+        assert qemu_img_convert(qemu_img, source, no_cert, check=False).returncode != 0
+    creds = pki.client if verify else pki.ca_only
+    qemu_img_convert(qemu_img, source, qemu_tls_target(creds, "d0", port=server.tcp_port))
+    finished(server, workdir, {"d0": source.read_bytes()})
+
+
+@pytest.mark.parametrize(
+    ("mode", "scheme", "level"), [("require", "nbds", "2"), ("on", "nbd", "1")]
+)
+def test_run_command_gets_the_tls_uri(
+    pki: Pki,
+    server_creds: Path,
+    nbdcopy: str,
+    source: Path,
+    workdir: Path,
+    mode: str,
+    scheme: str,
+    level: str,
+) -> None:
+    """``--run`` with TLS: ``$uri`` is ``nbds://`` when TLS is required (and a client
+    that follows it uses TLS), ``$tls`` is nbdkit's 1 (on) or 2 (require)."""
+    run = (
+        'printf "%s %s\\n" "$uri" "$tls" > env.out && '
+        f'nbdcopy --flush {source} "$uri?tls-certificates={pki.ca_only}"'
+    )
+    result = run_tool(
+        [sys.executable, "-m", "nbdvma", "serve", str(workdir / "out.vma"), "--disk",
+         f"d0={SIZE}", "--listen", "tcp:127.0.0.1:0", "--tls-creds", str(server_creds),
+         "--tls", mode, "--run", run, "-v"],
+        check=False, timeout=60, cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    port = result.stderr.split("listening on tcp:127.0.0.1:", 1)[1].split()[0]
+    assert (workdir / "env.out").read_text() == f"{scheme}://127.0.0.1:{port}/d0 {level}\n"
+    assert "TLS handshake failed" not in result.stderr
+    assert extract_disks(workdir / "out.vma", workdir / "x") == {"d0": source.read_bytes()}
+
+
+def test_tls_creds_dir_missing_file_is_named(workdir: Path, server_creds: Path) -> None:
+    partial = workdir / "creds"
+    partial.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem"):
+        (partial / name).write_bytes((server_creds / name).read_bytes())
+    result = run_tool(
+        [sys.executable, "-m", "nbdvma", "serve", str(workdir / "out.vma"), "--disk", "d0=1M",
+         "--listen", "tcp:127.0.0.1:0", "--tls-creds", str(partial)],
+        check=False, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"nbdvma serve: cannot read the TLS key {partial}/server-key.pem: "
+        "No such file or directory\n"
+    )
+    assert not (workdir / "out.vma.part").exists()
+
+
 # -- option errors ---------------------------------------------------------------------------
 
 
@@ -472,6 +563,10 @@ def test_not_tls_after_ack_fails_cleanly(serve: StartServe, pki: Pki) -> None:
         (["--tls", "on", "--tls-verify-client", "--tls-cert", "c", "--tls-key", "k"],
          "--tls-verify-client needs --tls-ca"),
         (["--idle-timeout", "0"], "positive number of seconds"),
+        (["--tls-creds", "/etc", "--tls-key", "k.pem"],
+         "--tls-creds DIR holds the certificate, key and CA: "
+         "give it or --tls-cert/--tls-key/--tls-ca, not both"),
+        (["--tls-creds", "/etc", "--tls", "off"], "--tls off contradicts --tls-creds"),
     ],
 )  # fmt: skip
 def test_option_errors_are_one_line(workdir: Path, args: list[str], message: str) -> None:

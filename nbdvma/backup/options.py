@@ -18,7 +18,7 @@ from nbdvma.pve import (
     vzdump_name,
     vzdump_vmid,
 )
-from nbdvma.tls import TlsConfig, TlsMode
+from nbdvma.tls import TlsConfig
 
 __all__ = ["BackupOptions", "archive_path", "select_disks"]
 
@@ -71,13 +71,7 @@ class BackupOptions:
         (and ``ca-cert.pem`` for client certificates) of :attr:`tls_creds`."""
         if self.tls_creds is None:
             return TlsConfig()
-        return TlsConfig(
-            mode=TlsMode.REQUIRE,
-            cert=os.path.join(self.tls_creds, "server-cert.pem"),
-            key=os.path.join(self.tls_creds, "server-key.pem"),
-            ca=os.path.join(self.tls_creds, "ca-cert.pem") if self.tls_verify_client else None,
-            verify_client=self.tls_verify_client,
-        )
+        return TlsConfig.from_creds_dir(self.tls_creds, verify_client=self.tls_verify_client)
 
 
 # -- discovery ---------------------------------------------------------------------------

@@ -6,6 +6,10 @@ line prefixed ``nbdvma serve:``).  SIGINT/SIGTERM leave ``ARCHIVE.part`` and nam
 is incomplete.  ``--backend null`` serves the same exports into a
 :class:`~nbdvma.backends.NullBackend` that discards every write (for benchmarks), and
 ends the same way.
+
+What users of qemu-nbd and nbdkit expect: ``--pid-file`` (:mod:`nbdvma.pidfile`),
+``--run`` (:mod:`nbdvma.captive`: the run ends with the command), ``--tls-creds DIR``
+and systemd socket activation (:mod:`nbdvma.activation`, instead of ``--listen``).
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import argparse
 import errno
 import functools
 import math
+import signal
 import sys
 
+import attrs
 import trio
 
+from nbdvma.activation import listen_fds
 from nbdvma.addresses import TcpAddress
+from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
     address_argument,
     count_argument,
@@ -30,11 +38,12 @@ from nbdvma.commands.common import (
     seconds_argument,
     size_argument,
 )
-from nbdvma.errors import NbdvmaError
+from nbdvma.errors import ActivationError, NbdvmaError, TlsError
+from nbdvma.pidfile import pid_file
 from nbdvma.pve import archive_configs, split_config_argument
 from nbdvma.server import ServerLimits
 from nbdvma.session import ArchiveSession, DiscardSession, ExportSession, SessionOptions
-from nbdvma.signals import stop_on_signals
+from nbdvma.signals import Interrupt, stop_on_signals
 from nbdvma.tls import TlsConfig, TlsMode
 
 __all__ = ["add_arguments", "run"]
@@ -110,27 +119,42 @@ async def _finish_when_space(session: ExportSession) -> None:
             return
 
 
+@attrs.frozen
+class Conventions:
+    """What serve does once it listens, as qemu-nbd and nbdkit users expect."""
+
+    #: ``--pid-file``: written once listening, removed at exit.
+    pid_file: str | None = None
+    #: ``--run``: a shell command that runs while serve listens (nbdkit's captive mode).
+    run: str | None = None
+
+
 async def run_session(
     options: SessionOptions,
     *,
     progress_interval: float = PROGRESS_INTERVAL,
     discard: bool = False,
+    conventions: Conventions = Conventions(),
 ) -> int:
-    """Run one session until every disk is complete or a signal arrives.
+    """Run one session until every disk is complete, a signal arrives, or the
+    ``--run`` command exits.
 
     Args:
         options: the archive, disks, listeners...
         progress_interval: seconds between progress lines.
         discard: serve into a :class:`~nbdvma.session.DiscardSession` (``--backend
             null``): the same exports and the same end, no archive.
+        conventions: ``--pid-file`` and ``--run``.
 
     Returns:
         The exit status: 0 when the archive is finished, 128 + the signal number
-        when interrupted first.
+        when interrupted first; with ``--run``, the command's status when not 0, and
+        1 when it exited 0 with the archive incomplete.
     """
     session = DiscardSession(options) if discard else ArchiveSession(options)
     if session.replaced:
         _say(f"replaced {session.replaced}, left by an earlier run no longer running")
+    command: CaptiveCommand | None = None
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             await session.start(nursery)
@@ -138,10 +162,24 @@ async def run_session(
                 _say(f"listening on {address}")
             if session.vmstate_address is not None:
                 _say(f"vmstate on {session.vmstate_address}")
-            nursery.start_soon(report_progress, session, progress_interval)
-            await session.done.wait()
-            await _finish_when_space(session)
-            nursery.cancel_scope.cancel()
+            with pid_file(conventions.pid_file):
+                command = await start_command(
+                    nursery,
+                    conventions.run,
+                    session.listening,
+                    options.disks[0][0],
+                    options.tls.mode,
+                    # The archive on stdout must not get the command's output mixed in.
+                    stdout=sys.stderr.fileno() if options.archive == "-" else None,
+                )
+                nursery.start_soon(report_progress, session, progress_interval)
+                await until_complete(session, command)
+                if session.done.is_set():
+                    await _finish_when_space(session)
+                    if command is not None and not command.exited.is_set():
+                        _say(f"{_complete(discard)}; waiting for the --run command to exit")
+                        await command.exited.wait()
+                nursery.cancel_scope.cancel()
     except BaseException:
         session.abort()
         raise
@@ -149,24 +187,45 @@ async def run_session(
         session.remove_sockets()
     # A signal during finish() does not stop it (it runs in a thread): then the archive
     # is complete after all, and that is what to report.
-    if stop.signum is not None and not session.finished:
+    if not session.finished:
         session.abort()
-        incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
-        if discard:
-            _say(f"interrupted by {stop.name}; incomplete: {incomplete}")
-        elif options.archive == "-":
-            _say(f"interrupted by {stop.name}; the output stream is incomplete: {incomplete}")
-        elif session.has_output:
-            _say(
-                f"interrupted by {stop.name}; the archive is incomplete and left as "
-                f"{options.archive}.part; incomplete: {incomplete}"
-            )
-        else:  # abort() removes a .part that never received anything
-            _say(f"interrupted by {stop.name} before anything was written; no archive left")
-        return 128 + stop.signum
+        return _report_incomplete(session, stop, command, discard=discard)
     for line in session.summary_lines():
         _say(line)
+    if command is not None and command.stopped:
+        _say(f"interrupted by {stop.name}; {_complete(discard)}; the --run command stopped")
+        return 128 + (stop.signum or signal.SIGINT)
+    if command is not None and command.status:
+        _say(f"the --run command {command.describe()}; {_complete(discard)}")
+        return command.status
     return 0
+
+
+def _complete(discard: bool) -> str:
+    return "every disk is complete" if discard else "the archive is complete"
+
+
+def _report_incomplete(
+    session: ExportSession, stop: Interrupt, command: CaptiveCommand | None, *, discard: bool
+) -> int:
+    """Say why the disks are incomplete and what is left of the archive; the exit status."""
+    if stop.signum is not None or command is None:
+        why, status = f"interrupted by {stop.name}", 128 + (stop.signum or signal.SIGINT)
+    else:
+        why, status = f"the --run command {command.describe()}", command.status or 1
+    incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
+    archive = session.options.archive
+    if discard:
+        _say(f"{why}; incomplete: {incomplete}")
+    elif archive == "-":
+        _say(f"{why}; the output stream is incomplete: {incomplete}")
+    elif session.has_output:
+        _say(
+            f"{why}; the archive is incomplete and left as {archive}.part; incomplete: {incomplete}"
+        )
+    else:  # abort() removes a .part that never received anything
+        _say(f"{why} before anything was written; no archive left; incomplete: {incomplete}")
+    return status
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +261,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=address_argument,
         metavar="unix:PATH|tcp:HOST:PORT",
-        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809)",
+        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809; "
+        "under systemd socket activation, the sockets systemd passes instead)",
+    )
+    parser.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="write serve's process id to FILE once it listens (a script that waits for "
+        "FILE can connect at once); removed at exit",
+    )
+    parser.add_argument(
+        "--run",
+        metavar="CMD",
+        help="once listening, run the shell command CMD (nbdkit's captive mode) with $uri "
+        "and $nbd (the NBD URI of the first --disk on the first listener), $exportname, "
+        "$unixsocket, $port and $tls set; serve ends when CMD does, with CMD's exit "
+        "status if not 0, else 0 only if the archive is complete; a signal to serve "
+        "stops CMD and what it started",
     )
     _server_options(parser)
 
@@ -256,9 +331,15 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls",
         choices=[m.value for m in TlsMode],
-        default=TlsMode.OFF.value,
         help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
-        "require: nothing works before TLS (default off)",
+        "require: nothing works before TLS (default: require with --tls-creds, else off)",
+    )
+    tls.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="the certificates in QEMU's tls-creds-x509 layout, as qemu-nbd takes them: "
+        "DIR/server-cert.pem, DIR/server-key.pem, and DIR/ca-cert.pem for "
+        "--tls-verify-client; implies --tls require (instead of --tls-cert/--tls-key/--tls-ca)",
     )
     tls.add_argument("--tls-cert", metavar="PEM", help="the server certificate (chain)")
     tls.add_argument("--tls-key", metavar="PEM", help="its private key (unencrypted)")
@@ -266,7 +347,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls-verify-client",
         action="store_true",
-        help="require a client certificate signed by --tls-ca",
+        help="require a client certificate signed by --tls-ca (or DIR/ca-cert.pem)",
     )
 
 
@@ -279,6 +360,29 @@ def _disk(text: str) -> tuple[str, int]:
             "the name vmstate is the VM state's: give it with --vmstate ADDRESS"
         )
     return name, size_argument(size)
+
+
+def _tls_config(args: argparse.Namespace) -> TlsConfig:
+    """``--tls-creds DIR`` (TLS required unless ``--tls`` says otherwise), or the
+    separate ``--tls-cert``/``--tls-key``/``--tls-ca`` files."""
+    if args.tls_creds is None:
+        return TlsConfig(
+            mode=TlsMode(args.tls or TlsMode.OFF.value),
+            cert=args.tls_cert,
+            key=args.tls_key,
+            ca=args.tls_ca,
+            verify_client=args.tls_verify_client,
+        )
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        raise TlsError(
+            "--tls-creds DIR holds the certificate, key and CA: "
+            "give it or --tls-cert/--tls-key/--tls-ca, not both"
+        )
+    return TlsConfig.from_creds_dir(
+        args.tls_creds,
+        TlsMode(args.tls or TlsMode.REQUIRE.value),
+        verify_client=args.tls_verify_client,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,6 +403,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Read (and unset) first, so that no child ever sees the variables.
+    activated = listen_fds()
+    if activated and args.listen:
+        raise ActivationError(
+            f"systemd passes {len(activated)} listening socket(s) (LISTEN_FDS): "
+            "serve listens on those; drop --listen"
+        )
     names = [name for name, _ in args.disk]
     if len(set(names)) != len(names):
         raise NbdvmaError("each --disk needs a different name")
@@ -315,20 +426,20 @@ def _run(args: argparse.Namespace) -> int:
         disks=tuple(args.disk),
         configs=tuple(configs),
         vmstate=args.vmstate,
-        listen=tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
+        listen=() if activated else tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
+        listen_fds=activated,
         compress=args.compress,
         unix_mode=args.socket_mode,
-        tls=TlsConfig(
-            mode=TlsMode(args.tls),
-            cert=args.tls_cert,
-            key=args.tls_key,
-            ca=args.tls_ca,
-            verify_client=args.tls_verify_client,
-        ),
+        tls=_tls_config(args),
         limits=ServerLimits(
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
             handshake_timeout=args.handshake_timeout,
         ),
     )
-    return trio.run(functools.partial(run_session, options, discard=args.backend == "null"))
+    conventions = Conventions(pid_file=args.pid_file, run=args.run)
+    return trio.run(
+        functools.partial(
+            run_session, options, discard=args.backend == "null", conventions=conventions
+        )
+    )
