@@ -216,7 +216,8 @@ def test_run_archive_finalized_while_the_command_runs(
     command (which sees the archive) and exits with its status."""
     run = (
         f'qemu-img convert -n -f raw -O raw {image[0]} "$uri" || exit 1; '
-        "for i in $(seq 200); do [ -e out.vma ] && exit 5; sleep 0.05; done; exit 1"
+        # (Still running a while after the rename, so that serve has said it waits.)
+        "for i in $(seq 200); do [ -e out.vma ] && sleep 0.5 && exit 5; sleep 0.05; done; exit 1"
     )
     result = serve_run(workdir, {"d0": MiB}, ["tcp:127.0.0.1:0"], ["--run", run])
     assert result.returncode == 5, result.stderr
