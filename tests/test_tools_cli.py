@@ -17,7 +17,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vmagen import CTIME, Slot, block, extent, header, image_archive
+from vmagen import CTIME, Slot, block, extent, header, header_size_of, image_archive
 
 from nbdvma.cli import main
 from nbdvma.tools.common import Progress
@@ -458,16 +458,26 @@ def test_create_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     capsys.readouterr()
     assert main(["list", str(arch)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [
+    # Every config is listed, as vma lists them: the data digest too, last.
+    assert lines[:4] == [
         f"CFG: size: {len(CONF)} name: qemu-server.conf",
+        "CFG: size: 93 name: nbdvma-digest",
         f"DEV: dev_id=1 size: {len(a)} devname: disk0",
         f"DEV: dev_id=2 size: {len(b)} devname: efi",
     ]
     assert main(["verify", "--strict", str(arch)]) == 0
+    extents = arch.stat().st_size - header_size_of(arch.read_bytes())
+    assert capsys.readouterr().out == f"data digest (blake3) verified over {extents} bytes\n"
     assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == a
     assert (tmp_path / "o" / "disk-efi.raw").read_bytes() == b
     assert (tmp_path / "o" / "qemu-server.conf").read_bytes() == CONF
+    # The digest is checked, not restored: no file for it.
+    assert sorted(os.listdir(tmp_path / "o")) == [
+        "disk-disk0.raw",
+        "disk-efi.raw",
+        "qemu-server.conf",
+    ]
 
 
 @pytest.mark.parametrize("size", [1000, 4196, 65537, 70000])
