@@ -307,3 +307,16 @@ def test_the_digest_name_is_reserved_and_takes_a_config_slot(tmp_path: Path) -> 
         for i in range(256):  # no digest on a stream: every slot is the caller's
             stream.add_config(f"c{i}", b"")
         stream.abort()
+
+
+def test_extract_verbose_ends_with_the_digest_line(
+    archive: tuple[Path, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, data = archive
+    out = tmp_path / "o"
+    assert main(["extract", "-v", str(path), str(out)]) == 0
+    extents = path.stat().st_size - header_size_of(path.read_bytes())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"data digest (blake3) verified over {extents} bytes"
+    assert (out / "disk-disk0.raw").read_bytes() == data
+    assert sorted(os.listdir(out)) == ["disk-disk0.raw", "qemu-server.conf"]
