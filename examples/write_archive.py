@@ -64,7 +64,11 @@ def main(directory: str) -> int:
                     at = next(stored)
                     target[start : start + 4096] = cluster.data[at : at + 4096]
         reader.check_missing()
+        # The BLAKE3 digest nbdvma records for a file archive: raises if a byte changed.
+        digest = reader.check_digest()
+        assert digest is not None
         print(f"configs: {[name for name, _ in reader.header.configs]}")
+        print(f"data digest (blake3) verified over {digest.length} bytes")
     for name, data in disks.items():
         assert restored[name][: len(data)] == data, name
         print(f"{name}: {len(data)} bytes read back identical")

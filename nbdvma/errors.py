@@ -19,6 +19,7 @@ __all__ = [
     "AddressError",
     "BackupError",
     "ClusterConflictError",
+    "DataDigestError",
     "ListenError",
     "LocalProtocolError",
     "NbdvmaError",
@@ -52,6 +53,12 @@ class VmaFormatError(NbdvmaError):
     The message is the one Proxmox's ``vma`` prints where there is one
     (``wrong vma extent header chechsum`` [sic], ...), so that errors can be compared.
     """
+
+
+class DataDigestError(VmaFormatError):
+    """An archive's extents do not match the data digest its header records, or the
+    digest is still the placeholder of an archive that was never finished
+    (:mod:`nbdvma.vma.digest`)."""
 
 
 class VmaWriterError(NbdvmaError):

@@ -527,11 +527,14 @@ def test_backup_user_config_named_100_conf_and_exclude(
     )
     assert_images_restored(extract(archive, workdir / "r"), pve_images, ["scsi0", "virtio0"])
 
-    # --config none: no config at all; --drive: only that disk.
+    # --config none: no config of the VM (the data digest only); --drive: only that disk.
     bare = workdir / "bare.vma"
     result = backup("--qmp", vm.qmp_address, bare, "--config", "none", "--drive", "virtio1")
     assert result.returncode == 0, result.stderr
-    assert "CFG:" not in nbdvma("list", bare).stdout
+    listed = nbdvma("list", bare).stdout.splitlines()
+    assert [line for line in listed if line.startswith("CFG:")] == [
+        "CFG: size: 93 name: nbdvma-digest"
+    ]
     assert_images_restored(extract(bare, workdir / "b"), pve_images, ["virtio1"])
 
     # Bad choices fail with one line, leave nothing and QEMU as it was.

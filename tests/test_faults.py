@@ -39,6 +39,7 @@ from servehelpers import ServeProcess, extract_disks, nbdvma, poll_until, start_
 
 from nbdvma.errors import VmaFormatError
 from nbdvma.qmp import QmpClient
+from nbdvma.vma.digest import DataDigest
 from nbdvma.vma.format import VMA_CLUSTER_SIZE
 from nbdvma.vma.journal import parse_journal, read_journal
 from nbdvma.vma.reader import VmaReader
@@ -213,6 +214,9 @@ class FullDisk:
 
     def patch_header(self, header: bytes) -> None:
         self.inner.patch_header(header)
+
+    def data_digest(self) -> DataDigest | None:
+        return self.inner.data_digest()
 
     def sync(self) -> None:
         self.inner.sync()

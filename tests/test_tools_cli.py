@@ -17,7 +17,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vmagen import CTIME, Slot, block, extent, header, image_archive
+from vmagen import CTIME, Slot, block, extent, header, header_size_of, image_archive
 
 from nbdvma.cli import main
 from nbdvma.tools.common import Progress
@@ -28,6 +28,11 @@ from nbdvma.vma.writer import VmaWriter
 C = VMA_CLUSTER_SIZE
 NBDVMA = str(Path(sys.executable).with_name("nbdvma"))
 CONF = b"memory: 512\nname: test\n"
+#: What verify says about an archive without nbdvma's data digest (vmagen's have none).
+NO_DIGEST = (
+    "no data digest: the extents' structure was checked, their data could not be "
+    "(not written by nbdvma to a file)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -126,23 +131,28 @@ def test_verify_silent_and_verbose(
 ) -> None:
     path = str(two_disks[0])
     assert main(["verify", path]) == 0
-    assert capsys.readouterr().out == ""
+    # vma prints nothing; we say what could not be checked.
+    assert capsys.readouterr().out == NO_DIGEST + "\n"
     assert main(["verify", "-v", path]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CFG: ")
     assert lines[4].startswith("CTIME: ")
     assert lines[5].startswith("progress 1% (read 65536 bytes, duration ")
     # 74 clusters read, 73 whole ones counted: like vma, the last line is over 100%.
-    assert lines[-3].startswith("progress 101% (read 4849664 bytes")
-    assert lines[-2].startswith("total bytes read 4849664, sparse bytes ")
-    assert lines[-1].startswith("space reduction due to 4K zero blocks ")
+    assert lines[-4].startswith("progress 101% (read 4849664 bytes")
+    assert lines[-3].startswith("total bytes read 4849664, sparse bytes ")
+    assert lines[-2].startswith("space reduction due to 4K zero blocks ")
+    assert lines[-1] == NO_DIGEST
 
 
 def test_verify_no_image_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.vma"
     path.write_bytes(header([], [("qemu-server.conf", CONF)]) + extent([]))
     assert main(["verify", "-v", str(path)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "vma archive contains no image data"
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "vma archive contains no image data",
+        NO_DIGEST,
+    ]
 
 
 def test_verify_failure_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -469,16 +479,26 @@ def test_create_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     capsys.readouterr()
     assert main(["list", str(arch)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [
+    # Every config is listed, as vma lists them: the data digest too, last.
+    assert lines[:4] == [
         f"CFG: size: {len(CONF)} name: qemu-server.conf",
+        "CFG: size: 93 name: nbdvma-digest",
         f"DEV: dev_id=1 size: {len(a)} devname: disk0",
         f"DEV: dev_id=2 size: {len(b)} devname: efi",
     ]
     assert main(["verify", "--strict", str(arch)]) == 0
+    extents = arch.stat().st_size - header_size_of(arch.read_bytes())
+    assert capsys.readouterr().out == f"data digest (blake3) verified over {extents} bytes\n"
     assert main(["extract", str(arch), str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "disk-disk0.raw").read_bytes() == a
     assert (tmp_path / "o" / "disk-efi.raw").read_bytes() == b
     assert (tmp_path / "o" / "qemu-server.conf").read_bytes() == CONF
+    # The digest is checked, not restored: no file for it.
+    assert sorted(os.listdir(tmp_path / "o")) == [
+        "disk-disk0.raw",
+        "disk-efi.raw",
+        "qemu-server.conf",
+    ]
 
 
 @pytest.mark.parametrize("size", [1000, 4196, 65537, 70000])

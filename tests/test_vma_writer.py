@@ -6,6 +6,7 @@ that a reader bug cannot hide a writer bug.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -16,11 +17,18 @@ import tracemalloc
 from pathlib import Path
 
 import attrs
+import blake3
 import pverules
 import pytest
 import zstandard
 
 from nbdvma.errors import ClusterConflictError, PartialBufferFullError, VmaWriterError
+from nbdvma.vma.digest import (
+    DIGEST_CONFIG,
+    DIGEST_RECORD_SIZE,
+    DataDigest,
+    parse_digest_untrusted,
+)
 from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_CLUSTER_SIZE,
@@ -31,7 +39,7 @@ from nbdvma.vma.format import (
     header_size_untrusted,
 )
 from nbdvma.vma.journal import encode_journal, parse_journal
-from nbdvma.vma.sink import FileSink, StreamSink, open_sink
+from nbdvma.vma.sink import FileSink, Sink, StreamSink, open_sink
 from nbdvma.vma.writer import VmaWriter
 
 C = VMA_CLUSTER_SIZE
@@ -108,6 +116,15 @@ def parse(data: bytes) -> Parsed:
             if j * VMA_BLOCK_SIZE >= valid:
                 assert not mask >> j & 1
     assert stream_order == list(range(len(stream_order)))
+    # A finished archive on a file records the BLAKE3 digest of all after its header
+    # (docs/integrity.md), computed here by hand.
+    record = header.config(DIGEST_CONFIG)
+    if record is not None:
+        extents = data[header_size:]
+        assert record == b"blake3 %s %020d\n" % (
+            blake3.blake3(extents).hexdigest().encode(),
+            len(extents),
+        )
     return Parsed(header, clusters, extent_slots, stream_order)
 
 
@@ -116,17 +133,28 @@ def new_writer(tmp_path: Path, **kwargs: object) -> tuple[VmaWriter, Path]:
     return VmaWriter(open_sink(str(path)), **kwargs), path  # type: ignore[arg-type]
 
 
-def test_header_follows_the_c_writer(tmp_path: Path) -> None:
-    w, path = new_writer(tmp_path, uuid=bytes(range(16)), ctime=1_700_000_000)
-    w.add_config("/etc/pve/qemu-server.conf", b"x" * 637)
-    w.add_device("drive-efidisk0", 540672)
-    w.add_device("drive-scsi0", 4 * C)
-    w.finish()
+@pytest.mark.parametrize("target", ["stream", "file"])
+def test_header_follows_the_c_writer(tmp_path: Path, target: str) -> None:
+    path = tmp_path / "out.vma"
+    # A stream gets no data digest: its header is the C writer's to the byte.  A file
+    # gets one more config, the digest, after the others, as the C writer would lay
+    # out a second vma_writer_add_config().
+    with contextlib.ExitStack() as stack:
+        if target == "stream":
+            sink: Sink = StreamSink(stack.enter_context(path.open("wb")))
+        else:
+            sink = open_sink(str(path))
+        w = VmaWriter(sink, uuid=bytes(range(16)), ctime=1_700_000_000)
+        w.add_config("/etc/pve/qemu-server.conf", b"x" * 637)
+        w.add_device("drive-efidisk0", 540672)
+        w.add_device("drive-scsi0", 4 * C)
+        w.finish()
     data = path.read_bytes()
     # The example of the format doc, section 13: a 637-byte config and these two devices.
     blob_size, header_size = struct.unpack_from(">II", data, 52)
+    digest_blobs = 2 + len(DIGEST_CONFIG) + 1 + 2 + DIGEST_RECORD_SIZE if target == "file" else 0
     assert (blob_size, header_size) == (
-        1 + 2 + 17 + 2 + 637 + 2 + 15 + 2 + 12,
+        1 + 2 + 17 + 2 + 637 + digest_blobs + 2 + 15 + 2 + 12,
         13824,
     )
     assert struct.unpack_from(">I", data, 48)[0] == VMA_HEADER_SIZE
@@ -135,7 +163,14 @@ def test_header_follows_the_c_writer(tmp_path: Path) -> None:
     assert hashlib.md5(zeroed).digest() == data[32:48]
     assert data[header_size - 1] == 0  # zero padding after the blobs
     p = parse(data)
-    assert p.header.configs == (("qemu-server.conf", b"x" * 637),)
+    assert p.header.configs[0] == ("qemu-server.conf", b"x" * 637)
+    if target == "file":
+        name, record = p.header.configs[1]
+        assert name == DIGEST_CONFIG
+        assert parse_digest_untrusted(record) == DataDigest(
+            blake3.blake3(data[header_size:]).hexdigest(), len(data) - header_size
+        )
+    assert len(p.header.configs) == (2 if target == "file" else 1)
     assert p.header.ctime == 1_700_000_000
     assert p.header.uuid == bytes(range(16))
     assert [(d.dev_id, d.name, d.size) for d in p.header.devices] == [
@@ -154,7 +189,11 @@ def test_config_is_stored_as_data_not_its_name(tmp_path: Path) -> None:
     w.add_config("qemu-server.fw", b"")
     w.finish()
     p = parse(path.read_bytes())
-    assert p.header.configs == (("qemu-server.conf", b"memory: 512\n"), ("qemu-server.fw", b""))
+    assert p.header.configs[:2] == (
+        ("qemu-server.conf", b"memory: 512\n"),
+        ("qemu-server.fw", b""),
+    )
+    assert [name for name, _ in p.header.configs[2:]] == [DIGEST_CONFIG]
 
 
 def test_no_devices_gives_header_and_one_empty_extent(tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ from collections.abc import Iterable
 from typing import Any, BinaryIO, TextIO, cast
 
 from nbdvma.errors import ToolError, VmaFormatError
+from nbdvma.vma.digest import DIGEST_ALGORITHM, DataDigest
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, DeviceInfo
 from nbdvma.vma.reader import VmaReader
 
-__all__ = ["Progress", "check_name", "open_reader", "strerror"]
+__all__ = ["Progress", "check_name", "digest_line", "open_reader", "strerror"]
 
 
 def strerror(exc: OSError) -> str:
@@ -95,6 +96,16 @@ def open_reader(path: str, *, skip: Iterable[int] = ()) -> VmaReader:
         raise ToolError(f"can't open file {path} - {strerror(exc)}") from exc
     except VmaFormatError as exc:
         raise ToolError(str(exc)) from exc
+
+
+def digest_line(digest: DataDigest | None) -> str:
+    """What ``verify`` (and ``extract -v``) say about the data: checked, or not."""
+    if digest is None:
+        return (
+            "no data digest: the extents' structure was checked, their data could not be "
+            "(not written by nbdvma to a file)\n"
+        )
+    return f"data digest ({DIGEST_ALGORITHM}) verified over {digest.length} bytes\n"
 
 
 def check_name(name: str, what: str) -> None:

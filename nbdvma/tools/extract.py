@@ -3,7 +3,8 @@
 Differs from ``vma extract`` where the real tool is lossy or careless: disks are
 restored to their exact size (not the last full sector), ``vmstate.bin`` gets every
 stored cluster including zero blocks, nothing is ever left half-written under a final
-name, and existing files are never overwritten.
+name, existing files are never overwritten, and the data are checked against
+nbdvma's data digest, which is not written out as a config file.
 
 Each file is written under a temporary name (``tmp-disk-NAME.raw``) and renamed only
 once the whole archive has been read and checked.  The writes of one extent run in a
@@ -21,8 +22,9 @@ from typing import TextIO
 
 from nbdvma.errors import ToolError, VmaFormatError
 from nbdvma.interrupts import deferred
-from nbdvma.tools.common import Progress, check_name, open_reader, strerror
+from nbdvma.tools.common import Progress, check_name, digest_line, open_reader, strerror
 from nbdvma.vma.background import BackgroundWriter
+from nbdvma.vma.digest import DIGEST_CONFIG, DataDigest
 from nbdvma.vma.fileio import Writeback, preallocate
 from nbdvma.vma.format import (
     FULL_MASK,
@@ -285,9 +287,11 @@ def extract_archive(
         try:
             _create_files(reader, outputs, selected, out)
             progress = Progress(reader, disks, out if verbose else None)
-            _restore(reader, worker, outputs.targets, disks, progress)
+            digest = _restore(reader, worker, outputs.targets, disks, progress)
             outputs.give_names()
             progress.totals()
+            if verbose:
+                out.write(digest_line(digest))
         except BaseException:
             worker.close()  # no write may touch a descriptor after it is closed
             outputs.discard()
@@ -315,7 +319,10 @@ def _create_files(
     """The directory, the configs, and a temporary file for each selected device."""
     outputs.make_dir()
     for name, data in reader.header.configs:
-        outputs.write_config(name, data)
+        # The data digest is checked, not restored: it describes the archive's
+        # extents, and nothing in the directory could be checked against it.
+        if name != DIGEST_CONFIG:
+            outputs.write_config(name, data)
     for dev in selected:
         target = outputs.add(dev, reader.vmstate_id)
         if target.size is not None:
@@ -329,11 +336,14 @@ def _restore(
     targets: dict[int, _Target],
     disks: list[DeviceInfo],
     progress: Progress,
-) -> None:
+) -> DataDigest | None:
     """Read every extent into the files, check the whole, make the files durable.
 
+    Returns:
+        The data digest the extents matched (``None``: the archive has none).
+
     Raises:
-        ToolError: ``restore failed - <reason>``.
+        ToolError: ``restore failed - <reason>``, a changed byte included.
     """
     try:
         for extent in reader.extents(buffers=_EXTRACT_BUFFERS, reuse=worker.release):
@@ -347,6 +357,8 @@ def _restore(
                     _write_cluster(target, cluster)
             progress.update(len(extent))
             _submit_writes(worker, targets.values())
+        # No file gets its final name unless the data are those written.
+        digest = reader.check_digest()
         reader.check_missing(disks)
         worker.drain()
         for target in targets.values():
@@ -354,6 +366,7 @@ def _restore(
                 _finish_vmstate(target, reader.device(reader.vmstate_id))
             os.fsync(target.fd)
             target.close()
+        return digest
     except VmaFormatError as exc:
         raise ToolError(f"restore failed - {exc}") from exc
     except BrokenPipeError:

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from nbdvma.errors import ToolError, VmaFormatError
-from nbdvma.tools.common import Progress, open_reader
+from nbdvma.tools.common import Progress, digest_line, open_reader
+from nbdvma.vma.digest import DataDigest
 from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_MAX_DEVICES
 from nbdvma.vma.reader import Cluster, VmaReader
 
@@ -89,7 +90,9 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
 
     Unlike ``vma verify``, missing clusters (S15, which only ``vma extract`` checks)
     fail verification too: such an archive cannot be restored, and it is what an
-    interrupted backup leaves as ``ARCHIVE.part``.
+    interrupted backup leaves as ``ARCHIVE.part``.  And it checks the data: where the
+    header carries nbdvma's data digest, the extents must match it; it prints one
+    line that says whether they did or that the archive has no digest.
 
     Args:
         path: the archive, ``-`` for stdin.
@@ -103,12 +106,13 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
     """
     with open_reader(path) as reader:
         try:
-            _verify(reader, out if verbose else None, strict=strict)
+            digest = _verify(reader, out if verbose else None, strict=strict)
         except VmaFormatError as exc:
             raise ToolError(f"verify failed - {exc}") from exc
+    out.write(digest_line(digest))
 
 
-def _verify(reader: VmaReader, out: TextIO | None, *, strict: bool) -> None:
+def _verify(reader: VmaReader, out: TextIO | None, *, strict: bool) -> DataDigest | None:
     """Read every extent, then check what only the whole archive shows."""
     if out is not None:
         out.writelines(_content_lines(reader))
@@ -120,6 +124,8 @@ def _verify(reader: VmaReader, out: TextIO | None, *, strict: bool) -> None:
             for cluster in extent:
                 _strict_check(cluster)
         progress.update(len(extent))
+    # First: a cut archive is named as such, not by the first cluster it lacks.
+    digest = reader.check_digest()
     try:
         reader.check_missing()
     except VmaFormatError as exc:
@@ -130,3 +136,4 @@ def _verify(reader: VmaReader, out: TextIO | None, *, strict: bool) -> None:
             name = dev.name if dev is not None else str(dev_id)
             raise VmaFormatError(f"{count} cluster(s) of stream {name} store data past its end")
     progress.totals()
+    return digest

@@ -17,6 +17,10 @@ pipe, stdin or a zstd decompression stream (:func:`open_source`).
    the buffer's turn comes again.
 3. :meth:`VmaReader.check_missing` is S15 (``vma extract`` only) and is called by the
    consumer after the last extent.
+4. :meth:`VmaReader.check_digest`, also called after the last extent, compares the
+   extents with the data digest that nbdvma records in the header
+   (:mod:`nbdvma.vma.digest`); :meth:`VmaReader.extents` hashes them as it reads them
+   when the header has one.  Proxmox's reader has no such check: VMA checks no data.
 
 Duplicate and missing clusters are tracked in one bitmap per disk, with the bounds of
 the C reader's bitmap (S8); the bitmap is split in lazily allocated chunks, so a
@@ -41,7 +45,8 @@ from typing import BinaryIO, NamedTuple, cast
 import attrs
 import zstandard
 
-from nbdvma.errors import VmaFormatError
+from nbdvma.errors import DataDigestError, VmaFormatError
+from nbdvma.vma.digest import DIGEST_CONFIG, DataDigest, StreamHasher, parse_digest_untrusted
 from nbdvma.vma.format import (
     FULL_MASK,
     VMA_BLOCK_SIZE,
@@ -254,6 +259,9 @@ class VmaReader:
         }
         self._bufs = [bytearray(VMA_MAX_EXTENT_SIZE)]
         self._done = False
+        # The extents are hashed only where there is a digest to compare them with.
+        self._digest_record = self.header.config(DIGEST_CONFIG)
+        self._hasher = StreamHasher() if self._digest_record is not None else None
 
     @classmethod
     def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
@@ -342,6 +350,8 @@ class VmaReader:
             if got < extent_size:
                 raise VmaFormatError(f"short vma extent ({got} < {extent_size})")
             clusters = self._check_extent(ehead, buf, extent_size)
+            if self._hasher is not None:
+                self._hasher.update((buf[:extent_size],))
             self.stats.extents += 1
             yield clusters
         self._done = True
@@ -492,6 +502,43 @@ class VmaReader:
             missing = bitmap.first_missing(dev.cluster_count)
             if missing is not None:
                 raise VmaFormatError(f"detected missing cluster {missing} for stream {dev.name}")
+
+    def check_digest(self) -> DataDigest | None:
+        """Compare the extents read with the data digest of the header.
+
+        Call after the last extent.
+
+        Returns:
+            The digest the header records, which the extents match; ``None`` for an
+            archive that has none (not written by nbdvma, or written to a stream):
+            then nothing checked the extents' data.
+
+        Raises:
+            DataDigestError: the extents differ from the digest (a changed byte, a cut
+                or extended archive), the archive was never finished (the digest is
+                still the placeholder), or the record is not one nbdvma writes.
+        """
+        if self._digest_record is None or self._hasher is None:
+            return None
+        expected = parse_digest_untrusted(self._digest_record)
+        if expected is None:
+            raise DataDigestError(
+                "the archive is incomplete: nbdvma did not finish it (its data digest is "
+                "still the placeholder written at the start)"
+            )
+        actual = self._hasher.result()
+        if actual.length != expected.length:
+            raise DataDigestError(
+                f"data length mismatch: the extents are {actual.length} bytes, the header "
+                f"records {expected.length} (the archive was cut or extended after it was "
+                "written)"
+            )
+        if actual.hexdigest != expected.hexdigest:
+            raise DataDigestError(
+                f"data digest mismatch: the extents hash to {actual.hexdigest}, the header "
+                f"records {expected.hexdigest} (the archive was changed after it was written)"
+            )
+        return expected
 
     def close(self) -> None:
         """Close the source and drop the extent buffers.  Idempotent."""

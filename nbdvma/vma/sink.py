@@ -1,9 +1,10 @@
 """Where the archive bytes go: a regular file, a pipe, optionally zstd-compressed.
 
 The writer hands a sink whole *units* (the header, then one extent at a time) and
-asks it for four things besides writing them: to read a unit back (so that a replayed
+asks it for five things besides writing them: to read a unit back (so that a replayed
 write can be compared with what is stored, and a READ can be answered), to rewrite the
-header in place (the VM-state length is known only at the end), to make everything
+header in place (the VM-state length and the data digest are known only at the end),
+the digest of the extents written (:mod:`nbdvma.vma.digest`), to make everything
 durable (FLUSH), and to give the archive its final name (finish).
 
 Guarantees:
@@ -17,6 +18,8 @@ Guarantees:
   and is replaced (:attr:`FileSink.replaced` says what was).
 * A unit whose write fails (``ENOSPC``...) is cut off again (``ftruncate``), so the
   next attempt starts at a unit boundary and the file never carries half an extent.
+* A regular-file archive hashes every extent it has written (uncompressed, in file
+  order), in the thread that writes it; a unit that failed is not hashed.
 * zstd: every unit is its own zstd frame (a concatenation of frames is one valid zstd
   stream, what ``zstd -d`` and vzdump's restore read).  The header is stored as a
   frame of *raw* blocks, so that it keeps its length and can be rewritten in place,
@@ -39,6 +42,7 @@ from typing import BinaryIO, Protocol
 
 from nbdvma.errors import VmaWriterError
 from nbdvma.vma.background import BackgroundWriter, ThreadGuard
+from nbdvma.vma.digest import DataDigest, StreamHasher
 from nbdvma.vma.fileio import Writeback, preallocate
 
 __all__ = ["BackgroundSink", "FileSink", "Sink", "StreamSink", "open_sink"]
@@ -80,6 +84,10 @@ class Sink(Protocol):
 
     def patch_header(self, header: bytes) -> None:
         """Rewrite the header (same length) in place."""
+
+    def data_digest(self) -> DataDigest | None:
+        """The digest of every unit appended so far, uncompressed, or ``None`` where
+        the header cannot be rewritten to record it (a stream)."""
 
     def sync(self) -> None:
         """Make every unit written so far durable."""
@@ -183,6 +191,7 @@ class FileSink:
             os.close(self._fd)  # the lock goes with it; a stale .part stays stale
             raise
         self._zstd = _Compressor() if compress == "zstd" else None
+        self._hasher = StreamHasher()
         self._pos = 0
         self._header_len = 0
         # File offset of each unit's start; one more entry marks the current end.
@@ -295,6 +304,10 @@ class FileSink:
         """See :meth:`Sink.append`."""
         start = self._pos
         self._write_unit([self._zstd.compress(parts)] if self._zstd else parts)
+        # Hashed once written: a unit that failed was cut off again and is not part
+        # of the archive.  (Here, in the thread that writes: off the event loop when
+        # the server writes an extent, in the worker thread behind BackgroundSink.)
+        self._hasher.update(parts)
         self._starts.append(start)
         return len(self._starts) - 1
 
@@ -318,6 +331,10 @@ class FileSink:
         if len(data) != self._header_len:
             raise VmaWriterError("a patched header must keep its length")
         os.pwrite(self._fd, data, 0)
+
+    def data_digest(self) -> DataDigest:
+        """See :meth:`Sink.data_digest`."""
+        return self._hasher.result()
 
     def sync(self) -> None:
         """See :meth:`Sink.sync`."""
@@ -429,6 +446,10 @@ class StreamSink:
         """Not possible on a stream."""
         raise VmaWriterError("the archive is a stream: its header cannot be rewritten")
 
+    def data_digest(self) -> None:
+        """None: the header, written first, cannot be rewritten to record one."""
+        return None
+
     def sync(self) -> None:
         """Push what was written to the reader; a pipe has no stable storage."""
         try:
@@ -508,6 +529,11 @@ class BackgroundSink:
         """See :meth:`Sink.patch_header`."""
         self._worker.drain()
         self.inner.patch_header(header)
+
+    def data_digest(self) -> DataDigest | None:
+        """See :meth:`Sink.data_digest`: once the extents in flight are written."""
+        self._worker.drain()
+        return self.inner.data_digest()
 
     def sync(self) -> None:
         """See :meth:`Sink.sync`."""

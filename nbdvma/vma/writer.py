@@ -33,6 +33,9 @@ clusters are stored whole): appends of any size, packed into clusters in order (
 reader demands 0, 1, 2, ...), the tail padded at finish.  Its size in the header is a
 hint until finish, which rewrites it with the true length when the sink allows it.
 
+Data digest: where the header can be rewritten (a file), a config blob holds a BLAKE3
+digest of the extents, patched in at :meth:`finish` (:mod:`nbdvma.vma.digest`).
+
 FLUSH: whole clusters go out as a (short) extent, partly written ones to the side
 journal ``ARCHIVE.part.journal`` (format: :mod:`nbdvma.vma.journal`).
 
@@ -64,6 +67,7 @@ from nbdvma.vma.clusters import (
     mask_and_blocks,
     retained,
 )
+from nbdvma.vma.digest import DIGEST_CONFIG, digest_config
 from nbdvma.vma.extents import Extents
 from nbdvma.vma.format import (
     FULL_MASK,
@@ -113,11 +117,15 @@ class VmaWriter:
         self._ctime = ctime
         self._max_partial = max(VMA_CLUSTER_SIZE, max_partial_bytes)
         self._configs: list[tuple[str, bytes]] = []
+        # A digest only where finish can patch it in: a stream's header is written
+        # once, and must not carry a digest that never comes.
+        self._with_digest = sink.seekable
         self._devices: list[Disk | VmState] = []
         self._vmstate: VmState | None = None
         self._extents = Extents(sink, self.uuid, self._build_header)
         self._partial_bytes = 0
         self._state = "open"  # open -> finished | aborted
+        self._patched = b""  # the final header, once it is in place
         self._started = False  # a write came: the header's contents are fixed
 
     # -- registration ---------------------------------------------------------------
@@ -126,13 +134,17 @@ class VmaWriter:
         """Store a config blob (``qemu-server.conf``...) under ``basename(name)``.
 
         Raises:
-            VmaWriterError: after the first data, more than 256 configs, data over 65535
-                bytes or a name that does not fit.
+            VmaWriterError: after the first data, more than 256 configs (255 where the
+                archive carries a data digest), data over 65535 bytes, a name that
+                does not fit or the digest's own name.
         """
         self._check_registration()
         name = os.path.basename(name)
-        if len(self._configs) >= VMA_MAX_CONFIGS:
-            raise VmaWriterError(f"too many configs (at most {VMA_MAX_CONFIGS})")
+        if name == DIGEST_CONFIG:
+            raise VmaWriterError(f"config name {name!r} is reserved for the data digest")
+        limit = VMA_MAX_CONFIGS - self._with_digest  # the digest takes a slot
+        if len(self._configs) >= limit:
+            raise VmaWriterError(f"too many configs (at most {limit})")
         if len(data) > VMA_MAX_BLOB_SIZE:
             raise VmaWriterError(
                 f"config {name!r} is {len(data)} bytes; the format allows {VMA_MAX_BLOB_SIZE}"
@@ -412,6 +424,8 @@ class VmaWriter:
     # -- the header ---------------------------------------------------------------------
 
     def _build_header(self, *, final: bool = False) -> bytes:
+        """The header: as first written, or ``final`` (the stream's true length and
+        the digest of the extents, for a rewrite in place at finish)."""
         if self._ctime is None:
             self._ctime = int(time.time())
         devices = []
@@ -420,9 +434,10 @@ class VmaWriter:
             if isinstance(dev, VmState) and final and dev.length:
                 size = dev.length
             devices.append((dev.name, size))
-        return build_header(
-            uuid=self.uuid, ctime=self._ctime, configs=self._configs, devices=devices
-        )
+        configs = self._configs
+        if self._with_digest:
+            configs = [*configs, digest_config(self._sink.data_digest() if final else None)]
+        return build_header(uuid=self.uuid, ctime=self._ctime, configs=configs, devices=devices)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -506,8 +521,8 @@ class VmaWriter:
 
         Partial clusters are completed with zeros, never-written clusters are emitted
         as zero clusters, the stream's tail is padded, the last extent is written, the
-        header is rewritten with the stream's true length where the sink allows, and
-        the sink commits (fsync, rename, fsync of the directory).
+        header is rewritten with the stream's true length and the data digest where
+        the sink allows, and the sink commits (fsync, rename, fsync of the directory).
 
         A sink error (``ENOSPC``...) leaves the writer open: ``finish`` may be called
         again once the cause is gone.
@@ -526,8 +541,11 @@ class VmaWriter:
             self._extents.write_empty()
         self._extents.flush()
         self._extents.write_header()
-        if self._sink.seekable and self._vmstate is not None:
-            self._sink.patch_header(self._build_header(final=True))
+        if self._sink.seekable:
+            final = self._build_header(final=True)
+            if final != self._patched:  # a retried finish may have closed the file
+                self._sink.patch_header(final)
+                self._patched = final
         self._sink.commit()
         self._state = "finished"
 
