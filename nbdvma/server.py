@@ -262,6 +262,8 @@ class NbdServer:
                 await trio.aclose_forcefully(conn.stream)
             if conn.export_name is not None:
                 self.observer.connection_ended(conn.export_name)
+                if clean:
+                    log.info("%s: disconnected from export %r", peer, conn.export_name)
 
     async def _send(self, conn: _Connection) -> None:
         """Write what the core has queued (taken now, so messages stay whole)."""

@@ -39,6 +39,11 @@ BACKUP = ["backup", "--qmp", "unix:/run/q.sock", "x.vma"]
         (["backup", "--qmp", "/nope", "x.vma"], "argument --qmp: '/nope': expected unix:PATH"),
         ([*BACKUP, "--listen", "tcp:host"], "argument --listen: 'tcp:host'"),
         ([*BACKUP, "--bandwidth-limit", "-5"], "argument --bandwidth-limit: invalid size '-5'"),
+        (
+            [*SERVE, "--compress", "zstd:0"],
+            "argument --compress: zstd level '0': expected a whole number from 1 to 19",
+        ),
+        ([*BACKUP, "--compress", "lz4"], "argument --compress: unknown compression 'lz4'"),
     ],
 )
 def test_bad_option_values_say_what_is_wrong(

@@ -203,10 +203,15 @@ def test_qemu_img_each_transport(
     check_archive(finished_archive(server), workdir, {"d0": data})
 
 
-def test_qemu_img_compressed_archive(serve: StartServe, qemu_img: str, workdir: Path) -> None:
-    data = source_bytes(ODD_SIZE, 4)
+@pytest.mark.parametrize(("compress", "size"), [("zstd", ODD_SIZE), ("zstd:9", 4 * SIZE)])
+def test_qemu_img_compressed_archive(
+    serve: StartServe, qemu_img: str, workdir: Path, compress: str, size: int
+) -> None:
+    """Extents compressed on every core and written in order (several extents with
+    the larger disk); any level gives the same archive content."""
+    data = source_bytes(size, 4)
     src = write_sparse(workdir / "src.raw", data)
-    server = serve({"d0": ODD_SIZE}, archive=workdir / "out.vma.zst", extra=["--compress", "zstd"])
+    server = serve({"d0": size}, archive=workdir / "out.vma.zst", extra=["--compress", compress])
     wait_ok(qemu_img_convert(qemu_img, src, server.uri("d0")))
     archive = finished_archive(server)
     assert archive.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zstd frame magic
@@ -771,8 +776,9 @@ def test_null_backend_ends_as_the_vma_one_does(
 
 
 def test_null_backend_interrupted_exits_as_the_vma_one(serve: StartServe, qemu_io: str) -> None:
-    server = serve({"d0": MiB, "d1": MiB}, extra=["--backend", "null"])
+    server = serve({"d0": MiB, "d1": MiB}, extra=["--backend", "null", "-v"])
     run_qemu_io(qemu_io, server.uri("d0"), "write -P 1 0 1M")
+    poll_until(lambda: "disconnected from export 'd0'" in server.stderr(), 10, "d0's end")
     server.signal(signal.SIGINT)
     assert server.wait() == 128 + signal.SIGINT
     assert "nbdvma serve: interrupted by SIGINT; incomplete: d1\n" in server.stderr()

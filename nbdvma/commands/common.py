@@ -9,11 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from nbdvma.addresses import Address, parse_address
-from nbdvma.errors import AddressError, NbdvmaError
+from nbdvma.errors import AddressError, NbdvmaError, VmaWriterError
 from nbdvma.units import parse_size
+from nbdvma.vma.zstdframes import parse_compression
 
 __all__ = [
     "address_argument",
+    "compress_argument",
     "count_argument",
     "describe_error",
     "first_error",
@@ -81,6 +83,15 @@ def read_configs(
         except OSError as exc:
             raise NbdvmaError(f"config {path}: {exc.strerror or exc}") from None
     return items
+
+
+def compress_argument(text: str) -> str:
+    """``--compress zstd`` or ``zstd:LEVEL`` (1..19), as argparse wants its errors."""
+    try:
+        parse_compression(text)
+    except VmaWriterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def address_argument(text: str) -> Address:

@@ -29,6 +29,7 @@ from nbdvma.addresses import TcpAddress
 from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
     address_argument,
+    compress_argument,
     count_argument,
     describe_error,
     first_error,
@@ -284,7 +285,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
     """How the server runs: compression, backend, sockets, limits, deadlines, TLS."""
-    parser.add_argument("--compress", choices=["zstd"], help="compress the archive with zstd")
+    parser.add_argument(
+        "--compress",
+        type=compress_argument,
+        metavar="zstd[:LEVEL]",
+        help="compress the archive with zstd, on every core (level 1-19; default 3, vzdump's)",
+    )
     parser.add_argument(
         "--backend",
         choices=["vma", "null"],

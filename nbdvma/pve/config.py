@@ -323,7 +323,7 @@ def vzdump_name(vmid: int, when: datetime.datetime, compress: str | None) -> str
     """``vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma[.zst]`` for a backup started at ``when``."""
     if not VMID_MIN <= vmid <= VMID_MAX:
         raise ValueError(f"VMID {vmid} is outside {VMID_MIN}..{VMID_MAX}")
-    ext = ".vma.zst" if compress == "zstd" else ".vma"
+    ext = ".vma.zst" if compress is not None and compress.partition(":")[0] == "zstd" else ".vma"
     return f"vzdump-qemu-{vmid}-{when.strftime('%Y_%m_%d-%H_%M_%S')}{ext}"
 
 

@@ -23,7 +23,9 @@ Guarantees:
 * zstd: every unit is its own zstd frame (a concatenation of frames is one valid zstd
   stream, what ``zstd -d`` and vzdump's restore read).  The header is stored as a
   frame of *raw* blocks, so that it keeps its length and can be rewritten in place,
-  and each extent frame can be decompressed on its own to read it back.
+  and each extent frame can be decompressed on its own to read it back.  Extents are
+  compressed on every core (:mod:`nbdvma.vma.zstdframes`) and written in order by later
+  calls; ``sync``, ``commit`` and the digest first write every unit accepted.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import fcntl
 import functools
 import os
 import stat
-import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -44,14 +45,17 @@ from nbdvma.errors import VmaWriterError
 from nbdvma.vma.background import BackgroundWriter, ThreadGuard
 from nbdvma.vma.digest import DataDigest, StreamHasher
 from nbdvma.vma.fileio import Writeback, preallocate
+from nbdvma.vma.zstdframes import (
+    FramePipeline,
+    decompress_frame,
+    parse_compression,
+    zstd_raw_frame,
+)
 
 __all__ = ["BackgroundSink", "FileSink", "Sink", "StreamSink", "open_sink"]
 
 Buffer = bytes | bytearray | memoryview
 
-_ZSTD_MAGIC = struct.pack("<I", 0xFD2FB528)
-_ZSTD_MAX_RAW_BLOCK = 128 * 1024
-_ZSTD_LEVEL = 3  # zstd's own default, which vzdump also uses
 # FileSink.reserve sets disk blocks aside this many bytes ahead of the writes.
 _RESERVE_AHEAD = 64 << 20
 
@@ -103,46 +107,6 @@ class Sink(Protocol):
         unless ``discard`` (or nothing was written at all): then it is removed."""
 
 
-def _zstd_raw_frame(data: bytes) -> bytes:
-    """A zstd frame holding ``data`` uncompressed (RFC 8878 raw blocks).
-
-    Its length depends only on ``len(data)``, so it can be overwritten in place.
-    """
-    # Frame header descriptor: 4-byte content size (flag 2), single segment.
-    out = bytearray(_ZSTD_MAGIC + bytes([0xA0]) + struct.pack("<I", len(data)))
-    view = memoryview(data)
-    pos = 0
-    while True:
-        block = view[pos : pos + _ZSTD_MAX_RAW_BLOCK]
-        pos += len(block)
-        last = pos >= len(data)
-        out += (len(block) << 3 | last).to_bytes(3, "little")  # block type 0: raw
-        out += block
-        if last:
-            return bytes(out)
-
-
-class _Compressor:
-    """One zstd frame per unit, from the ``zstandard`` library."""
-
-    def __init__(self) -> None:
-        import zstandard
-
-        # Every extent's frame carries zstd's content checksum (XXH64), as the zstd CLI
-        # (and so vzdump) writes it: a changed byte fails the decompression, where VMA
-        # itself checks no data.  The header's frame is stored raw: it has its MD5.
-        self._cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=-1, write_checksum=True)
-        self._dctx = zstandard.ZstdDecompressor()
-
-    def compress(self, parts: Sequence[Buffer]) -> bytes:
-        data: bytes = self._cctx.compress(b"".join(parts))
-        return data
-
-    def decompress(self, frame: bytes) -> bytes:
-        data: bytes = self._dctx.decompress(frame)
-        return data
-
-
 def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
     """Write all of ``parts`` at the file position; return the number of bytes."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
@@ -190,7 +154,12 @@ class FileSink:
         except BaseException:
             os.close(self._fd)  # the lock goes with it; a stale .part stays stale
             raise
-        self._zstd = _Compressor() if compress == "zstd" else None
+        level = parse_compression(compress)
+        self._zstd = (
+            None
+            if level is None
+            else FramePipeline(self._write_frame, level=level, thread_guard=thread_guard)
+        )
         self._hasher = StreamHasher()
         self._pos = 0
         self._header_len = 0
@@ -296,48 +265,65 @@ class FileSink:
 
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`."""
-        data = _zstd_raw_frame(header) if self._zstd else header
+        data = zstd_raw_frame(header) if self._zstd is not None else header
         self._write_unit([data])
         self._header_len = len(data)
 
     def append(self, parts: Sequence[Buffer]) -> int:
-        """See :meth:`Sink.append`."""
+        """See :meth:`Sink.append`.  With zstd the unit is compressed in the pool and
+        written by a later call (see :class:`~nbdvma.vma.zstdframes.FramePipeline`)."""
+        if self._zstd is not None:
+            self._zstd.submit(parts)
+            return len(self._starts) + self._zstd.queued - 1
+        self._write_frame(None, parts)
+        return len(self._starts) - 1
+
+    def _write_frame(self, frame: bytes | None, parts: Sequence[Buffer]) -> None:
+        """Write one unit (as ``frame`` when compressed), then account for it."""
         start = self._pos
-        self._write_unit([self._zstd.compress(parts)] if self._zstd else parts)
+        self._write_unit(parts if frame is None else [frame])
         # Hashed once written: a unit that failed was cut off again and is not part
         # of the archive.  (Here, in the thread that writes: off the event loop when
         # the server writes an extent, in the worker thread behind BackgroundSink.)
         self._hasher.update(parts)
         self._starts.append(start)
-        return len(self._starts) - 1
 
     def read_unit(self, index: int, offset: int, length: int) -> bytes:
         """See :meth:`Sink.read_unit`."""
+        if index >= len(self._starts):  # still in the compression pipeline
+            assert self._zstd is not None
+            return self._zstd.pending(index - len(self._starts))[offset : offset + length]
         start = self._starts[index]
         if self._zstd is None:
             return os.pread(self._rfd, length, start + offset)
         if self._cache is None or self._cache[0] != index:
             end = self._starts[index + 1] if index + 1 < len(self._starts) else self._pos
             frame = os.pread(self._rfd, end - start, start)
-            self._cache = (index, self._zstd.decompress(frame))
+            self._cache = (index, decompress_frame(frame))
         return self._cache[1][offset : offset + length]
 
     def release(self, buffer: object) -> None:
-        """See :meth:`Sink.release`: :meth:`append` is done with its parts on return."""
+        """See :meth:`Sink.release`: waits for the units still to be compressed."""
+        if self._zstd is not None:
+            self._zstd.release(buffer)
 
     def patch_header(self, header: bytes) -> None:
         """See :meth:`Sink.patch_header`."""
-        data = _zstd_raw_frame(header) if self._zstd else header
+        data = zstd_raw_frame(header) if self._zstd is not None else header
         if len(data) != self._header_len:
             raise VmaWriterError("a patched header must keep its length")
         os.pwrite(self._fd, data, 0)
 
     def data_digest(self) -> DataDigest:
-        """See :meth:`Sink.data_digest`."""
+        """See :meth:`Sink.data_digest` (every unit accepted is written first)."""
+        if self._zstd is not None:
+            self._zstd.drain()
         return self._hasher.result()
 
     def sync(self) -> None:
-        """See :meth:`Sink.sync`."""
+        """See :meth:`Sink.sync` (every unit accepted is written first)."""
+        if self._zstd is not None:
+            self._zstd.drain()
         os.fsync(self._fd)
 
     def write_journal(self, data: bytes | None) -> None:
@@ -371,6 +357,8 @@ class FileSink:
         """
         if not self._closed:
             if not self._renamed:
+                if self._zstd is not None:
+                    self._zstd.drain()
                 # Frees what reserve() set aside and was not needed (the size stays).
                 os.ftruncate(self._fd, self._pos)
                 os.fsync(self._fd)
@@ -393,6 +381,8 @@ class FileSink:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._zstd is not None:
+                self._zstd.close()
             self._writeback.close()
             os.close(self._fd)
             os.close(self._rfd)
@@ -404,11 +394,22 @@ class StreamSink:
     readable = False
     seekable = False
 
-    def __init__(self, stream: BinaryIO, *, compress: str | None = None) -> None:
+    def __init__(
+        self,
+        stream: BinaryIO,
+        *,
+        compress: str | None = None,
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
         """Write to ``stream`` (its file descriptor, unbuffered)."""
         self._stream = stream
         self._fd = stream.fileno()
-        self._zstd = _Compressor() if compress == "zstd" else None
+        level = parse_compression(compress)
+        self._zstd = (
+            None
+            if level is None
+            else FramePipeline(self._write_frame, level=level, thread_guard=thread_guard)
+        )
         self._count = 0
         self._broken = False
 
@@ -422,16 +423,22 @@ class StreamSink:
             self._broken = True
             raise
 
+    def _write_frame(self, frame: bytes, parts: Sequence[Buffer]) -> None:
+        self._write([frame])
+
     def reserve(self, nbytes: int) -> None:
         """Nothing to set aside in a stream."""
 
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`."""
-        self._write([_zstd_raw_frame(header) if self._zstd else header])
+        self._write([zstd_raw_frame(header) if self._zstd is not None else header])
 
     def append(self, parts: Sequence[Buffer]) -> int:
-        """See :meth:`Sink.append`."""
-        self._write([self._zstd.compress(parts)] if self._zstd else parts)
+        """See :meth:`Sink.append` (with zstd, written by a later call)."""
+        if self._zstd is not None:
+            self._zstd.submit(parts)
+        else:
+            self._write(parts)
         self._count += 1
         return self._count - 1
 
@@ -440,7 +447,9 @@ class StreamSink:
         raise VmaWriterError("the archive is a stream: what was written cannot be read back")
 
     def release(self, buffer: object) -> None:
-        """See :meth:`Sink.release`: :meth:`append` is done with its parts on return."""
+        """See :meth:`Sink.release`: waits for the units still to be compressed."""
+        if self._zstd is not None:
+            self._zstd.release(buffer)
 
     def patch_header(self, header: bytes) -> None:
         """Not possible on a stream."""
@@ -452,6 +461,8 @@ class StreamSink:
 
     def sync(self) -> None:
         """Push what was written to the reader; a pipe has no stable storage."""
+        if self._zstd is not None:
+            self._zstd.drain()
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -467,6 +478,8 @@ class StreamSink:
 
     def abort(self, *, discard: bool = False) -> None:
         """Nothing to undo: the reader of the stream sees it end early."""
+        if self._zstd is not None:
+            self._zstd.close()
 
 
 class BackgroundSink:
@@ -576,7 +589,8 @@ def open_sink(
     Args:
         path: a file path, or ``-`` for stdout.  A path ending in ``.zst`` selects
             zstd compression; an existing FIFO or character device is written as a stream.
-        compress: ``"zstd"`` or ``None`` (then inferred from the ``.zst`` suffix).
+        compress: ``"zstd"``, ``"zstd:LEVEL"`` or ``None`` (then inferred from the
+            ``.zst`` suffix).
         thread_guard: what a file's helper thread is started inside (see
             :class:`~nbdvma.vma.background.BackgroundWriter`).
 
@@ -586,14 +600,15 @@ def open_sink(
     """
     if compress is None and path.endswith(".zst"):
         compress = "zstd"
-    if compress not in (None, "zstd"):
-        raise VmaWriterError(f"unknown compression {compress!r} (only zstd is supported)")
+    parse_compression(compress)  # an unknown one is refused before a file is made
     if path == "-":
-        return StreamSink(sys.stdout.buffer, compress=compress)
+        return StreamSink(sys.stdout.buffer, compress=compress, thread_guard=thread_guard)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         mode = 0
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
-        return StreamSink(open(path, "wb", buffering=0), compress=compress)
+        return StreamSink(
+            open(path, "wb", buffering=0), compress=compress, thread_guard=thread_guard
+        )
     return FileSink(path, compress=compress, thread_guard=thread_guard)
