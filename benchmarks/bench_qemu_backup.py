@@ -257,18 +257,18 @@ async def _backup_job(qmp_address: str, device: str, sock: Path) -> tuple[float,
                 },
             },
         )
-        try:
-            await qmp.execute(
-                "blockdev-backup",
-                {"job-id": "benchjob", "device": device, "target": "benchtgt", "sync": "full"},
-            )
-            event = await events.wait(
-                "BLOCK_JOB_COMPLETED", match={"device": "benchjob"}, timeout=JOB_TIMEOUT
-            )
-            if "error" in event.data:
-                raise RuntimeError(f"blockdev-backup failed: {event.data['error']}")
-        finally:
-            await qmp.execute("blockdev-del", {"node-name": "benchtgt"}, timeout=600)
+        # On a failure or Ctrl-C before the job's end, the node stays: QEMU is killed
+        # at the end of the benchmark anyway.
+        await qmp.execute(
+            "blockdev-backup",
+            {"job-id": "benchjob", "device": device, "target": "benchtgt", "sync": "full"},
+        )
+        event = await events.wait(
+            "BLOCK_JOB_COMPLETED", match={"device": "benchjob"}, timeout=JOB_TIMEOUT
+        )
+        await qmp.execute("blockdev-del", {"node-name": "benchtgt"}, timeout=600)
+        if "error" in event.data:
+            raise RuntimeError(f"blockdev-backup failed: {event.data['error']}")
         return start, time.perf_counter()
 
 
