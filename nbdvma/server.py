@@ -31,11 +31,12 @@ import math
 import socket
 import ssl
 from collections.abc import Sequence
+from typing import cast
 
 import attrs
 import trio
 
-from nbdvma.backends import Backend
+from nbdvma.backends import Backend, WriteNow
 from nbdvma.errors import RemoteProtocolError, errno_for_exception
 from nbdvma.nbd import (
     NEED_DATA,
@@ -179,6 +180,10 @@ class NbdServer:
         self.backend = backend
         self.limits = limits or ServerLimits()
         self.observer = observer or ConnectionObserver()
+        # The backend's optional fast path (nbdvma.backends.WriteNow), if it has one.
+        self._write_now: WriteNow | None = (
+            cast("WriteNow", backend) if hasattr(backend, "write_now") else None
+        )
         # A request failed and no write has succeeded since (see requests_recovered).
         self._failing = False
         self.tls_mode = tls_mode
@@ -310,6 +315,8 @@ class NbdServer:
                         if scope.cancelled_caught:
                             raise trio.TooSlowError
                 elif isinstance(event, Request):
+                    if self._write_now is not None and self._done_now(conn, event):
+                        continue  # answered; the reply goes with the next _send
                     cost = len(event.data) if event.data is not None else 0
                     # A payload received in place was counted when its buffer was made.
                     conn.budget.take(cost - conn.reserved)
@@ -342,6 +349,10 @@ class NbdServer:
                     # DISC: the outstanding requests finish (the nursery waits), then close.
                     if isinstance(event, ConnectionClosed) and event.truncated:
                         log.info("%s: connection closed in the middle of a message", conn.peer)
+                    # The replies of requests answered at once (a client that only
+                    # shut down its sending side still reads them).
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._send(conn)
                     return
 
     async def _receive(self, conn: _Connection) -> None:
@@ -384,6 +395,52 @@ class NbdServer:
         conn.core.tls_established()
         log.info("%s: TLS %s established", conn.peer, tls.version())
 
+    def _done_now(self, conn: _Connection, req: Request) -> bool:
+        """Answer a WRITE or WRITE_ZEROES (without FUA) at once through the backend's
+        :class:`~nbdvma.backends.WriteNow`, if it accepts; ``False``: spawn it as usual."""
+        write_now = self._write_now
+        assert write_now is not None
+        assert conn.export_name is not None
+        if req.flags & NbdCmdFlag.NBD_CMD_FLAG_FUA:
+            return False
+        try:
+            if req.command == NbdCommand.NBD_CMD_WRITE:
+                assert req.data is not None
+                done = write_now.write_now(conn.export_name, req.offset, req.data)
+            elif req.command == NbdCommand.NBD_CMD_WRITE_ZEROES:
+                done = write_now.zero_now(conn.export_name, req.offset, req.length)
+            else:
+                return False
+        except Exception as exc:
+            self._answer_error(conn, req, exc)
+        else:
+            if not done:
+                return False
+            conn.core.send_reply(req.cookie)
+            self._answered(conn.export_name, req)
+        # A payload received in place was counted when its buffer was made.
+        conn.budget.release(conn.reserved)
+        self._budget.release(conn.reserved)
+        conn.reserved = 0
+        return True
+
+    def _answer_error(self, conn: _Connection, req: Request, exc: Exception) -> None:
+        """Queue the error reply to a request that raised ``exc``."""
+        assert conn.export_name is not None
+        err = errno_for_exception(exc)
+        if err != errno.ENOSPC:
+            log.warning("%s: %s failed: %s", conn.peer, req.command.name, exc)
+        # (A full disk is the observer's to report: once, not per request.)
+        self._failing = True
+        self.observer.request_failed(conn.export_name, req.command.name, err)
+        conn.core.send_error(req.cookie, err, str(exc))
+
+    def _answered(self, export_name: str, req: Request) -> None:
+        """A request succeeded: tell the observer when that ends a run of failures."""
+        if self._failing and req.command in _WRITE_COMMANDS:
+            self._failing = False
+            self.observer.requests_recovered(export_name, req.command.name)
+
     async def _execute(self, conn: _Connection, req: Request, cost: int) -> None:
         core = conn.core
         export_name = conn.export_name
@@ -414,17 +471,9 @@ class NbdServer:
                 else:  # NBD_CMD_CACHE: a hint
                     core.send_reply(req.cookie)
             except Exception as exc:
-                err = errno_for_exception(exc)
-                if err != errno.ENOSPC:
-                    log.warning("%s: %s failed: %s", conn.peer, req.command.name, exc)
-                # (A full disk is the observer's to report: once, not per request.)
-                self._failing = True
-                self.observer.request_failed(export_name, req.command.name, err)
-                core.send_error(req.cookie, err, str(exc))
+                self._answer_error(conn, req, exc)
             else:
-                if self._failing and req.command in _WRITE_COMMANDS:
-                    self._failing = False
-                    self.observer.requests_recovered(export_name, req.command.name)
+                self._answered(export_name, req)
             await self._send(conn)
         finally:
             conn.in_flight -= 1
