@@ -3,10 +3,13 @@
 ``qemu-img convert`` of a random image into ``serve --backend null`` of each tree, the
 trees alternating round after round so that drifts of the machine hit both; the figure
 is the server process's CPU seconds (``wait4`` rusage: user + system), which a disk
-or a slow client does not inflate.  Usage::
+or a slow client does not inflate.  With ``--backend vma`` the image is the mixed disk
+of ``bench_backup.py`` and serve writes a VMA archive, into ``--dir`` (default
+``/dev/shm``: a tmpfs, so that only the software's own cost counts).  Usage::
 
     git worktree add /tmp/base ae36cb5
     .venv/bin/python benchmarks/compare_trees.py /tmp/base . [--size 1G] [--rounds 8]
+    .venv/bin/python benchmarks/compare_trees.py /tmp/base . --backend vma
 
 Prints a table (median and range of each tree) and the ratio of the medians.
 """
@@ -35,14 +38,16 @@ def serve_command(tree: Path) -> list[str]:
     return ["-m", "nbdvma", "serve"]
 
 
-def one_round(tree: Path, image: Path, size: int, work: Path) -> tuple[float, float]:
+def one_round(tree: Path, image: Path, size: int, work: Path, backend: str) -> tuple[float, float]:
     """Wall seconds of the copy and the server's CPU seconds."""
-    sock = work / "null.sock"
+    sock = work / "serve.sock"
     sock.unlink(missing_ok=True)
+    archive = work / "x.vma"
+    archive.unlink(missing_ok=True)
     server = subprocess.Popen(
         [
-            *(sys.executable, *serve_command(tree), str(work / "x.vma")),
-            *("--disk", f"d0={size}", "--backend", "null", "--listen", f"unix:{sock}"),
+            *(sys.executable, *serve_command(tree), str(archive)),
+            *("--disk", f"d0={size}", "--backend", backend, "--listen", f"unix:{sock}"),
         ],
         env={**os.environ, "PYTHONPATH": str(tree)},
         cwd=work,  # not the repository: "-m" would import from the current directory
@@ -61,6 +66,11 @@ def one_round(tree: Path, image: Path, size: int, work: Path) -> tuple[float, fl
         ],
         check=True,
     )
+    if backend == "vma":  # it finishes the archive and exits by itself
+        _, status, usage = os.wait4(server.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"serve of {tree} failed")
+        return time.monotonic() - start, usage.ru_utime + usage.ru_stime
     wall = time.monotonic() - start
     # Older trees serve null until a signal; newer ones end once the disk is written.
     # (os.kill, not Popen.terminate: that would reap an exited child before wait4.)
@@ -76,19 +86,29 @@ def main() -> int:
     parser.add_argument("new", type=Path, help="the changed tree")
     parser.add_argument("--size", type=parse_size, default=1 << 30)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--backend", choices=["null", "vma"], default="null")
+    parser.add_argument("--dir", type=Path, default=Path("/dev/shm"), help="image, archive")
     args = parser.parse_args()
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
-    with tempfile.TemporaryDirectory(prefix="nbdvma-cmp-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nbdvma-cmp-", dir=args.dir) as tmp:
         work = Path(tmp)
-        image = work / "random.raw"
-        with image.open("wb") as f:
-            for _ in range(args.size >> 20):
-                f.write(os.urandom(1 << 20))
+        image = work / "source.raw"
+        if args.backend == "vma":
+            from bench_backup import make_disk
+
+            make_disk(image, args.size)
+        else:
+            with image.open("wb") as f:
+                for _ in range(args.size >> 20):
+                    f.write(os.urandom(1 << 20))
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                results[name].append(one_round(tree, image, args.size, work))
-    print(f"| tree | server CPU s, median | range | wall s, median |  ({args.rounds} rounds)")
+                results[name].append(one_round(tree, image, args.size, work, args.backend))
+    print(
+        f"| tree | server CPU s, median | range | wall s, median |  "
+        f"({args.rounds} rounds, --backend {args.backend}, {args.dir})"
+    )
     print("|---|---|---|---|")
     medians = {}
     for name, runs in results.items():
