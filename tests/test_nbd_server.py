@@ -1167,6 +1167,43 @@ def test_payload_in_place_cut_short_by_eof() -> None:
     assert conn.next_event() == ConnectionClosed(truncated=True)
 
 
+def _in_place_write(conn: NbdServerConnection, payload: bytes) -> Request:
+    _write_header(conn, len(payload))
+    view = conn.payload_buffer()
+    view[:] = payload
+    conn.payload_received(len(payload))
+    del view
+    ev = conn.next_event()
+    assert isinstance(ev, Request)
+    return ev
+
+
+def test_payload_buffers_are_recycled_only_once_nothing_refers_to_them() -> None:
+    """A payload's buffer comes back for a later payload of its size only when no
+    request, memoryview (the writer keeps views) or other reference is left."""
+    conn = make()
+    go(conn)
+    size = 128 * 1024
+    first = _in_place_write(conn, b"a" * size)
+    assert first.data is not None
+    kept = memoryview(first.data)[4096:8192]  # as a writer's cluster record keeps it
+    buffer_id = id(first.data)
+    del first
+    second = _in_place_write(conn, b"b" * size)
+    assert second.data is not None
+    assert id(second.data) != buffer_id  # still viewed: never handed out again
+    assert bytes(kept) == b"a" * 4096  # and never overwritten
+    del kept
+    del second
+    third = _in_place_write(conn, b"c" * size)
+    assert third.data is not None
+    assert third.data == b"c" * size
+    assert id(third.data) in {buffer_id}  # the oldest free one of that size, reused
+    other = _in_place_write(conn, b"d" * (size + 512))  # another size: a new buffer
+    assert other.data is not None
+    assert id(other.data) != id(third.data)
+
+
 def test_payload_buffer_misuse() -> None:
     conn = make()
     go(conn)

@@ -18,6 +18,7 @@ that it is copied once, by the kernel.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TypeAlias
 
@@ -47,6 +48,21 @@ from .events import (
 from .handshake import Agreement
 from .records import ExportInfo, Limits
 from .state import ReceiveState, RxState
+
+#: Recycled payload buffers, per connection: at most this many bytes in all ...
+_POOL_BYTES = 8 << 20
+#: ... of buffers of at most this size (a larger payload gets a buffer of its own).
+_POOL_MAX_BUFFER = 2 << 20
+
+
+def _unshared_refcount() -> int:
+    """``sys.getrefcount`` of a pooled buffer only its pool refers to, measured the way
+    :meth:`Transmission._new_payload` measures (it depends on the interpreter)."""
+    pool = [bytearray(1)]
+    return sys.getrefcount(pool[0])
+
+
+_UNSHARED = _unshared_refcount()
 
 __all__ = ["Transmission"]
 
@@ -111,6 +127,7 @@ class Transmission:
         self._request: wire.RequestHeader | None = None
         # A WRITE payload being received in place (see payload_buffer)
         self._payload: bytearray | None = None
+        self._pool: list[bytearray] = []
         self._payload_pos = 0
         self._drain_left = 0
         self._rejection: _Rejection | None = None
@@ -208,10 +225,29 @@ class Transmission:
         hdr = self._request
         assert hdr is not None
         if self._payload is None:
-            self._payload = bytearray(hdr.length)
+            self._payload = self._new_payload(hdr.length)
             self._payload_pos = 0
         self._absorb_buffered_payload()  # what receive_data already brought goes first
         return memoryview(self._payload)[self._payload_pos :]
+
+    def _new_payload(self, length: int) -> bytearray:
+        """A buffer for a payload: a recycled one that nothing refers to any more, or a
+        new one.  Recycling saves a zero-filled allocation (and its page faults) per
+        WRITE: a tenth of the server's CPU for a stream of 2 MiB WRITEs."""
+        pool = self._pool
+        for i in range(len(pool)):
+            # Only the pool refers to it: no request, no writer record, no memoryview
+            # (a view holds its exporter), no thread writing or hashing it.
+            if len(pool[i]) == length and sys.getrefcount(pool[i]) <= _UNSHARED:
+                buf = pool.pop(i)
+                pool.append(buf)
+                return buf
+        buf = bytearray(length)
+        if length <= _POOL_MAX_BUFFER:
+            pool.append(buf)
+            while sum(map(len, pool)) > _POOL_BYTES:
+                del pool[0]
+        return buf
 
     def _absorb_buffered_payload(self) -> None:
         """Move received bytes of the current payload into its in-place buffer."""
