@@ -535,7 +535,13 @@ class BackgroundSink:
         return self.inner.read_unit(index, offset, length)
 
     def release(self, buffer: object) -> None:
-        """See :meth:`Sink.release`: waits for the extents that still read from it."""
+        """See :meth:`Sink.release`: waits for the extents that still read from it.
+
+        The inner sink may still hold views after its ``append`` returned (zstd
+        compresses behind): it is asked too, in the worker thread, after the appends
+        queued before (a job that names ``buffer``, so that this waits for it).
+        """
+        self._worker.submit(functools.partial(self.inner.release, buffer), (buffer,), 0)  # type: ignore[arg-type]
         self._worker.release(buffer)
 
     def patch_header(self, header: bytes) -> None:
