@@ -49,10 +49,11 @@ qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel tcg -m 128 -
 qemu_pid=$!
 
 "$py" -m nbdvma serve "$tmp/backup.vma" --listen "tcp:127.0.0.1:$port" \
-  --disk "drive-scsi0=$size" &
+  --disk "drive-scsi0=$size" --pid-file "$tmp/serve.pid" &
 serve_pid=$!
 for _ in $(seq 100); do [ -S "$tmp/qmp.sock" ] && break; sleep 0.1; done
-sleep 0.5  # let serve bind its port
+# The pid file appears once serve listens (as with qemu-nbd and nbdkit).
+for _ in $(seq 200); do [ -s "$tmp/serve.pid" ] && break; sleep 0.05; done
 
 # Raw QMP: greeting, qmp_capabilities, drive-backup, then wait for BLOCK_JOB_COMPLETED.
 # With format=raw and mode=existing QEMU opens the export as is (no probe, no create),
