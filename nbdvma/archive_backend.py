@@ -8,21 +8,35 @@ blocks the archive stores as zeros (``HOLE|ZERO``), so that ``qemu-img convert``
 ``nbdcopy`` skip them and write sparse images.  Writes never reach it: the core answers
 them ``EPERM`` (``NBD_FLAG_READ_ONLY``); should one arrive anyway, it is refused the
 same way.  Nothing is ever written, so ``CAN_MULTI_CONN`` holds trivially.
+
+:func:`open_archive` gets an archive ready to serve: it indexes a plain ``.vma`` or an
+nbdvma ``.vma.zst`` in place; any other compressed archive (vzdump's single-stream
+``.vma.zst``, ``.vma.gz``, ``.vma.lzo``) is first decompressed once into a sparse
+temporary file, unlinked as soon as it is open, so that nothing is left behind.
+:class:`PrepareState` tells the caller how far that has got (the library prints
+nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Collection, Sequence
 from typing import cast
 
+import attrs
 import trio
 
+from nbdvma.errors import NbdvmaError, UnindexableArchiveError
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
-from nbdvma.vma.index import IndexedArchive
+from nbdvma.tools.common import is_lzop, open_decompressed
+from nbdvma.vma.index import IndexedArchive, VmstateWriter, build_index, decompress_into
+from nbdvma.vma.reader import GZIP_MAGIC
 
-__all__ = ["READ_ONLY", "ArchiveBackend"]
+__all__ = ["READ_ONLY", "ArchiveBackend", "PrepareState", "open_archive"]
 
 _HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
 
@@ -87,3 +101,93 @@ class ArchiveBackend:
             self.archive.block_status, export_name, offset, length, limiter=self._limiter
         )
         return [(n, _HOLE if zero else 0) for n, zero in runs]
+
+
+@attrs.define
+class PrepareState:
+    """How far :func:`open_archive` has got; read by another thread to show progress,
+    and the way to stop it (:attr:`cancelled`)."""
+
+    #: ``"indexing"`` or ``"decompressing"``.
+    phase: str = "indexing"
+    #: Bytes of the file being indexed read so far, or bytes decompressed so far.
+    done: int = 0
+    #: Size of the file being indexed (0 while decompressing: unknown).
+    total: int = 0
+    #: Why the archive is being decompressed ("" if it is not).
+    reason: str = ""
+    #: The temporary file it is decompressed into.
+    temporary: str = ""
+    #: Set by the caller: the next progress report raises ``InterruptedError``.
+    cancelled: bool = False
+
+    def update(self, done: int) -> None:
+        """Record progress; stop if :attr:`cancelled`."""
+        if self.cancelled:
+            raise InterruptedError("stopped")
+        self.done = done
+
+
+def _compression(path: str) -> str | None:
+    """``"gzip"``, ``"lzo"`` for archives that are always decompressed first."""
+    if is_lzop(path):
+        return "lzo"
+    with open(path, "rb") as f:
+        return "gzip" if f.read(2) == GZIP_MAGIC else None
+
+
+def open_archive(
+    path: str,
+    state: PrepareState,
+    *,
+    devices: Collection[str] | None = None,
+    cache_dir: str | None = None,
+    vmstate: VmstateWriter | None = None,
+) -> IndexedArchive:
+    """Check and index the archive at ``path`` (decompressing it first if it must be).
+
+    Blocking (run it in a thread).  See :func:`~nbdvma.vma.index.build_index` for the
+    checks and ``devices``, ``vmstate``.
+
+    Args:
+        cache_dir: where to decompress an archive that cannot be read in place
+            (default: the archive's directory).
+
+    Raises:
+        OSError: a file cannot be read or written.
+        VmaFormatError: the archive is damaged or incomplete.
+        NbdvmaError: an archive on stdin.
+        InterruptedError: :attr:`PrepareState.cancelled` was set.
+    """
+    if path == "-":
+        raise NbdvmaError(
+            "an archive on stdin cannot be exported: it is read in place, so save it to a "
+            "file first"
+        )
+    state.total = os.path.getsize(path)
+    compression = _compression(path)
+    if compression is None:
+        try:
+            return IndexedArchive(
+                path, build_index(path, devices=devices, progress=state.update, vmstate=vmstate)
+            )
+        except UnindexableArchiveError as exc:
+            state.reason = f"{path}: {exc} (as vzdump and the zstd CLI write it)"
+    else:
+        state.reason = f"{path} is {compression}-compressed"
+    fd, temporary = tempfile.mkstemp(
+        prefix=".nbdvma-export-", suffix=".vma", dir=cache_dir or os.path.dirname(path) or "."
+    )
+    state.temporary = temporary
+    try:
+        with os.fdopen(fd, "wb") as out:
+            state.phase, state.total, state.done = "decompressing", 0, 0
+            with open_decompressed(path) as source:
+                decompress_into(source, out.fileno(), state.update)
+            state.phase, state.total, state.done = "indexing", os.path.getsize(temporary), 0
+            index = build_index(temporary, devices=devices, progress=state.update, vmstate=vmstate)
+            return IndexedArchive(temporary, index)
+    finally:
+        # Served from the open descriptor: the file goes when the process does.
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)

@@ -39,7 +39,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-_SERVER_COMMANDS = ("serve", "backup")
+_SERVER_COMMANDS = ("serve", "backup", "export")
+
+EXPORT_DESCRIPTION = (
+    "Serve each disk of ARCHIVE as a read-only NBD export named as in the archive "
+    "(drive-scsi0...), of its exact size, until SIGINT or SIGTERM. The archive is read "
+    "and checked once first (as verify does): a damaged one is refused. Zero blocks are "
+    "reported as holes, so qemu-img convert and nbdcopy write sparse images. "
+    "The VM state and the configs are not exports (use extract or restore for them). "
+    "A .vma or a .vma.zst written by nbdvma is read in place; vzdump's .vma.zst, "
+    ".vma.gz and .vma.lzo are decompressed once into a temporary file first."
+)
 
 
 def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
@@ -121,6 +131,16 @@ def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool
 
         backup.add_arguments(p)
 
+    p = sub.add_parser(
+        "export",
+        help="serve the disks of an archive as read-only NBD exports (to restore them)",
+        description=EXPORT_DESCRIPTION,
+    )
+    if options:
+        from nbdvma.commands import export
+
+        export.add_arguments(p)
+
 
 def _run(args: argparse.Namespace) -> None:
     out = sys.stdout
@@ -140,9 +160,10 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
     elif args.command in _SERVER_COMMANDS:
-        from nbdvma.commands import backup, serve
+        from nbdvma.commands import backup, export, serve
 
-        status = (serve if args.command == "serve" else backup).run(args)
+        command = {"serve": serve, "backup": backup, "export": export}[args.command]
+        status = command.run(args)
         if status:
             raise SystemExit(status)
     else:  # pragma: no cover - argparse only accepts the commands above

@@ -312,7 +312,9 @@ def _disk_arrays(reader: VmaReader, names: Collection[str] | None) -> dict[int, 
         known = {d.name for d in disks}
         for name in names:
             if name not in known:
-                raise VmaFormatError(f"no disk named {name!r} in the archive")
+                raise VmaFormatError(
+                    f"no disk named {name!r} in the archive (it has: {', '.join(sorted(known))})"
+                )
         disks = [d for d in disks if d.name in names]
     # array * n fills without a temporary list of n words.
     return {d.dev_id: DiskIndex(d, array("Q", [0]) * d.cluster_count) for d in disks}
