@@ -1,0 +1,341 @@
+"""``nbdvma export`` and ``nbdvma restore`` against the real clients.
+
+Archives are made by ``nbdvma create`` (plain and ``.vma.zst``) from sparse raw images
+with random data, zero runs, lone 4 KiB blocks and a partial last cluster, or by the
+``zstd`` CLI from a plain one (one stream, as vzdump writes it).  Each export runs as
+``python -m nbdvma export`` on a unix socket; qemu-img, qemu-io, nbdinfo, nbdcopy and
+libnbd read it, and what they get is compared with the source images.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import attrs
+import pytest
+from servehelpers import nbdvma, run_tool
+
+from nbdvma.vma.index import build_index
+from nbdvma.vma.sink import open_sink
+from nbdvma.vma.writer import VmaWriter
+
+pytestmark = pytest.mark.interop
+
+KiB = 1024
+MiB = 1024 * KiB
+CLUSTER = 64 * KiB
+#: A multiple of 512, not of 64 KiB: the last cluster is partial.
+ODD_SIZE = 2 * MiB + 5 * 4096 + 1536
+_LISTEN = re.compile(r"^nbdvma export: listening on unix:(.+)$", re.MULTILINE)
+
+
+@attrs.define
+class Export:
+    """A running ``nbdvma export``."""
+
+    process: subprocess.Popen[bytes]
+    stderr_path: Path
+    socket: str = ""
+
+    def uri(self, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.socket}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(30)
+
+
+def _export_command(archive: Path, sock: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"]
+
+
+@pytest.fixture
+def export(sockdir: Path, workdir: Path) -> Iterator[Callable[..., Export]]:
+    """``export(archive, *extra) -> Export``, once it says ``export ready``; killed after."""
+    started: list[Export] = []
+
+    def start(archive: Path, *extra: str) -> Export:
+        err = workdir / f"export-{len(started)}.err"
+        sock = sockdir / f"e{len(started)}.sock"
+        with err.open("wb") as f:
+            process = subprocess.Popen(
+                [*_export_command(archive, sock, []), *extra],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=f,
+            )
+        exp = Export(process, err)
+        started.append(exp)
+        deadline = time.monotonic() + 30
+        while "export ready" not in exp.stderr():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"export did not start:\n{exp.stderr()}")
+            time.sleep(0.02)
+        match = _LISTEN.search(exp.stderr())
+        assert match is not None, exp.stderr()
+        exp.socket = match.group(1)
+        return exp
+
+    yield start
+    for exp in started:
+        if exp.process.poll() is None:
+            exp.process.kill()
+        exp.process.wait()
+
+
+def _image(path: Path, size: int, seed: int) -> bytes:
+    """A sparse image: random data, zero runs, lone 4 KiB blocks, a data tail."""
+    rng = random.Random(seed)
+    data = bytearray(size)
+    data[0 : 3 * CLUSTER + 5000] = rng.randbytes(3 * CLUSTER + 5000)  # data into a partial
+    for block in (10, 17, 40, 41, 63):  # lone blocks in otherwise zero clusters
+        data[block * 4096 : block * 4096 + 4096] = rng.randbytes(4096)
+    data[size - 3000 : size] = rng.randbytes(3000)  # the partial last cluster
+    with path.open("wb") as f:
+        f.truncate(size)
+        for start in range(0, size, 4096):
+            chunk = data[start : start + 4096]
+            if any(chunk):
+                f.seek(start)
+                f.write(chunk)
+    return bytes(data)
+
+
+@attrs.frozen
+class Sources:
+    images: dict[str, Path]
+    contents: dict[str, bytes]
+
+
+@pytest.fixture
+def sources(workdir: Path) -> Sources:
+    images = {"drive-scsi0": workdir / "scsi0.raw", "drive-virtio1": workdir / "virtio1.raw"}
+    contents = {
+        "drive-scsi0": _image(images["drive-scsi0"], ODD_SIZE, 1),
+        "drive-virtio1": _image(images["drive-virtio1"], 1 * MiB, 2),
+    }
+    return Sources(images, contents)
+
+
+def _create(workdir: Path, sources: Sources, name: str) -> Path:
+    archive = workdir / name
+    cfg = workdir / "qemu-server.conf"
+    cfg.write_text("memory: 512\nscsi0: local:vm-100-disk-0,size=2M\n")
+    args = [f"{n}={p}" for n, p in sources.images.items()]
+    nbdvma("create", str(archive), "-c", str(cfg), *args)
+    return archive
+
+
+def _archive(workdir: Path, sources: Sources, form: str) -> Path:
+    if form == "plain":
+        return _create(workdir, sources, "a.vma")
+    if form == "zst":
+        return _create(workdir, sources, "a.vma.zst")
+    plain = _create(workdir, sources, "plain.vma")
+    out = workdir / "stream.vma.zst"
+    run_tool(["zstd", "-q", str(plain), "-o", str(out)])
+    plain.unlink()
+    return out
+
+
+@pytest.mark.parametrize("form", ["plain", "zst", "stream"])
+def test_qemu_img_convert_equals_the_source(
+    form: str, workdir: Path, sources: Sources, export: Callable[..., Export], qemu_img: str
+) -> None:
+    archive = _archive(workdir, sources, form)
+    before = archive.read_bytes()
+    exp = export(archive)
+    if form == "stream":
+        assert "must be decompressed once" in exp.stderr()
+        assert list(workdir.glob(".nbdvma-export-*")) == []  # unlinked, served from its fd
+    for name, image in sources.images.items():
+        out = workdir / f"{name}.qcow2"
+        run_tool([qemu_img, "convert", "-f", "raw", "-O", "qcow2", exp.uri(name), str(out)])
+        run_tool([qemu_img, "compare", "-f", "qcow2", "-F", "raw", str(out), str(image)])
+    assert exp.stop() == 0
+    assert exp.stderr().rstrip().endswith("nbdvma export: stopped by SIGTERM")
+    assert archive.read_bytes() == before
+
+
+def _expected_map(data: bytes) -> list[tuple[int, int, bool]]:
+    runs: list[tuple[int, int, bool]] = []
+    for start in range(0, len(data), 4096):
+        chunk = data[start : start + 4096]
+        zero = not any(chunk)
+        if runs and runs[-1][2] == zero:
+            runs[-1] = (runs[-1][0], runs[-1][1] + len(chunk), zero)
+        else:
+            runs.append((start, len(chunk), zero))
+    return runs
+
+
+def test_nbdinfo_map_reports_zero_blocks_as_holes(
+    workdir: Path, sources: Sources, export: Callable[..., Export], nbdinfo: str
+) -> None:
+    exp = export(_archive(workdir, sources, "zst"))
+    for name, data in sources.contents.items():
+        out = run_tool([nbdinfo, "--map", exp.uri(name)]).stdout
+        got = []
+        for line in out.splitlines():
+            offset, length, kind, *_ = line.split()
+            got.append((int(offset), int(length), int(kind) == 3))
+        assert got == _expected_map(data), out
+
+
+def test_writes_are_refused_with_eperm(
+    workdir: Path,
+    sources: Sources,
+    export: Callable[..., Export],
+    libnbd: ModuleType,
+    qemu_io: str,
+) -> None:
+    archive = _archive(workdir, sources, "plain")
+    before = archive.read_bytes()
+    exp = export(archive)
+    h = libnbd.NBD()
+    h.set_strict_mode(0)  # send the write: the server must refuse it, not libnbd
+    h.connect_uri(exp.uri("drive-scsi0"))
+    assert h.is_read_only() == 1
+    assert h.get_size() == ODD_SIZE
+    for attempt in (lambda: h.pwrite(b"x" * 4096, 0), lambda: h.zero(4096, 0)):
+        with pytest.raises(libnbd.Error) as caught:
+            attempt()
+        assert caught.value.errno == "EPERM"  # answered by the server
+        assert "command failed" in str(caught.value)
+    assert h.pread(4096, 0) == sources.contents["drive-scsi0"][:4096]  # still serving
+    h.shutdown()
+    result = run_tool(
+        [qemu_io, "-f", "raw", "-c", "write 0 512", exp.uri("drive-scsi0")], check=False
+    )
+    # QEMU sees NBD_FLAG_READ_ONLY and will not open the export for writing.
+    assert result.returncode != 0
+    assert "Permission denied" in result.stderr
+    assert archive.read_bytes() == before
+
+
+def test_nbdcopy_with_several_connections(
+    workdir: Path, sources: Sources, export: Callable[..., Export], nbdcopy: str
+) -> None:
+    exp = export(_archive(workdir, sources, "zst"))
+    for name, data in sources.contents.items():
+        out = workdir / f"{name}.copy"
+        run_tool([nbdcopy, "--connections=4", "--requests=16", exp.uri(name), str(out)])
+        assert out.read_bytes() == data
+
+
+def test_device_subset_and_unknown_device(
+    workdir: Path, sources: Sources, export: Callable[..., Export], nbdinfo: str
+) -> None:
+    archive = _archive(workdir, sources, "plain")
+    exp = export(archive, "--device", "drive-virtio1")
+    listed = run_tool([nbdinfo, "--list", "--json", exp.uri("")]).stdout
+    assert "drive-virtio1" in listed
+    assert "drive-scsi0" not in listed
+    result = nbdvma("export", str(archive), "--device", "nope", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"nbdvma export: {archive}: no disk named 'nope' in the archive "
+        "(it has: drive-scsi0, drive-virtio1); not exported"
+    ]
+
+
+def _flip(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_archive_is_refused_before_listening(
+    damage: str, workdir: Path, sources: Sources, sockdir: Path
+) -> None:
+    archive = _archive(workdir, sources, "plain")
+    size = archive.stat().st_size
+    if damage == "flipped":
+        _flip(archive, size - 2000)  # a data byte of the last extent
+    else:
+        os.truncate(archive, size - 5000)
+    sock = sockdir / "x.sock"
+    result = run_tool(_export_command(archive, sock, []), check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"nbdvma export: {archive}: "), lines
+    assert ("digest mismatch" if damage == "flipped" else "short vma extent") in lines[0]
+    assert not sock.exists()
+
+
+def test_stdin_is_refused() -> None:
+    result = nbdvma("export", "-", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "nbdvma export: an archive on stdin cannot be exported: it is read in place, so "
+        "save it to a file first"
+    ]
+
+
+def _vm_archive(workdir: Path, sources: Sources) -> Path:
+    """An archive with two disks, a config and a VM state (through the library)."""
+    path = workdir / "vm.vma.zst"
+    w = VmaWriter(open_sink(str(path), "zstd"))
+    w.add_config("qemu-server.conf", b"memory: 512\n")
+    devs = {n: w.add_device(n, len(d)) for n, d in sources.contents.items()}
+    vm = w.add_stream()
+    for name, data in sources.contents.items():
+        w.write(devs[name], 0, data)
+    w.append(vm, b"QEVM" + random.Random(3).randbytes(3 * CLUSTER) + bytes(CLUSTER) + b"end")
+    w.finish()
+    return path
+
+
+@pytest.mark.parametrize("image_format", ["qcow2", "raw"])
+def test_restore(image_format: str, workdir: Path, sources: Sources, qemu_img: str) -> None:
+    archive = _vm_archive(workdir, sources)
+    nbdvma("extract", str(archive), str(workdir / "extracted"))
+    target = workdir / "restored"
+    nbdvma("restore", "--format", image_format, str(archive), str(target))
+    names = sorted(p.name for p in target.iterdir())
+    disks = [f"disk-{n}.{image_format}" for n in sorted(sources.images)]
+    assert names == sorted([*disks, "qemu-server.conf", "vmstate.bin"])
+    for name, image in sources.images.items():
+        out = target / f"disk-{name}.{image_format}"
+        run_tool([qemu_img, "compare", "-f", image_format, "-F", "raw", str(out), str(image)])
+    for path in target.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for name in ("qemu-server.conf", "vmstate.bin"):
+        assert (target / name).read_bytes() == (workdir / "extracted" / name).read_bytes()
+    # DIR must not exist.
+    result = nbdvma("restore", "--format", image_format, str(archive), str(target), check=False)
+    assert result.returncode == 1
+
+
+def test_restore_of_a_damaged_archive_leaves_no_image(workdir: Path, sources: Sources) -> None:
+    archive = _create(workdir, sources, "a.vma")
+    _flip(archive, archive.stat().st_size - 2000)
+    target = workdir / "restored"
+    result = nbdvma("restore", "--format", "qcow2", str(archive), str(target), check=False)
+    assert result.returncode == 1
+    assert "digest mismatch" in result.stderr
+    assert [p.name for p in target.iterdir()] == []
+
+
+def test_index_costs_8_bytes_per_cluster(workdir: Path, sources: Sources) -> None:
+    index = build_index(str(_archive(workdir, sources, "plain")))
+    clusters = sum(-(-len(d) // CLUSTER) for d in sources.contents.values())
+    assert index.frames is None
+    assert index.nbytes == 8 * clusters
