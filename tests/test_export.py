@@ -260,7 +260,16 @@ def _flip(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x40]))
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def _first_extent_only(archive: Path) -> None:
+    """Cut an archive after its first extent (a clean cut: only clusters are missing)."""
+    data = archive.read_bytes()
+    index = build_index(str(archive))
+    start = index.header.header_size
+    block_count = int.from_bytes(data[start + 6 : start + 8], "big")
+    os.truncate(archive, start + 512 + block_count * 4096)
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
 def test_a_damaged_archive_is_refused_before_listening(
     damage: str, workdir: Path, sources: Sources, sockdir: Path
 ) -> None:
@@ -268,15 +277,28 @@ def test_a_damaged_archive_is_refused_before_listening(
     size = archive.stat().st_size
     if damage == "flipped":
         _flip(archive, size - 2000)  # a data byte of the last extent
-    else:
+    elif damage == "truncated":
         os.truncate(archive, size - 5000)
+    else:  # an archive without digest (written to a pipe), cut between extents
+        archive = workdir / "piped.vma"
+        with archive.open("wb") as out:
+            args = [f"{n}={p}" for n, p in sources.images.items()]
+            subprocess.run(
+                [sys.executable, "-m", "nbdvma", "create", "-", *args], stdout=out, check=True
+            )
+        _first_extent_only(archive)
     sock = sockdir / "x.sock"
-    result = run_tool(_export_command(archive, sock, []), check=False)
+    result = run_tool(_export_command(archive, sock, []), check=False, timeout=20)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"nbdvma export: {archive}: "), lines
-    assert ("digest mismatch" if damage == "flipped" else "short vma extent") in lines[0]
+    why = {
+        "flipped": "digest mismatch",
+        "truncated": "short vma extent",
+        "missing": "detected missing cluster",
+    }
+    assert why[damage] in lines[0]
     assert not sock.exists()
 
 
@@ -298,7 +320,10 @@ def _vm_archive(workdir: Path, sources: Sources) -> Path:
     vm = w.add_stream()
     for name, data in sources.contents.items():
         w.write(devs[name], 0, data)
-    w.append(vm, b"QEVM" + random.Random(3).randbytes(3 * CLUSTER) + bytes(CLUSTER) + b"end")
+    rng = random.Random(3)
+    # Whole clusters of data and of zeros, then one with zero blocks before its data.
+    state = rng.randbytes(3 * CLUSTER - 4) + bytes(CLUSTER) + bytes(8192) + rng.randbytes(4096)
+    w.append(vm, b"QEVM" + state + b"end")
     w.finish()
     return path
 
