@@ -73,6 +73,8 @@ _CLUSTER_SHIFT = 16  # log2(VMA_CLUSTER_SIZE)
 _BLOCK_SHIFT = 12  # log2(VMA_BLOCK_SIZE)
 #: Decompressed frames kept for reads (each at most one extent, 3.7 MiB).
 FRAME_CACHE = 8
+#: Frames decompressed at once (by as many reading threads).
+DECOMPRESSORS = 2
 #: Clusters one block-status answer looks at (1 GiB): a client asks again for the rest.
 STATUS_CLUSTERS = 16384
 _READ_CHUNK = 1 << 20
@@ -329,6 +331,8 @@ class IndexedArchive:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[int, threading.Event] = {}
+        self._decompressors = threading.BoundedSemaphore(DECOMPRESSORS)
 
     def close(self) -> None:
         """Close the file (idempotent)."""
@@ -405,22 +409,41 @@ class IndexedArchive:
             view, source = view[len(piece) :], source + len(piece)
 
     def _frame(self, frames: FrameTable, i: int) -> bytes:
-        """The content of frame ``i``, from the cache or decompressed now."""
-        with self._lock:
-            content = self._cache.get(i)
-            if content is not None:
-                self._cache.move_to_end(i)
-                return content
-        data = os.pread(self._fd, frames.lengths[i], frames.offsets[i])
+        """The content of frame ``i``, from the cache or decompressed now.
+
+        Reads that need the same frame wait for one decompression of it, and at most
+        :data:`DECOMPRESSORS` run at once: with 64 reads in flight (nbdcopy) memory
+        stays at the cache plus a few frames, not a frame per reading thread.
+        """
+        while True:
+            with self._lock:
+                content = self._cache.get(i)
+                if content is not None:
+                    self._cache.move_to_end(i)
+                    return content
+                loading = self._loading.get(i)
+                if loading is None:
+                    loading = self._loading[i] = threading.Event()
+                    break
+            loading.wait()  # then take it from the cache (or load it, if evicted)
         try:
-            content = zstandard.ZstdDecompressor().decompress(data)
-        except zstandard.ZstdError as exc:
-            raise OSError(errno.EIO, f"the archive changed since it was indexed: {exc}") from exc
-        with self._lock:
-            self._cache[i] = content
-            while len(self._cache) > FRAME_CACHE:
-                self._cache.popitem(last=False)
-        return content
+            with self._decompressors:
+                data = os.pread(self._fd, frames.lengths[i], frames.offsets[i])
+                try:
+                    content = zstandard.ZstdDecompressor().decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise OSError(
+                        errno.EIO, f"the archive changed since it was indexed: {exc}"
+                    ) from exc
+            with self._lock:
+                self._cache[i] = content
+                while len(self._cache) > FRAME_CACHE:
+                    self._cache.popitem(last=False)
+            return content
+        finally:
+            with self._lock:
+                del self._loading[i]
+            loading.set()
 
     def block_status(self, disk: str, offset: int, length: int) -> list[tuple[int, bool]]:
         """``(length, is zero)`` runs from ``offset``: zero clusters and 4 KiB blocks
