@@ -23,8 +23,10 @@ from types import ModuleType
 
 import attrs
 import pytest
+import trio
 from servehelpers import nbdvma, run_tool
 
+from nbdvma.commands.export import prepare
 from nbdvma.vma.index import build_index
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -364,3 +366,31 @@ def test_index_costs_8_bytes_per_cluster(workdir: Path, sources: Sources) -> Non
     clusters = sum(-(-len(d) // CLUSTER) for d in sources.contents.values())
     assert index.frames is None
     assert index.nbytes == 8 * clusters
+
+
+def test_progress_lines_while_an_archive_is_decompressed_and_read(
+    workdir: Path, sources: Sources
+) -> None:
+    archive = _archive(workdir, sources, "stream")
+    lines: list[str] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            opened = await prepare(nursery, str(archive), None, None, lines.append, interval=1e-3)
+            opened.close()
+
+    trio.run(main)
+    notice = [i for i, line in enumerate(lines) if "must be decompressed once" in line]
+    assert len(notice) == 1, lines
+    assert lines[notice[0]].startswith(f"{archive}: the archive is one zstd stream"), lines
+    # The decompressed file is read (and said so) after the notice.
+    assert any(line.startswith("reading the archive: ") for line in lines[notice[0] :]), lines
+
+
+def test_pid_file(workdir: Path, sources: Sources, export: Callable[..., Export]) -> None:
+    pid_path = workdir / "export.pid"
+    exp = export(_archive(workdir, sources, "plain"), "--pid-file", str(pid_path))
+    assert pid_path.read_text().strip() == str(exp.process.pid)
+    assert exp.stop(signal.SIGINT) == 0
+    assert not pid_path.exists()
+    assert exp.stderr().rstrip().endswith("stopped by SIGINT")
