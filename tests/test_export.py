@@ -9,10 +9,12 @@ libnbd read it, and what they get is compared with the source images.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import attrs
 import pytest
@@ -394,3 +397,84 @@ def test_pid_file(workdir: Path, sources: Sources, export: Callable[..., Export]
     assert exp.stop(signal.SIGINT) == 0
     assert not pid_path.exists()
     assert exp.stderr().rstrip().endswith("stopped by SIGINT")
+
+
+class _Qmp:
+    """A minimal synchronous QMP client (``command(name, **arguments)``), keeping the
+    events it reads in :attr:`events`."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.stream = self.sock.makefile("rwb")
+        self.events: list[dict[str, Any]] = []
+        json.loads(self.stream.readline())  # the greeting
+        self.command("qmp_capabilities")
+
+    def command(self, name: str, **arguments: object) -> Any:
+        self.stream.write(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
+        self.stream.flush()
+        while True:
+            message = json.loads(self.stream.readline())
+            if "event" in message:
+                self.events.append(message)
+                continue
+            assert "error" not in message, message
+            return message["return"]
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+def test_instant_restore_recipe(
+    workdir: Path,
+    sources: Sources,
+    export: Callable[..., Export],
+    qemu_img: str,
+    qemu_vm: Callable[..., Any],
+) -> None:
+    """docs/restore.md: a qcow2 overlay over the export, a VM on it, block-stream."""
+    exp = export(_archive(workdir, sources, "zst"))
+    overlay = workdir / "vm-100-disk-0.qcow2"
+    backing = exp.uri("drive-scsi0")
+    run_tool([qemu_img, "create", "-f", "qcow2", "-F", "raw", "-b", backing, str(overlay)])
+    vm = qemu_vm(
+        [],
+        extra_args=[
+            "-blockdev",
+            f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={overlay}",
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=scsi0",
+        ],
+    )
+    qmp = _Qmp(vm.qmp_address.removeprefix("unix:"))
+    try:
+        qmp.command("block-stream", **{"job-id": "restore0", "device": "disk0"})
+        deadline = time.monotonic() + 60
+        while qmp.command("query-block-jobs"):
+            assert time.monotonic() < deadline, "block-stream did not finish"
+            time.sleep(0.05)
+        completed = [e for e in qmp.events if e["event"] == "BLOCK_JOB_COMPLETED"]
+        assert completed, qmp.events
+        assert "error" not in completed[0]["data"], completed
+        qmp.command("quit")
+    finally:
+        qmp.close()
+    vm.process.wait(30)
+    assert exp.stop() == 0
+    # The overlay no longer needs the export: no backing file, the source's bytes.
+    info = run_tool([qemu_img, "info", str(overlay)]).stdout
+    assert "backing file" not in info, info
+    run_tool(
+        [
+            qemu_img,
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            str(overlay),
+            str(sources.images["drive-scsi0"]),
+        ]
+    )
