@@ -29,7 +29,8 @@ import pytest
 import trio
 from servehelpers import nbdvma, run_tool
 
-from nbdvma.commands.export import prepare
+from nbdvma.archive_backend import PrepareState, open_archive
+from nbdvma.commands.export import _Watcher, prepare
 from nbdvma.vma.index import build_index
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -381,23 +382,46 @@ def test_index_costs_8_bytes_per_cluster(workdir: Path, sources: Sources) -> Non
     assert index.nbytes == 8 * clusters
 
 
-def test_progress_lines_while_an_archive_is_decompressed_and_read(
+def test_progress_while_an_archive_is_decompressed_and_read(
     workdir: Path, sources: Sources
 ) -> None:
     archive = _archive(workdir, sources, "stream")
+    seen: list[tuple[str, int, int]] = []
+
+    class Recording(PrepareState):
+        def update(self, done: int) -> None:
+            super().update(done)
+            seen.append((self.phase, self.done, self.total))
+
+    opened = open_archive(str(archive), Recording())
+    opened.close()
+    phases = [phase for phase, _, _ in seen]
+    assert "decompressing" in phases
+    assert phases[-1] == "indexing"
+    _, done, total = seen[-1]
+    assert done == total > 0  # the whole decompressed file was read
+
+    # What the command prints of that state: the notice at once, then progress lines.
     lines: list[str] = []
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            opened = await prepare(nursery, str(archive), None, None, lines.append, interval=1e-3)
+            opened = await prepare(nursery, str(archive), None, None, lines.append)
             opened.close()
 
     trio.run(main)
-    notice = [i for i, line in enumerate(lines) if "must be decompressed once" in line]
-    assert len(notice) == 1, lines
-    assert lines[notice[0]].startswith(f"{archive}: the archive is one zstd stream"), lines
-    # The decompressed file is read (and said so) after the notice.
-    assert any(line.startswith("reading the archive: ") for line in lines[notice[0] :]), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{archive}: the archive is one zstd stream"), lines
+    assert "must be decompressed once" in lines[0]
+    watcher = _Watcher(PrepareState(phase="indexing", done=512, total=2048), lines.append, 1)
+    watcher.progress()
+    watcher.progress()  # unchanged: not repeated
+    watcher.state.phase = "decompressing"
+    watcher.progress()
+    assert lines[1:] == [
+        "reading the archive: 25% (512 B of 2.0 KiB)",
+        "decompressing: 512 B so far",
+    ]
 
 
 def test_pid_file(workdir: Path, sources: Sources, export: Callable[..., Export]) -> None:
