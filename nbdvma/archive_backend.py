@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import tempfile
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
 import attrs
@@ -33,10 +34,22 @@ from nbdvma.errors import NbdvmaError, UnindexableArchiveError
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.tools.common import is_lzop, open_decompressed
+from nbdvma.units import format_bytes
 from nbdvma.vma.index import IndexedArchive, VmstateWriter, build_index, decompress_into
 from nbdvma.vma.reader import GZIP_MAGIC
 
-__all__ = ["READ_ONLY", "ArchiveBackend", "PrepareState", "open_archive"]
+__all__ = [
+    "PROGRESS_INTERVAL",
+    "READ_ONLY",
+    "ArchiveBackend",
+    "PrepareState",
+    "PrepareWatcher",
+    "open_archive",
+    "prepare",
+]
+
+#: Seconds between progress lines while an archive is read.
+PROGRESS_INTERVAL = 5.0
 
 _HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
 
@@ -191,3 +204,85 @@ def open_archive(
         # Served from the open descriptor: the file goes when the process does.
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+
+
+class PrepareWatcher:
+    """Progress lines of :func:`open_archive` (which runs in a thread): why the archive
+    is decompressed, as soon as that is known, then how far it got, every
+    ``interval`` seconds."""
+
+    def __init__(self, state: PrepareState, say: Callable[[str], None], interval: float) -> None:
+        self.state = state
+        self.say = say
+        self.interval = interval
+        self.told = False
+        self.last = ""
+
+    def tell(self) -> None:
+        """Say why the archive is decompressed, once."""
+        state = self.state
+        if state.temporary and not self.told:
+            self.say(
+                f"{state.reason}: it must be decompressed once, into {state.temporary} "
+                "(removed at exit)"
+            )
+            self.told = True
+
+    def progress(self) -> None:
+        """Say how far the current phase has got (if it moved)."""
+        state = self.state
+        if state.phase == "decompressing":
+            line = f"decompressing: {format_bytes(state.done)} so far"
+        elif state.total:
+            line = (
+                f"reading the archive: {100 * state.done // state.total}% "
+                f"({format_bytes(state.done)} of {format_bytes(state.total)})"
+            )
+        else:
+            return
+        if line != self.last:
+            self.say(line)
+            self.last = line
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        next_line = trio.current_time() + self.interval
+        while True:
+            await trio.sleep(0.1)
+            self.tell()
+            if trio.current_time() >= next_line:
+                self.progress()
+                next_line += self.interval
+
+
+async def prepare(
+    nursery: trio.Nursery,
+    path: str,
+    devices: list[str] | None,
+    cache: str | None,
+    say: Callable[[str], None],
+    *,
+    interval: float = PROGRESS_INTERVAL,
+    vmstate: VmstateWriter | None = None,
+) -> IndexedArchive:
+    """:func:`open_archive` in a thread, with progress lines; a cancellation stops it."""
+    state = PrepareState()
+    watcher = PrepareWatcher(state, say, interval)
+    scope = trio.CancelScope()
+
+    async def watch() -> None:
+        with scope:
+            await watcher.run()
+
+    nursery.start_soon(watch)
+    try:
+        return await trio.to_thread.run_sync(
+            functools.partial(
+                open_archive, path, state, devices=devices, cache_dir=cache, vmstate=vmstate
+            ),
+            abandon_on_cancel=True,
+        )
+    finally:
+        state.cancelled = True  # an abandoned thread stops at its next progress report
+        scope.cancel()
+        watcher.tell()

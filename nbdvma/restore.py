@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from nbdvma.addresses import UnixAddress
-from nbdvma.archive_backend import ArchiveBackend, PrepareState, open_archive
+from nbdvma.archive_backend import ArchiveBackend, prepare
 from nbdvma.errors import NbdvmaError, ToolError, VmaFormatError
 from nbdvma.listeners import open_listener
 from nbdvma.server import NbdServer
@@ -70,7 +70,16 @@ def restore_archive(
         raise ToolError(f"unknown image format {image_format!r} (raw or qcow2)")
     if path == "-":
         raise ToolError("--format qcow2 reads the archive in place: save stdin to a file first")
-    trio.run(_restore_qcow2, path, dirname, drives, say, qemu_img)
+    try:
+        trio.run(_restore_qcow2, path, dirname, drives, say, qemu_img)
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap what fails in groups: report the error itself.
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, NbdvmaError | OSError):
+            raise leaf from None
+        raise
 
 
 class _Files:
@@ -142,7 +151,7 @@ async def _restore_qcow2(
     archive: IndexedArchive | None = None
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
-            archive = await _index(path, files, drives, say)
+            archive = await _index(nursery, path, files, drives, say)
             await _convert_all(archive, private, files, say, qemu_img)
             files.give_names()
         if stop.signum is not None:
@@ -157,23 +166,27 @@ async def _restore_qcow2(
 
 
 async def _index(
-    path: str, files: _Files, drives: Sequence[str] | None, say: Callable[[str], None]
+    nursery: trio.Nursery,
+    path: str,
+    files: _Files,
+    drives: Sequence[str] | None,
+    say: Callable[[str], None],
 ) -> IndexedArchive:
     """Check and index the archive; write its configs and VM state on the way."""
-    state = PrepareState()
     disks = None if drives is None else [d for d in drives if d != VMA_VMSTATE_NAME]
     want_vmstate = drives is None or VMA_VMSTATE_NAME in drives
     vmstate: _VmstateFile | None = None
-    say(f"reading {path}")
     try:
         if want_vmstate:
             _, fd = files.create("vmstate.bin")
             vmstate = _VmstateFile(fd)
-        archive = await trio.to_thread.run_sync(
-            lambda: open_archive(
-                path, state, devices=disks, vmstate=vmstate.write if vmstate else None
-            ),
-            abandon_on_cancel=True,
+        archive = await prepare(
+            nursery,
+            path,
+            disks,
+            None,
+            say,
+            vmstate=vmstate.write if vmstate is not None else None,
         )
     except VmaFormatError as exc:
         raise ToolError(f"restore failed - {exc}") from exc
@@ -181,8 +194,6 @@ async def _index(
         raise ToolError(str(exc)) from exc
     except OSError as exc:
         raise ToolError(f"restore failed - {exc.filename or path}: {exc.strerror}") from exc
-    finally:
-        state.cancelled = True
     header = archive.index.header
     if vmstate is not None:
         dev = header.vmstate

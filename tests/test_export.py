@@ -29,8 +29,7 @@ import pytest
 import trio
 from servehelpers import nbdvma, run_tool
 
-from nbdvma.archive_backend import PrepareState, open_archive
-from nbdvma.commands.export import _Watcher, prepare
+from nbdvma.archive_backend import PrepareState, PrepareWatcher, open_archive, prepare
 from nbdvma.vma.index import build_index
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -371,8 +370,16 @@ def test_restore_of_a_damaged_archive_leaves_no_image(workdir: Path, sources: So
     target = workdir / "restored"
     result = nbdvma("restore", "--format", "qcow2", str(archive), str(target), check=False)
     assert result.returncode == 1
-    assert "digest mismatch" in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("restore failed - data digest mismatch"), lines
     assert [p.name for p in target.iterdir()] == []
+    result = nbdvma(
+        "restore", "--format", "qcow2", "-d", "nope", str(archive), str(workdir / "x"), check=False
+    )
+    assert result.stderr.splitlines() == [
+        "restore failed - no disk named 'nope' in the archive (it has: drive-scsi0, drive-virtio1)"
+    ]
 
 
 def test_index_costs_8_bytes_per_cluster(workdir: Path, sources: Sources) -> None:
@@ -413,7 +420,7 @@ def test_progress_while_an_archive_is_decompressed_and_read(
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{archive}: the archive is one zstd stream"), lines
     assert "must be decompressed once" in lines[0]
-    watcher = _Watcher(PrepareState(phase="indexing", done=512, total=2048), lines.append, 1)
+    watcher = PrepareWatcher(PrepareState(phase="indexing", done=512, total=2048), lines.append, 1)
     watcher.progress()
     watcher.progress()  # unchanged: not repeated
     watcher.state.phase = "decompressing"

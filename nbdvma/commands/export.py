@@ -18,13 +18,12 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 import trio
 
 from nbdvma.activation import listen_fds
 from nbdvma.addresses import Address, TcpAddress
-from nbdvma.archive_backend import ArchiveBackend, PrepareState, open_archive
+from nbdvma.archive_backend import ArchiveBackend, prepare
 from nbdvma.commands.common import (
     add_access_options,
     add_listen_options,
@@ -41,13 +40,11 @@ from nbdvma.server import NbdServer
 from nbdvma.session import SessionOptions, open_nbd_listeners
 from nbdvma.signals import stop_on_signals
 from nbdvma.units import format_bytes
-from nbdvma.vma.index import IndexedArchive, VmstateWriter
+from nbdvma.vma.index import IndexedArchive
 
-__all__ = ["add_arguments", "export", "prepare", "ready_line", "run"]
+__all__ = ["add_arguments", "export", "ready_line", "run"]
 
 PREFIX = "nbdvma export: "
-#: Seconds between progress lines while the archive is read.
-PROGRESS_INTERVAL = 5.0
 
 
 def _say(message: str) -> None:
@@ -111,88 +108,6 @@ def _run(args: argparse.Namespace) -> int:
         limits=server_limits(args),
     )
     return trio.run(functools.partial(export, options, args.device, args.cache, args.pid_file))
-
-
-class _Watcher:
-    """Progress lines of :func:`open_archive` (which runs in a thread): why the archive
-    is decompressed, as soon as that is known, then how far it got, every
-    ``interval`` seconds."""
-
-    def __init__(self, state: PrepareState, say: Callable[[str], None], interval: float) -> None:
-        self.state = state
-        self.say = say
-        self.interval = interval
-        self.told = False
-        self.last = ""
-
-    def tell(self) -> None:
-        """Say why the archive is decompressed, once."""
-        state = self.state
-        if state.temporary and not self.told:
-            self.say(
-                f"{state.reason}: it must be decompressed once, into {state.temporary} "
-                "(removed at exit)"
-            )
-            self.told = True
-
-    def progress(self) -> None:
-        """Say how far the current phase has got (if it moved)."""
-        state = self.state
-        if state.phase == "decompressing":
-            line = f"decompressing: {format_bytes(state.done)} so far"
-        elif state.total:
-            line = (
-                f"reading the archive: {100 * state.done // state.total}% "
-                f"({format_bytes(state.done)} of {format_bytes(state.total)})"
-            )
-        else:
-            return
-        if line != self.last:
-            self.say(line)
-            self.last = line
-
-    async def run(self) -> None:
-        """Until cancelled."""
-        next_line = trio.current_time() + self.interval
-        while True:
-            await trio.sleep(0.1)
-            self.tell()
-            if trio.current_time() >= next_line:
-                self.progress()
-                next_line += self.interval
-
-
-async def prepare(
-    nursery: trio.Nursery,
-    path: str,
-    devices: list[str] | None,
-    cache: str | None,
-    say: Callable[[str], None],
-    *,
-    interval: float = PROGRESS_INTERVAL,
-    vmstate: VmstateWriter | None = None,
-) -> IndexedArchive:
-    """:func:`open_archive` in a thread, with progress lines; a cancellation stops it."""
-    state = PrepareState()
-    watcher = _Watcher(state, say, interval)
-    scope = trio.CancelScope()
-
-    async def watch() -> None:
-        with scope:
-            await watcher.run()
-
-    nursery.start_soon(watch)
-    try:
-        return await trio.to_thread.run_sync(
-            functools.partial(
-                open_archive, path, state, devices=devices, cache_dir=cache, vmstate=vmstate
-            ),
-            abandon_on_cancel=True,
-        )
-    finally:
-        state.cancelled = True  # an abandoned thread stops at its next progress report
-        scope.cancel()
-        watcher.tell()
 
 
 def ready_line(archive: IndexedArchive, seconds: float) -> str:
