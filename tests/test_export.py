@@ -519,3 +519,18 @@ def test_instant_restore_recipe(
             str(sources.images["drive-scsi0"]),
         ]
     )
+
+
+def test_vmstate_clusters_with_zero_blocks_are_written_in_place(tmp_path: Path) -> None:
+    # nbdvma's writer stores the VM state's clusters whole; Proxmox's may leave zero
+    # blocks out (mask bits unset), which restore must put back as zeros in place.
+    from nbdvma.restore import _VmstateFile
+
+    path = tmp_path / "vmstate.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    out = _VmstateFile(fd)
+    a, b = b"a" * 4096, b"b" * 4096
+    out.write(0, 0xFFFF, memoryview(bytes(CLUSTER)))
+    out.write(1, 0b101, memoryview(a + b))
+    out.finish(CLUSTER + 2 * 4096 + 100)
+    assert path.read_bytes() == bytes(CLUSTER) + a + bytes(4096) + b[:100]
