@@ -317,12 +317,19 @@ def test_a_damaged_archive_is_refused_before_listening(
     assert not sock.exists()
 
 
-def test_stdin_is_refused() -> None:
+def test_stdin_and_pipes_are_refused(workdir: Path) -> None:
     result = nbdvma("export", "-", check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "nbdvma export: an archive on stdin cannot be exported: it is read in place, so "
         "save it to a file first"
+    ]
+    fifo = workdir / "fifo.vma"
+    os.mkfifo(fifo)
+    result = nbdvma("export", str(fifo), check=False, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"nbdvma export: {fifo} is not a regular file: an archive is exported from a file"
     ]
 
 
@@ -534,3 +541,24 @@ def test_vmstate_clusters_with_zero_blocks_are_written_in_place(tmp_path: Path) 
     out.write(1, 0b101, memoryview(a + b))
     out.finish(CLUSTER + 2 * 4096 + 100)
     assert path.read_bytes() == bytes(CLUSTER) + a + bytes(4096) + b[:100]
+
+
+def test_a_cut_gzip_archive_is_refused_and_leaves_no_temporary_file(
+    workdir: Path, sources: Sources
+) -> None:
+    archive = _archive(workdir, sources, "gzip")
+    os.truncate(archive, archive.stat().st_size // 2)
+    result = nbdvma("export", str(archive), "--listen", f"unix:{workdir}/x.sock", check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"nbdvma export: {archive} is gzip-compressed: it must be"), lines
+    assert len(lines) == 2, lines
+    assert lines[1].startswith(f"nbdvma export: {archive}: read failed"), lines
+    assert list(workdir.glob(".nbdvma-export-*")) == []
+
+
+def test_a_cancelled_preparation_stops_at_its_next_report(workdir: Path, sources: Sources) -> None:
+    state = PrepareState(cancelled=True)
+    with pytest.raises(InterruptedError):
+        open_archive(str(_archive(workdir, sources, "gzip")), state)
+    assert list(workdir.glob(".nbdvma-export-*")) == []
