@@ -23,6 +23,7 @@ import contextlib
 import errno
 import functools
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Collection, Sequence
 from typing import cast
@@ -177,7 +178,10 @@ def open_archive(
             "an archive on stdin cannot be exported: it is read in place, so save it to a "
             "file first"
         )
-    state.total = os.path.getsize(path)
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise NbdvmaError(f"{path} is not a regular file: an archive is exported from a file")
+    state.total = info.st_size
     compression = _compression(path)
     if compression is None:
         try:
@@ -248,7 +252,7 @@ class PrepareWatcher:
         """Until cancelled."""
         next_line = trio.current_time() + self.interval
         while True:
-            await trio.sleep(0.1)
+            await trio.sleep(min(0.1, self.interval))
             self.tell()
             if trio.current_time() >= next_line:
                 self.progress()

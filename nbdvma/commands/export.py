@@ -148,8 +148,10 @@ async def export(
             await nursery.start(server.serve, listeners)
             for address in real:
                 _say(f"listening on {address}")
-            _say(ready_line(archive, time.monotonic() - started))
             with pid_file(pid_path):
+                # Ready once the pid file is there: a script that waits for either can
+                # connect at once.
+                _say(ready_line(archive, time.monotonic() - started))
                 await trio.sleep_forever()
     finally:
         for address in addresses:
