@@ -6,11 +6,15 @@ so ``import nbdvma.vma`` alone stays free of trio and the server):
 Write and read archives (the I/O-free VMA core)
     :class:`VmaWriter` (disks by random-access writes, the VM state as a stream),
     :func:`open_sink` (a file, ``.zst``, a pipe), :class:`VmaReader` (streaming, with
-    every check of Proxmox's reader).
+    every check of Proxmox's reader), :func:`build_index` and :class:`IndexedArchive`
+    (an archive's disks read in place, after one checking pass).
 Serve NBD (trio)
     :class:`NbdServer` over a :class:`Backend` (yours, or :class:`VmaBackend`,
     :class:`NullBackend`), its exports as :class:`ExportInfo` with
     :class:`Capabilities`; :class:`ServerLimits`.
+Serve an archive's disks, read-only; restore them
+    :class:`ArchiveBackend` over :func:`open_archive` (what ``nbdvma export`` runs);
+    :func:`restore_archive` (raw or qcow2 images).
 Serve disks into one archive
     :class:`ArchiveSession` with :class:`SessionOptions` (what ``nbdvma serve`` runs).
 Back up a running QEMU
@@ -37,6 +41,11 @@ _EXPORTS = {
     "VmaWriter": "nbdvma.vma.writer",
     "open_sink": "nbdvma.vma.sink",
     "VmaReader": "nbdvma.vma.reader",
+    "build_index": "nbdvma.vma.index",
+    "IndexedArchive": "nbdvma.vma.index",
+    "ArchiveBackend": "nbdvma.archive_backend",
+    "open_archive": "nbdvma.archive_backend",
+    "restore_archive": "nbdvma.restore",
     "NbdServer": "nbdvma.server",
     "ServerLimits": "nbdvma.server",
     "Backend": "nbdvma.backends",
@@ -63,12 +72,14 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ArchiveBackend",
     "ArchiveSession",
     "Backend",
     "BackupError",
     "BackupOptions",
     "Capabilities",
     "ExportInfo",
+    "IndexedArchive",
     "NbdServer",
     "NbdvmaError",
     "NullBackend",
@@ -83,11 +94,14 @@ __all__ = [
     "VmaWriterError",
     "__version__",
     "archive_configs",
+    "build_index",
     "full_exports",
     "generate_config",
+    "open_archive",
     "open_listener",
     "open_sink",
     "parse_address",
+    "restore_archive",
     "run_backup",
     "vzdump_name",
 ]
@@ -108,14 +122,17 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from nbdvma.addresses import TcpAddress, UnixAddress, parse_address
+    from nbdvma.archive_backend import ArchiveBackend, open_archive
     from nbdvma.backends import Backend, NullBackend, VmaBackend, full_exports
     from nbdvma.backup import BackupOptions, run_backup
     from nbdvma.errors import BackupError, NbdvmaError, VmaFormatError, VmaWriterError
     from nbdvma.listeners import open_listener
     from nbdvma.nbd import Capabilities, ExportInfo
     from nbdvma.pve import archive_configs, generate_config, vzdump_name
+    from nbdvma.restore import restore_archive
     from nbdvma.server import NbdServer, ServerLimits
     from nbdvma.session import ArchiveSession, SessionOptions
+    from nbdvma.vma.index import IndexedArchive, build_index
     from nbdvma.vma.reader import VmaReader
     from nbdvma.vma.sink import open_sink
     from nbdvma.vma.writer import VmaWriter

@@ -39,7 +39,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-_SERVER_COMMANDS = ("serve", "backup")
+_SERVER_COMMANDS = ("serve", "backup", "export")
+
+EXPORT_DESCRIPTION = (
+    "Serve each disk of ARCHIVE as a read-only NBD export named as in the archive "
+    "(drive-scsi0...), of its exact size, until SIGINT or SIGTERM. The archive is read "
+    "and checked once first (as verify does): a damaged one is refused. Zero blocks are "
+    "reported as holes, so qemu-img convert and nbdcopy write sparse images. "
+    "The VM state and the configs are not exports (use extract or restore for them). "
+    "A .vma or a .vma.zst written by nbdvma is read in place; vzdump's .vma.zst, "
+    ".vma.gz and .vma.lzo are decompressed once into a temporary file first."
+)
 
 
 def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
@@ -82,6 +92,24 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print progress")
     p.add_argument("-d", "--drives", help="comma-separated device names to restore")
 
+    p = sub.add_parser(
+        "restore",
+        help="restore the disks of an archive as raw or qcow2 images into a new directory",
+        description="Restore each disk of ARCHIVE as DIR/disk-NAME.raw or .qcow2 (sparse: "
+        "zero blocks stay holes), with its configs and vmstate.bin as extract writes them. "
+        "Every file is 0600; nothing incomplete is left under a final name.",
+    )
+    p.add_argument("file", metavar="ARCHIVE", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo)")
+    p.add_argument("dir", metavar="DIR", help="target directory (must not exist)")
+    p.add_argument(
+        "--format",
+        choices=["raw", "qcow2"],
+        default="raw",
+        help="image format (default raw; qcow2 goes through qemu-img convert from an "
+        "in-process read-only NBD export)",
+    )
+    p.add_argument("-d", "--drives", help="comma-separated device names to restore")
+
     p = sub.add_parser("create", help="write an archive of config files and raw images")
     p.add_argument("file", help="new archive (- for stdout; .zst compresses)")
     p.add_argument(
@@ -121,6 +149,26 @@ def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool
 
         backup.add_arguments(p)
 
+    p = sub.add_parser(
+        "export",
+        help="serve the disks of an archive as read-only NBD exports (to restore them)",
+        description=EXPORT_DESCRIPTION,
+    )
+    if options:
+        from nbdvma.commands import export
+
+        export.add_arguments(p)
+
+
+def _drives(text: str | None) -> list[str] | None:
+    """``-d drive-scsi0,drive-virtio1``."""
+    if text is None:
+        return None
+    drives = [d for d in text.split(",") if d]
+    if not drives:
+        raise ToolError("-d names no device: give drive-scsi0,drive-virtio1...")
+    return drives
+
 
 def _run(args: argparse.Namespace) -> None:
     out = sys.stdout
@@ -131,18 +179,24 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "verify":
         verify_archive(args.file, out, verbose=args.verbose, strict=args.strict)
     elif args.command == "extract":
-        drives = None
-        if args.drives is not None:
-            drives = [d for d in args.drives.split(",") if d]
-            if not drives:
-                raise ToolError("-d names no device: give drive-scsi0,drive-virtio1...")
+        drives = _drives(args.drives)
         extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
+    elif args.command == "restore":
+        from nbdvma.restore import restore_archive
+
+        def say(line: str) -> None:
+            print(f"nbdvma restore: {line}", file=sys.stderr, flush=True)
+
+        restore_archive(
+            args.file, args.dir, image_format=args.format, drives=_drives(args.drives), say=say
+        )
     elif args.command == "create":
         create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
     elif args.command in _SERVER_COMMANDS:
-        from nbdvma.commands import backup, serve
+        from nbdvma.commands import backup, export, serve
 
-        status = (serve if args.command == "serve" else backup).run(args)
+        command = {"serve": serve, "backup": backup, "export": export}[args.command]
+        status = command.run(args)
         if status:
             raise SystemExit(status)
     else:  # pragma: no cover - argparse only accepts the commands above
@@ -171,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM ends an archive command as Ctrl-C does, so that it removes its
     # temporary files (ARCHIVE.part, tmp-disk-*.raw); the servers handle their
     # signals themselves, on trio's loop.
-    signals = contextlib.nullcontext() if args.command in _SERVER_COMMANDS else install()
+    # restore --format qcow2 runs trio, which takes the signals as the servers do.
+    on_trio = args.command in _SERVER_COMMANDS or getattr(args, "format", "") == "qcow2"
+    signals = contextlib.nullcontext() if on_trio else install()
     try:
         with signals:
             _run(args)

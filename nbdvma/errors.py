@@ -33,6 +33,7 @@ __all__ = [
     "RemoteProtocolError",
     "TlsError",
     "ToolError",
+    "UnindexableArchiveError",
     "VmaFormatError",
     "VmaWriterError",
     "errno_for_exception",
@@ -59,6 +60,12 @@ class DataDigestError(VmaFormatError):
     """An archive's extents do not match the data digest its header records, or the
     digest is still the placeholder of an archive that was never finished
     (:mod:`nbdvma.vma.digest`)."""
+
+
+class UnindexableArchiveError(NbdvmaError):
+    """An archive's extents cannot be read in place: a compressed archive that is not
+    one zstd frame per unit (vzdump's or the ``zstd`` CLI's single stream).  It can
+    still be served once decompressed into a plain file."""
 
 
 class VmaWriterError(NbdvmaError):

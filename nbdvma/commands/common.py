@@ -1,4 +1,5 @@
-"""What ``serve`` and ``backup`` share on the command line: signals, options, one-line errors."""
+"""What ``serve``, ``backup`` and ``export`` share on the command line: options (and
+the groups of them ``serve`` and ``export`` both take), one-line errors."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import sys
 from collections.abc import Sequence
 
 from nbdvma.addresses import Address, parse_address
-from nbdvma.errors import AddressError, NbdvmaError, VmaWriterError
+from nbdvma.errors import AddressError, NbdvmaError, TlsError, VmaWriterError
+from nbdvma.server import ServerLimits
+from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import parse_size
 from nbdvma.vma.zstdframes import parse_compression
 
 __all__ = [
+    "add_access_options",
+    "add_listen_options",
     "address_argument",
     "compress_argument",
     "count_argument",
@@ -23,7 +28,9 @@ __all__ = [
     "mode_argument",
     "read_configs",
     "seconds_argument",
+    "server_limits",
     "size_argument",
+    "tls_config",
 ]
 
 
@@ -144,3 +151,114 @@ def seconds_argument(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def add_listen_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--listen`` and ``--pid-file`` (``command`` names the process in the help)."""
+    parser.add_argument(
+        "--listen",
+        action="append",
+        type=address_argument,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809; "
+        "under systemd socket activation, the sockets systemd passes instead)",
+    )
+    parser.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help=f"write {command}'s process id to FILE once it listens (a script that waits for "
+        "FILE can connect at once); removed at exit",
+    )
+
+
+def add_access_options(parser: argparse.ArgumentParser) -> None:
+    """Who may connect and for how long: socket mode, limits, timeouts, ``-v``, TLS."""
+    parser.add_argument(
+        "--socket-mode",
+        type=mode_argument,
+        default=0o600,
+        metavar="MODE",
+        help="permissions of unix sockets (octal, default 0600)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=count_argument,
+        default=100,
+        metavar="N",
+        help="connection cap (default 100)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every connection (peer, export, how it ended) on stderr",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=seconds_argument,
+        default=10.0,
+        metavar="SECONDS",
+        help="drop a client that has not finished the handshake by then (default 10)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=seconds_argument,
+        default=math.inf,
+        metavar="SECONDS",
+        help="drop a client that sends nothing for this long with no request in flight "
+        "(default: never)",
+    )
+    tls = parser.add_argument_group("TLS (NBD_OPT_STARTTLS, X.509; see docs/security.md)")
+    tls.add_argument(
+        "--tls",
+        choices=[m.value for m in TlsMode],
+        help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
+        "require: nothing works before TLS (default: require with --tls-creds, else off)",
+    )
+    tls.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="the certificates in QEMU's tls-creds-x509 layout, as qemu-nbd takes them: "
+        "DIR/server-cert.pem, DIR/server-key.pem, and DIR/ca-cert.pem for "
+        "--tls-verify-client; implies --tls require (instead of --tls-cert/--tls-key/--tls-ca)",
+    )
+    tls.add_argument("--tls-cert", metavar="PEM", help="the server certificate (chain)")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key (unencrypted)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the CA that signs client certificates")
+    tls.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="require a client certificate signed by --tls-ca (or DIR/ca-cert.pem)",
+    )
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    """The limits of :func:`add_access_options`."""
+    return ServerLimits(
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout,
+    )
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig:
+    """``--tls-creds DIR`` (TLS required unless ``--tls`` says otherwise), or the
+    separate ``--tls-cert``/``--tls-key``/``--tls-ca`` files."""
+    if args.tls_creds is None:
+        return TlsConfig(
+            mode=TlsMode(args.tls or TlsMode.OFF.value),
+            cert=args.tls_cert,
+            key=args.tls_key,
+            ca=args.tls_ca,
+            verify_client=args.tls_verify_client,
+        )
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        raise TlsError(
+            "--tls-creds DIR holds the certificate, key and CA: "
+            "give it or --tls-cert/--tls-key/--tls-ca, not both"
+        )
+    return TlsConfig.from_creds_dir(
+        args.tls_creds,
+        TlsMode(args.tls or TlsMode.REQUIRE.value),
+        verify_client=args.tls_verify_client,
+    )

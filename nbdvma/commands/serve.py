@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import math
 import signal
 import sys
 
@@ -28,24 +27,23 @@ from nbdvma.activation import listen_fds
 from nbdvma.addresses import TcpAddress
 from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
+    add_access_options,
+    add_listen_options,
     address_argument,
     compress_argument,
-    count_argument,
     describe_error,
     first_error,
     log_to_stderr,
-    mode_argument,
     read_configs,
-    seconds_argument,
+    server_limits,
     size_argument,
+    tls_config,
 )
-from nbdvma.errors import ActivationError, NbdvmaError, TlsError
+from nbdvma.errors import ActivationError, NbdvmaError
 from nbdvma.pidfile import pid_file
 from nbdvma.pve import archive_configs, split_config_argument
-from nbdvma.server import ServerLimits
 from nbdvma.session import ArchiveSession, DiscardSession, ExportSession, SessionOptions
 from nbdvma.signals import Interrupt, stop_on_signals
-from nbdvma.tls import TlsConfig, TlsMode
 
 __all__ = ["add_arguments", "run"]
 
@@ -257,20 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="unix:PATH|tcp:HOST:PORT",
         help="accept one connection here and store what it sends as the VM state",
     )
-    parser.add_argument(
-        "--listen",
-        action="append",
-        type=address_argument,
-        metavar="unix:PATH|tcp:HOST:PORT",
-        help="where to accept NBD clients (repeatable; default tcp:127.0.0.1:10809; "
-        "under systemd socket activation, the sockets systemd passes instead)",
-    )
-    parser.add_argument(
-        "--pid-file",
-        metavar="FILE",
-        help="write serve's process id to FILE once it listens (a script that waits for "
-        "FILE can connect at once); removed at exit",
-    )
+    add_listen_options(parser, "serve")
     parser.add_argument(
         "--run",
         metavar="CMD",
@@ -298,63 +283,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         help="vma: write the archive (default); null: discard every write, end as vma "
         "does once every disk was written (the protocol's own cost, for benchmarks)",
     )
-    parser.add_argument(
-        "--socket-mode",
-        type=mode_argument,
-        default=0o600,
-        metavar="MODE",
-        help="permissions of unix sockets (octal, default 0600)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=count_argument,
-        default=100,
-        metavar="N",
-        help="connection cap (default 100)",
-    )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="log every connection (peer, export, how it ended) on stderr",
-    )
-    parser.add_argument(
-        "--handshake-timeout",
-        type=seconds_argument,
-        default=10.0,
-        metavar="SECONDS",
-        help="drop a client that has not finished the handshake by then (default 10)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=seconds_argument,
-        default=math.inf,
-        metavar="SECONDS",
-        help="drop a client that sends nothing for this long with no request in flight "
-        "(default: never)",
-    )
-    tls = parser.add_argument_group("TLS (NBD_OPT_STARTTLS, X.509; see docs/security.md)")
-    tls.add_argument(
-        "--tls",
-        choices=[m.value for m in TlsMode],
-        help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
-        "require: nothing works before TLS (default: require with --tls-creds, else off)",
-    )
-    tls.add_argument(
-        "--tls-creds",
-        metavar="DIR",
-        help="the certificates in QEMU's tls-creds-x509 layout, as qemu-nbd takes them: "
-        "DIR/server-cert.pem, DIR/server-key.pem, and DIR/ca-cert.pem for "
-        "--tls-verify-client; implies --tls require (instead of --tls-cert/--tls-key/--tls-ca)",
-    )
-    tls.add_argument("--tls-cert", metavar="PEM", help="the server certificate (chain)")
-    tls.add_argument("--tls-key", metavar="PEM", help="its private key (unencrypted)")
-    tls.add_argument("--tls-ca", metavar="PEM", help="the CA that signs client certificates")
-    tls.add_argument(
-        "--tls-verify-client",
-        action="store_true",
-        help="require a client certificate signed by --tls-ca (or DIR/ca-cert.pem)",
-    )
+    add_access_options(parser)
 
 
 def _disk(text: str) -> tuple[str, int]:
@@ -366,29 +295,6 @@ def _disk(text: str) -> tuple[str, int]:
             "the name vmstate is the VM state's: give it with --vmstate ADDRESS"
         )
     return name, size_argument(size)
-
-
-def _tls_config(args: argparse.Namespace) -> TlsConfig:
-    """``--tls-creds DIR`` (TLS required unless ``--tls`` says otherwise), or the
-    separate ``--tls-cert``/``--tls-key``/``--tls-ca`` files."""
-    if args.tls_creds is None:
-        return TlsConfig(
-            mode=TlsMode(args.tls or TlsMode.OFF.value),
-            cert=args.tls_cert,
-            key=args.tls_key,
-            ca=args.tls_ca,
-            verify_client=args.tls_verify_client,
-        )
-    if args.tls_cert or args.tls_key or args.tls_ca:
-        raise TlsError(
-            "--tls-creds DIR holds the certificate, key and CA: "
-            "give it or --tls-cert/--tls-key/--tls-ca, not both"
-        )
-    return TlsConfig.from_creds_dir(
-        args.tls_creds,
-        TlsMode(args.tls or TlsMode.REQUIRE.value),
-        verify_client=args.tls_verify_client,
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -436,12 +342,8 @@ def _run(args: argparse.Namespace) -> int:
         listen_fds=activated,
         compress=args.compress,
         unix_mode=args.socket_mode,
-        tls=_tls_config(args),
-        limits=ServerLimits(
-            idle_timeout=args.idle_timeout,
-            max_connections=args.max_connections,
-            handshake_timeout=args.handshake_timeout,
-        ),
+        tls=tls_config(args),
+        limits=server_limits(args),
     )
     conventions = Conventions(pid_file=args.pid_file, run=args.run)
     return trio.run(

@@ -13,9 +13,17 @@ from typing import Any, BinaryIO, TextIO, cast
 from nbdvma.errors import ToolError, VmaFormatError
 from nbdvma.vma.digest import DIGEST_ALGORITHM, DataDigest
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, DeviceInfo
-from nbdvma.vma.reader import VmaReader
+from nbdvma.vma.reader import VmaReader, open_source
 
-__all__ = ["Progress", "check_name", "digest_line", "open_reader", "strerror"]
+__all__ = [
+    "Progress",
+    "check_name",
+    "digest_line",
+    "is_lzop",
+    "open_decompressed",
+    "open_reader",
+    "strerror",
+]
 
 
 def strerror(exc: OSError) -> str:
@@ -69,7 +77,8 @@ class _Decompressed(io.RawIOBase):
         super().close()
 
 
-def _is_lzop(path: str) -> bool:
+def is_lzop(path: str) -> bool:
+    """Whether ``path`` is an lzop file (vzdump's ``.vma.lzo``)."""
     if path == "-":
         return False
     try:
@@ -77,6 +86,19 @@ def _is_lzop(path: str) -> bool:
             return f.read(len(LZOP_MAGIC)) == LZOP_MAGIC
     except OSError:
         return False  # VmaReader.open says why
+
+
+def open_decompressed(path: str) -> BinaryIO:
+    """The archive at ``path`` as a plain stream: zstd and gzip decompressed by the
+    core (:func:`~nbdvma.vma.reader.open_source`), lzo through ``lzop``.
+
+    Raises:
+        OSError: the file cannot be opened.
+        ToolError: an lzo archive and no ``lzop``.
+    """
+    if is_lzop(path):
+        return cast(BinaryIO, io.BufferedReader(_Decompressed(path), 1 << 20))
+    return open_source(path)
 
 
 def open_reader(path: str, *, skip: Iterable[int] = ()) -> VmaReader:
@@ -88,10 +110,7 @@ def open_reader(path: str, *, skip: Iterable[int] = ()) -> VmaReader:
         ToolError: the file cannot be opened, or its header is invalid.
     """
     try:
-        if _is_lzop(path):
-            source = io.BufferedReader(_Decompressed(path), 1 << 20)
-            return VmaReader(cast(BinaryIO, source), skip=frozenset(skip))
-        return VmaReader.open(path, skip=frozenset(skip))
+        return VmaReader(open_decompressed(path), skip=frozenset(skip))
     except OSError as exc:
         raise ToolError(f"can't open file {path} - {strerror(exc)}") from exc
     except VmaFormatError as exc:

@@ -1,0 +1,292 @@
+"""Read-only NBD exports of an archive's disks (``nbdvma export``, ``nbdvma restore``).
+
+:class:`ArchiveBackend` serves each disk of an :class:`~nbdvma.vma.index.IndexedArchive`
+as a read-only export of its exact size: reads come from the archive's file (or its
+decompressed zstd frames) in worker threads, so that many reads run at once and none
+holds the event loop; block status (``base:allocation``) says which clusters and 4 KiB
+blocks the archive stores as zeros (``HOLE|ZERO``), so that ``qemu-img convert`` and
+``nbdcopy`` skip them and write sparse images.  Writes never reach it: the core answers
+them ``EPERM`` (``NBD_FLAG_READ_ONLY``); should one arrive anyway, it is refused the
+same way.  Nothing is ever written, so ``CAN_MULTI_CONN`` holds trivially.
+
+:func:`open_archive` gets an archive ready to serve: it indexes a plain ``.vma`` or an
+nbdvma ``.vma.zst`` in place; any other compressed archive (vzdump's single-stream
+``.vma.zst``, ``.vma.gz``, ``.vma.lzo``) is first decompressed once into a sparse
+temporary file, unlinked as soon as it is open, so that nothing is left behind.
+:class:`PrepareState` tells the caller how far that has got (the library prints
+nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from typing import cast
+
+import attrs
+import trio
+
+from nbdvma.errors import NbdvmaError, UnindexableArchiveError
+from nbdvma.nbd import Capabilities, ExportInfo
+from nbdvma.nbd.constants import NbdStateFlag
+from nbdvma.tools.common import is_lzop, open_decompressed
+from nbdvma.units import format_bytes
+from nbdvma.vma.index import IndexedArchive, VmstateWriter, build_index, decompress_into
+from nbdvma.vma.reader import GZIP_MAGIC
+
+__all__ = [
+    "PROGRESS_INTERVAL",
+    "READ_ONLY",
+    "ArchiveBackend",
+    "PrepareState",
+    "PrepareWatcher",
+    "open_archive",
+    "prepare",
+]
+
+#: Seconds between progress lines while an archive is read.
+PROGRESS_INTERVAL = 5.0
+
+_HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
+
+#: A read-only export's capabilities: nothing to flush, any number of connections.
+READ_ONLY = Capabilities(can_write=False, can_flush=False, can_multi_conn=True)
+
+
+def _refuse() -> PermissionError:
+    return PermissionError(errno.EPERM, "the export is read-only")
+
+
+class ArchiveBackend:
+    """The disks of an indexed archive, as read-only exports (a
+    :class:`~nbdvma.backends.Backend`)."""
+
+    def __init__(
+        self, archive: IndexedArchive, *, limiter: trio.CapacityLimiter | None = None
+    ) -> None:
+        """Serve every disk of ``archive.index``; reads run in threads of ``limiter``
+        (default: trio's, 40 threads)."""
+        self.archive = archive
+        self._limiter = limiter
+        self._exports = [
+            ExportInfo(name, disk.dev.size, capabilities=READ_ONLY)
+            for name, disk in archive.index.disks.items()
+        ]
+
+    @property
+    def exports(self) -> Sequence[ExportInfo]:
+        """See :meth:`Backend.exports <nbdvma.backends.Backend.exports>`."""
+        return self._exports
+
+    async def pread(self, export_name: str, offset: int, length: int) -> bytes:
+        """See :meth:`Backend.pread <nbdvma.backends.Backend.pread>`."""
+        data = await trio.to_thread.run_sync(
+            self.archive.read, export_name, offset, length, limiter=self._limiter
+        )
+        # A bytearray, which the core sends as it is (it takes any buffer): no copy.
+        return cast(bytes, data)
+
+    async def pwrite(
+        self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool
+    ) -> None:
+        """Refused (``EPERM``)."""
+        raise _refuse()
+
+    async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
+        """Refused (``EPERM``)."""
+        raise _refuse()
+
+    async def trim(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
+        """Refused (``EPERM``)."""
+        raise _refuse()
+
+    async def flush(self) -> None:
+        """Nothing was ever written: nothing to flush."""
+
+    async def extents(self, export_name: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """See :meth:`Backend.extents <nbdvma.backends.Backend.extents>`: zero clusters and
+        blocks are ``HOLE|ZERO``, stored ones data; may cover less than ``length``."""
+        runs = await trio.to_thread.run_sync(
+            self.archive.block_status, export_name, offset, length, limiter=self._limiter
+        )
+        return [(n, _HOLE if zero else 0) for n, zero in runs]
+
+
+@attrs.define
+class PrepareState:
+    """How far :func:`open_archive` has got; read by another thread to show progress,
+    and the way to stop it (:attr:`cancelled`)."""
+
+    #: ``"indexing"`` or ``"decompressing"``.
+    phase: str = "indexing"
+    #: Bytes of the file being indexed read so far, or bytes decompressed so far.
+    done: int = 0
+    #: Size of the file being indexed (0 while decompressing: unknown).
+    total: int = 0
+    #: Why the archive is being decompressed ("" if it is not).
+    reason: str = ""
+    #: The temporary file it is decompressed into.
+    temporary: str = ""
+    #: Set by the caller: the next progress report raises ``InterruptedError``.
+    cancelled: bool = False
+
+    def update(self, done: int) -> None:
+        """Record progress; stop if :attr:`cancelled`."""
+        if self.cancelled:
+            raise InterruptedError("stopped")
+        self.done = done
+
+
+def _compression(path: str) -> str | None:
+    """``"gzip"``, ``"lzo"`` for archives that are always decompressed first."""
+    if is_lzop(path):
+        return "lzo"
+    with open(path, "rb") as f:
+        return "gzip" if f.read(2) == GZIP_MAGIC else None
+
+
+def open_archive(
+    path: str,
+    state: PrepareState,
+    *,
+    devices: Collection[str] | None = None,
+    cache_dir: str | None = None,
+    vmstate: VmstateWriter | None = None,
+) -> IndexedArchive:
+    """Check and index the archive at ``path`` (decompressing it first if it must be).
+
+    Blocking (run it in a thread).  See :func:`~nbdvma.vma.index.build_index` for the
+    checks and ``devices``, ``vmstate``.
+
+    Args:
+        cache_dir: where to decompress an archive that cannot be read in place
+            (default: the archive's directory).
+
+    Raises:
+        OSError: a file cannot be read or written.
+        VmaFormatError: the archive is damaged or incomplete.
+        NbdvmaError: an archive on stdin.
+        InterruptedError: :attr:`PrepareState.cancelled` was set.
+    """
+    if path == "-":
+        raise NbdvmaError(
+            "an archive on stdin cannot be exported: it is read in place, so save it to a "
+            "file first"
+        )
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise NbdvmaError(f"{path} is not a regular file: an archive is exported from a file")
+    state.total = info.st_size
+    compression = _compression(path)
+    if compression is None:
+        try:
+            return IndexedArchive(
+                path, build_index(path, devices=devices, progress=state.update, vmstate=vmstate)
+            )
+        except UnindexableArchiveError as exc:
+            state.reason = f"{path}: {exc} (as vzdump and the zstd CLI write it)"
+    else:
+        state.reason = f"{path} is {compression}-compressed"
+    fd, temporary = tempfile.mkstemp(
+        prefix=".nbdvma-export-", suffix=".vma", dir=cache_dir or os.path.dirname(path) or "."
+    )
+    state.temporary = temporary
+    try:
+        with os.fdopen(fd, "wb") as out:
+            state.phase, state.total, state.done = "decompressing", 0, 0
+            with open_decompressed(path) as source:
+                decompress_into(source, out.fileno(), state.update)
+            state.phase, state.total, state.done = "indexing", os.path.getsize(temporary), 0
+            index = build_index(temporary, devices=devices, progress=state.update, vmstate=vmstate)
+            return IndexedArchive(temporary, index)
+    finally:
+        # Served from the open descriptor: the file goes when the process does.
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+class PrepareWatcher:
+    """Progress lines of :func:`open_archive` (which runs in a thread): why the archive
+    is decompressed, as soon as that is known, then how far it got, every
+    ``interval`` seconds."""
+
+    def __init__(self, state: PrepareState, say: Callable[[str], None], interval: float) -> None:
+        self.state = state
+        self.say = say
+        self.interval = interval
+        self.told = False
+        self.last = ""
+
+    def tell(self) -> None:
+        """Say why the archive is decompressed, once."""
+        state = self.state
+        if state.temporary and not self.told:
+            self.say(
+                f"{state.reason}: it must be decompressed once, into {state.temporary} "
+                "(removed at exit)"
+            )
+            self.told = True
+
+    def progress(self) -> None:
+        """Say how far the current phase has got (if it moved)."""
+        state = self.state
+        if state.phase == "decompressing":
+            line = f"decompressing: {format_bytes(state.done)} so far"
+        elif state.total:
+            line = (
+                f"reading the archive: {100 * state.done // state.total}% "
+                f"({format_bytes(state.done)} of {format_bytes(state.total)})"
+            )
+        else:
+            return
+        if line != self.last:
+            self.say(line)
+            self.last = line
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        next_line = trio.current_time() + self.interval
+        while True:
+            await trio.sleep(min(0.1, self.interval))
+            self.tell()
+            if trio.current_time() >= next_line:
+                self.progress()
+                next_line += self.interval
+
+
+async def prepare(
+    nursery: trio.Nursery,
+    path: str,
+    devices: list[str] | None,
+    cache: str | None,
+    say: Callable[[str], None],
+    *,
+    interval: float = PROGRESS_INTERVAL,
+    vmstate: VmstateWriter | None = None,
+) -> IndexedArchive:
+    """:func:`open_archive` in a thread, with progress lines; a cancellation stops it."""
+    state = PrepareState()
+    watcher = PrepareWatcher(state, say, interval)
+    scope = trio.CancelScope()
+
+    async def watch() -> None:
+        with scope:
+            await watcher.run()
+
+    nursery.start_soon(watch)
+    try:
+        return await trio.to_thread.run_sync(
+            functools.partial(
+                open_archive, path, state, devices=devices, cache_dir=cache, vmstate=vmstate
+            ),
+            abandon_on_cancel=True,
+        )
+    finally:
+        state.cancelled = True  # an abandoned thread stops at its next progress report
+        scope.cancel()
+        watcher.tell()

@@ -1,0 +1,165 @@
+"""``nbdvma export``: an archive's disks as read-only NBD exports, until stopped.
+
+The archive is read once first, to check it (as ``verify`` does) and index where each
+cluster lies (:mod:`nbdvma.vma.index`), with a progress line every few seconds; a
+damaged archive is refused before anything listens.  Then the command listens as
+``serve`` does (same listener, access and TLS options), prints ``export ready``, and
+serves until SIGINT or SIGTERM.
+
+Exit status: 0 when stopped by a signal once ready (its normal end); 128 + N when a
+signal stops it before (while indexing), as ``serve`` reports an interrupted run;
+1 for any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+import time
+
+import trio
+
+from nbdvma.activation import listen_fds
+from nbdvma.addresses import Address, TcpAddress
+from nbdvma.archive_backend import ArchiveBackend, prepare
+from nbdvma.commands.common import (
+    add_access_options,
+    add_listen_options,
+    describe_error,
+    first_error,
+    log_to_stderr,
+    server_limits,
+    tls_config,
+)
+from nbdvma.errors import ActivationError, NbdvmaError, VmaFormatError
+from nbdvma.listeners import remove_socket
+from nbdvma.pidfile import pid_file
+from nbdvma.server import NbdServer
+from nbdvma.session import SessionOptions, open_nbd_listeners
+from nbdvma.signals import stop_on_signals
+from nbdvma.units import format_bytes
+from nbdvma.vma.index import IndexedArchive
+
+__all__ = ["add_arguments", "export", "ready_line", "run"]
+
+PREFIX = "nbdvma export: "
+
+
+def _say(message: str) -> None:
+    print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``nbdvma export``."""
+    parser.add_argument(
+        "archive",
+        metavar="ARCHIVE",
+        help="the archive (.vma, .vma.zst, .vma.gz, .vma.lzo; not stdin)",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        metavar="NAME",
+        help="export only this disk (repeatable; default: every disk)",
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="where to decompress an archive that cannot be read in place (default: "
+        "next to it; removed at exit)",
+    )
+    add_listen_options(parser, "export")
+    add_access_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``nbdvma export`` from parsed arguments; return the exit status.
+
+    Every error that ends it is one line on stderr with the command's prefix.
+    """
+    log_to_stderr(PREFIX, verbose=args.verbose)
+    try:
+        return _run(args)
+    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and not isinstance(
+            first_error(exc), NbdvmaError | OSError
+        ):
+            raise first_error(exc) from None
+        _say(describe_error(exc))
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    activated = listen_fds()
+    if activated and args.listen:
+        raise ActivationError(
+            f"systemd passes {len(activated)} listening socket(s) (LISTEN_FDS): "
+            "export listens on those; drop --listen"
+        )
+    options = SessionOptions(
+        archive=args.archive,
+        disks=(),
+        listen=() if activated else tuple(args.listen or (TcpAddress("127.0.0.1", 10809),)),
+        listen_fds=activated,
+        unix_mode=args.socket_mode,
+        tls=tls_config(args),
+        limits=server_limits(args),
+    )
+    return trio.run(functools.partial(export, options, args.device, args.cache, args.pid_file))
+
+
+def ready_line(archive: IndexedArchive, seconds: float) -> str:
+    """``export ready: 2 devices (drive-scsi0 32.0 GiB, ...); index 4.0 MiB, read in 3.2s``."""
+    disks = archive.index.disks
+    names = ", ".join(f"{n} {format_bytes(d.dev.size)}" for n, d in disks.items())
+    return (
+        f"export ready: {len(disks)} device{'s' if len(disks) != 1 else ''} ({names}); "
+        f"index {format_bytes(archive.index.nbytes)}, archive read in {seconds:.1f}s"
+    )
+
+
+async def export(
+    options: SessionOptions,
+    devices: list[str] | None,
+    cache: str | None,
+    pid_path: str | None = None,
+) -> int:
+    """Index the archive, then serve it until a signal; the exit status."""
+    ssl_context = options.tls.server_context()  # bad certificates: before the long read
+    archive: IndexedArchive | None = None
+    addresses: list[Address] = []
+    started = time.monotonic()
+    try:
+        async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
+            try:
+                archive = await prepare(nursery, options.archive, devices, cache, _say)
+            except VmaFormatError as exc:
+                raise NbdvmaError(f"{options.archive}: {exc}; not exported") from None
+            listeners, real = await open_nbd_listeners(options)
+            addresses.extend(real)
+            server = NbdServer(
+                ArchiveBackend(archive),
+                limits=options.limits,
+                tls_mode=options.tls.mode,
+                ssl_context=ssl_context,
+            )
+            await nursery.start(server.serve, listeners)
+            for address in real:
+                _say(f"listening on {address}")
+            with pid_file(pid_path):
+                # Ready once the pid file is there: a script that waits for either can
+                # connect at once.
+                _say(ready_line(archive, time.monotonic() - started))
+                await trio.sleep_forever()
+    finally:
+        for address in addresses:
+            remove_socket(address)
+        if archive is not None:
+            archive.close()
+    if archive is None or not addresses:
+        _say(f"interrupted by {stop.name} before the export was ready")
+        return 128 + (stop.signum or signal.SIGINT)
+    _say(f"stopped by {stop.name}")
+    return 0
