@@ -18,7 +18,7 @@ PYTHON=/usr/bin/python3
 
 APT_PACKAGES=(
     qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbd-client
-    zstd lzop python3-venv openssl
+    zstd lzop python3-venv openssl e2fsprogs
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
