@@ -100,7 +100,23 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
         "Every file is 0600; nothing incomplete is left under a final name.",
     )
     p.add_argument("file", metavar="ARCHIVE", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo)")
-    p.add_argument("dir", metavar="DIR", help="target directory (must not exist)")
+    p.add_argument(
+        "dir", metavar="DIR", nargs="?", help="target directory (must not exist; not --live)"
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="instead of writing images: export the archive on --listen, wait for the VM "
+        "behind --qmp (started on qcow2 overlays over the export), block-stream every "
+        "overlay, and exit once the VM no longer needs the export (docs/restore.md)",
+    )
+    p.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT", help="the VM's QMP (--live)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="where the export listens (--live; repeatable): the socket the overlays name",
+    )
     p.add_argument(
         "--format",
         choices=["raw", "qcow2"],
@@ -181,8 +197,19 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "extract":
         drives = _drives(args.drives)
         extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
+    elif args.command == "restore" and (args.live or args.qmp or args.listen):
+        if not (args.live and args.qmp and args.listen) or args.dir is not None:
+            raise ToolError("restore --live takes --qmp ADDRESS and --listen ADDRESS, and no DIR")
+        from nbdvma.commands.export import live_restore
+
+        status = live_restore(args.file, args.qmp, args.listen)
+        if status:
+            raise SystemExit(status)
     elif args.command == "restore":
         from nbdvma.restore import restore_archive
+
+        if args.dir is None:
+            raise ToolError("restore needs a target DIR (or --live)")
 
         def say(line: str) -> None:
             print(f"nbdvma restore: {line}", file=sys.stderr, flush=True)

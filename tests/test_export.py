@@ -562,3 +562,99 @@ def test_a_cancelled_preparation_stops_at_its_next_report(workdir: Path, sources
     with pytest.raises(InterruptedError):
         open_archive(str(_archive(workdir, sources, "gzip")), state)
     assert list(workdir.glob(".nbdvma-export-*")) == []
+
+
+def test_restore_live_streams_the_overlays_of_a_running_vm(
+    workdir: Path,
+    sockdir: Path,
+    sources: Sources,
+    qemu_img: str,
+    qemu_vm: Callable[..., Any],
+) -> None:
+    """``nbdvma restore --live``: it exports, waits for the VM (started afterwards on
+    qcow2 overlays over the export), streams both overlays, and exits 0 once the VM
+    needs the export no more; the overlays then equal the sources on their own."""
+    archive = _archive(workdir, sources, "zst")
+    sock = sockdir / "live.sock"
+    qmp = sockdir / "qmp0.sock"  # the first VM of the qemu_vm fixture listens here
+    err = workdir / "live.err"
+    with err.open("wb") as f:
+        live = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "nbdvma", "restore", "--live", str(archive)),
+                *("--qmp", f"unix:{qmp}", "--listen", f"unix:{sock}"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=f,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "export ready" not in err.read_text():
+            assert live.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.02)
+        overlays = {}
+        for name in sources.images:
+            overlays[name] = workdir / f"{name}.qcow2"
+            backing = f"nbd+unix:///{name}?socket={sock}"
+            run_tool(
+                [qemu_img, "create", "-f", "qcow2", "-F", "raw", "-b", backing, str(overlays[name])]
+            )
+        blockdevs = []
+        for i, overlay in enumerate(overlays.values()):
+            blockdevs += [
+                "-blockdev",
+                f"driver=qcow2,node-name=disk{i},file.driver=file,file.filename={overlay}",
+                "-device",
+                f"virtio-blk-pci,drive=disk{i},id=d{i}",
+            ]
+        vm = qemu_vm([], extra_args=blockdevs)
+        assert vm.qmp_address == f"unix:{qmp}"
+        assert live.wait(60) == 0, err.read_text()
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+    text = err.read_text()
+    assert "nbdvma restore: disk0: streaming from nbd+unix:///drive-scsi0" in text
+    assert "nbdvma restore: 2 disk(s) streamed into their overlays" in text
+    assert not sock.exists()  # the export stopped and removed its socket
+    q = _Qmp(str(qmp))
+    try:
+        q.command("quit")
+    finally:
+        q.close()
+    vm.process.wait(30)
+    for name, overlay in overlays.items():
+        info = run_tool([qemu_img, "info", str(overlay)]).stdout
+        assert "backing file" not in info, info
+        run_tool(
+            [
+                *(qemu_img, "compare", "-f", "qcow2", "-F", "raw"),
+                *(str(overlay), str(sources.images[name])),
+            ]
+        )
+
+
+def test_restore_live_refuses_a_vm_without_overlays_on_the_export(
+    workdir: Path, sockdir: Path, sources: Sources, qemu_vm: Callable[..., Any]
+) -> None:
+    archive = _archive(workdir, sources, "zst")
+    vm = qemu_vm([])
+    result = nbdvma(
+        "restore",
+        "--live",
+        str(archive),
+        "--qmp",
+        vm.qmp_address,
+        "--listen",
+        f"unix:{sockdir / 'live.sock'}",
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "nbdvma restore: no block node of the VM has its backing file on this export"
+    ), result.stderr
+    assert nbdvma("restore", str(archive), check=False).stderr == (
+        "restore needs a target DIR (or --live)\n"
+    )

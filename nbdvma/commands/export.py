@@ -18,6 +18,7 @@ import functools
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -33,7 +34,7 @@ from nbdvma.commands.common import (
     server_limits,
     tls_config,
 )
-from nbdvma.errors import ActivationError, NbdvmaError, VmaFormatError
+from nbdvma.errors import ActivationError, NbdvmaError, QmpConnectError, VmaFormatError
 from nbdvma.listeners import remove_socket
 from nbdvma.pidfile import pid_file
 from nbdvma.server import NbdServer
@@ -42,7 +43,7 @@ from nbdvma.signals import stop_on_signals
 from nbdvma.units import format_bytes
 from nbdvma.vma.index import IndexedArchive
 
-__all__ = ["add_arguments", "export", "ready_line", "run"]
+__all__ = ["add_arguments", "export", "live_restore", "ready_line", "run"]
 
 PREFIX = "nbdvma export: "
 
@@ -125,12 +126,15 @@ async def export(
     devices: list[str] | None,
     cache: str | None,
     pid_path: str | None = None,
+    then: Callable[[list[Address]], Awaitable[None]] | None = None,
 ) -> int:
-    """Index the archive, then serve it until a signal; the exit status."""
+    """Index the archive, then serve it until a signal (or, with ``then``, until that
+    returns, given the addresses listened on); the exit status."""
     ssl_context = options.tls.server_context()  # bad certificates: before the long read
     archive: IndexedArchive | None = None
     addresses: list[Address] = []
     started = time.monotonic()
+    finished = False
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             try:
@@ -152,14 +156,69 @@ async def export(
                 # Ready once the pid file is there: a script that waits for either can
                 # connect at once.
                 _say(ready_line(archive, time.monotonic() - started))
-                await trio.sleep_forever()
+                if then is None:
+                    await trio.sleep_forever()
+                await then(real)
+                nursery.cancel_scope.cancel()
+                finished = True
     finally:
         for address in addresses:
             remove_socket(address)
         if archive is not None:
             archive.close()
-    if archive is None or not addresses:
-        _say(f"interrupted by {stop.name} before the export was ready")
+    if finished:
+        return 0
+    if archive is None or not addresses or then is not None:
+        what = "the export was ready" if then is None else "the disks were streamed"
+        _say(f"interrupted by {stop.name} before {what}")
         return 128 + (stop.signum or signal.SIGINT)
     _say(f"stopped by {stop.name}")
     return 0
+
+
+def live_restore(archive: str, qmp: str, listen: list[str]) -> int:
+    """``nbdvma restore --live``: export ``archive`` on ``listen``, then stream it into
+    the overlays of the VM behind ``qmp`` (:mod:`nbdvma.live_restore`); the exit status.
+
+    Lines are prefixed ``nbdvma restore:``; every error is one of them.
+    """
+    from nbdvma.addresses import parse_address
+    from nbdvma.live_restore import stream_overlays
+    from nbdvma.qmp import QmpClient
+
+    def say(line: str) -> None:
+        print(f"nbdvma restore: {line}", file=sys.stderr, flush=True)
+
+    async def stream(addresses: list[Address]) -> None:
+        waited = 0.0
+        while True:  # QEMU is started once the export is ready: wait for its QMP
+            try:
+                async with QmpClient.connect(qmp_address) as client:
+                    streamed = await stream_overlays(client, addresses, say)
+                    break
+            except QmpConnectError:
+                if waited % 30 == 0:
+                    say(f"waiting for QEMU's QMP at {qmp_address} (start the VM on its overlays)")
+                await trio.sleep(0.5)
+                waited += 0.5
+        say(
+            f"{len(streamed)} disk(s) streamed into their overlays; the VM no longer needs "
+            "the export"
+        )
+
+    log_to_stderr("nbdvma restore: ", verbose=False)
+    try:
+        qmp_address = parse_address(qmp)
+        options = SessionOptions(
+            archive=archive,
+            disks=(),
+            listen=tuple(parse_address(a) for a in listen),
+        )
+        return trio.run(functools.partial(export, options, None, None, None, stream))
+    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and not isinstance(
+            first_error(exc), NbdvmaError | OSError
+        ):
+            raise first_error(exc) from None
+        say(describe_error(exc))
+        return 1
