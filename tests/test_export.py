@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from servehelpers import nbdvma, run_tool
+from servehelpers import nbdvma, poll_until, run_tool
 
 from nbdvma.archive_backend import PrepareState, PrepareWatcher, open_archive, prepare
 from nbdvma.vma.index import build_index
@@ -475,6 +475,16 @@ class _Qmp:
         self.sock.close()
 
 
+def _hexdump_bytes(text: str) -> bytes:
+    """The bytes of qemu-io's ``read -v`` dump (``00000000:  01 02 ... ascii``)."""
+    out = bytearray()
+    for line in text.splitlines():
+        match = re.match(r"^[0-9a-f]{8}:\s+((?:[0-9a-f]{2} ){1,16})", line)
+        if match:
+            out += bytes.fromhex(match.group(1))
+    return bytes(out)
+
+
 def test_instant_restore_recipe(
     workdir: Path,
     sources: Sources,
@@ -498,6 +508,24 @@ def test_instant_restore_recipe(
     )
     qmp = _Qmp(vm.qmp_address.removeprefix("unix:"))
     try:
+        # The VM reads its disk at once, through the overlay from the export: qemu-io
+        # inside QEMU, through the monitor (QEMU 7.2 prints its dump on stdout: the log).
+        source = sources.contents["drive-scsi0"]
+        backend = "/machine/peripheral/scsi0/virtio-backend"
+        for offset in (0, 3 * CLUSTER, 17 * 4096, ODD_SIZE - 512):
+            seen = vm.log.stat().st_size
+            qmp.command(
+                "human-monitor-command",
+                **{"command-line": f'qemu-io -d {backend} "read -v {offset} 512"'},
+            )
+            done = f"read 512/512 bytes at offset {offset}"
+            poll_until(
+                lambda done=done, seen=seen: done in vm.log.read_text()[seen:],
+                10,
+                "qemu-io's read",
+            )
+            shown = vm.log.read_text()[seen:]
+            assert _hexdump_bytes(shown) == source[offset : offset + 512], shown
         qmp.command("block-stream", **{"job-id": "restore0", "device": "disk0"})
         deadline = time.monotonic() + 60
         while qmp.command("query-block-jobs"):
