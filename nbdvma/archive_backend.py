@@ -42,6 +42,7 @@ from nbdvma.vma.reader import GZIP_MAGIC
 __all__ = [
     "PROGRESS_INTERVAL",
     "READ_ONLY",
+    "READ_THREADS",
     "ArchiveBackend",
     "PrepareState",
     "PrepareWatcher",
@@ -49,6 +50,8 @@ __all__ = [
     "prepare",
 ]
 
+#: Reads served at once (each in a worker thread).
+READ_THREADS = 8
 #: Seconds between progress lines while an archive is read.
 PROGRESS_INTERVAL = 5.0
 
@@ -70,9 +73,12 @@ class ArchiveBackend:
         self, archive: IndexedArchive, *, limiter: trio.CapacityLimiter | None = None
     ) -> None:
         """Serve every disk of ``archive.index``; reads run in threads of ``limiter``
-        (default: trio's, 40 threads)."""
+        (default: :data:`READ_THREADS` of them)."""
         self.archive = archive
-        self._limiter = limiter
+        # A read's reply is in memory from its thread's start until it is sent: the
+        # threads bound the memory a client's reads in flight cost (nbdcopy keeps 64
+        # per connection), at no cost in speed on a machine of a few cores.
+        self._limiter = limiter or trio.CapacityLimiter(READ_THREADS)
         self._exports = [
             ExportInfo(name, disk.dev.size, capabilities=READ_ONLY)
             for name, disk in archive.index.disks.items()
