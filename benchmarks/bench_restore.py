@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=2 * GiB, help="mixed disk (2G)")
     parser.add_argument(
         "--big-size",
-        type=parse_size,
+        type=lambda v: 0 if v == "0" else parse_size(v),
         default=64 * GiB,
         help="sparse disk for the time to first byte (64G; 0: skip)",
     )
