@@ -36,7 +36,13 @@ from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
-from nbdvma.vma.index import IndexedArchive, VmstateWriter, build_index, decompress_into
+from nbdvma.vma.index import (
+    STATUS_RUNS,
+    IndexedArchive,
+    VmstateWriter,
+    build_index,
+    decompress_into,
+)
 from nbdvma.vma.reader import GZIP_MAGIC
 
 __all__ = [
@@ -117,8 +123,15 @@ class ArchiveBackend:
     async def extents(self, export_name: str, offset: int, length: int) -> list[tuple[int, int]]:
         """See :meth:`Backend.extents <nbdvma.backends.Backend.extents>`: zero clusters and
         blocks are ``HOLE|ZERO``, stored ones data; may cover less than ``length``."""
-        runs = await trio.to_thread.run_sync(
-            self.archive.block_status, export_name, offset, length, limiter=self._limiter
+        return self.extents_now(export_name, offset, length, req_one=False)
+
+    def extents_now(
+        self, export_name: str, offset: int, length: int, *, req_one: bool
+    ) -> list[tuple[int, int]]:
+        """See :class:`~nbdvma.backends.StatusNow`: an in-memory lookup of a bounded
+        number of runs (one with ``req_one``), answered without a thread hop."""
+        runs = self.archive.block_status(
+            export_name, offset, length, max_runs=1 if req_one else STATUS_RUNS
         )
         return [(n, _HOLE if zero else 0) for n, zero in runs]
 

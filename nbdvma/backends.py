@@ -25,7 +25,14 @@ from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
-__all__ = ["Backend", "NullBackend", "VmaBackend", "WriteNow", "full_exports"]
+__all__ = [
+    "Backend",
+    "NullBackend",
+    "StatusNow",
+    "VmaBackend",
+    "WriteNow",
+    "full_exports",
+]
 
 _HOLE = NbdStateFlag.NBD_STATE_HOLE | NbdStateFlag.NBD_STATE_ZERO
 
@@ -86,6 +93,17 @@ class WriteNow(Protocol):
 
     def zero_now(self, export_name: str, offset: int, length: int) -> bool:
         """Do :meth:`Backend.zero` (without FUA) now, or return ``False``."""
+
+
+class StatusNow(Protocol):
+    """Another optional fast path: block status answered in the reader task, for a
+    backend that knows it from memory (a client such as ``qemu-img convert`` asks
+    thousands of them, one at a time, each with ``NBD_CMD_FLAG_REQ_ONE``)."""
+
+    def extents_now(
+        self, export_name: str, offset: int, length: int, *, req_one: bool
+    ) -> list[tuple[int, int]]:
+        """:meth:`Backend.extents`, at once; with ``req_one`` the first run is enough."""
 
 
 def full_exports(disks: Iterable[tuple[str, int]]) -> list[ExportInfo]:

@@ -36,7 +36,7 @@ from typing import cast
 import attrs
 import trio
 
-from nbdvma.backends import Backend, WriteNow
+from nbdvma.backends import Backend, StatusNow, WriteNow
 from nbdvma.errors import RemoteProtocolError, errno_for_exception
 from nbdvma.nbd import (
     NEED_DATA,
@@ -184,6 +184,9 @@ class NbdServer:
         self._write_now: WriteNow | None = (
             cast("WriteNow", backend) if hasattr(backend, "write_now") else None
         )
+        self._status_now: StatusNow | None = (
+            cast("StatusNow", backend) if hasattr(backend, "extents_now") else None
+        )
         # A request failed and no write has succeeded since (see requests_recovered).
         self._failing = False
         self.tls_mode = tls_mode
@@ -317,6 +320,12 @@ class NbdServer:
                 elif isinstance(event, Request):
                     if self._write_now is not None and self._done_now(conn, event):
                         continue  # answered; the reply goes with the next _send
+                    if (
+                        self._status_now is not None
+                        and event.command == NbdCommand.NBD_CMD_BLOCK_STATUS
+                    ):
+                        self._status_at_once(conn, event)
+                        continue
                     cost = len(event.data) if event.data is not None else 0
                     # A payload received in place was counted when its buffer was made.
                     conn.budget.take(cost - conn.reserved)
@@ -423,6 +432,20 @@ class NbdServer:
         self._budget.release(conn.reserved)
         conn.reserved = 0
         return True
+
+    def _status_at_once(self, conn: _Connection, req: Request) -> None:
+        """Answer BLOCK_STATUS in the reader task (:class:`~nbdvma.backends.StatusNow`)."""
+        assert self._status_now is not None
+        assert conn.export_name is not None
+        req_one = bool(req.flags & NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE)
+        try:
+            extents = self._status_now.extents_now(
+                conn.export_name, req.offset, req.length, req_one=req_one
+            )
+        except Exception as exc:
+            self._answer_error(conn, req, exc)
+        else:
+            conn.core.send_block_status(req, extents)
 
     def _answer_error(self, conn: _Connection, req: Request, exc: Exception) -> None:
         """Queue the error reply to a request that raised ``exc``."""

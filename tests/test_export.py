@@ -686,3 +686,31 @@ def test_restore_live_refuses_a_vm_without_overlays_on_the_export(
     assert nbdvma("restore", str(archive), check=False).stderr == (
         "restore needs a target DIR (or --live)\n"
     )
+
+
+def test_block_status_gives_whole_runs_and_at_most_max_runs(
+    workdir: Path, sources: Sources
+) -> None:
+    """qemu-img asks block status with REQ_ONE from each extent's end on: each answer
+    stops after ``max_runs`` whole runs instead of walking a whole window."""
+    opened = open_archive(str(_archive(workdir, sources, "plain")), PrepareState())
+    try:
+        name, data = "drive-scsi0", sources.contents["drive-scsi0"]
+        full = opened.block_status(name, 0, ODD_SIZE, max_runs=10_000)
+        # The model: 4 KiB blocks, zero or not (the source's own zero blocks).
+        model: list[tuple[int, bool]] = []
+        for off in range(0, ODD_SIZE, 4096):
+            block = data[off : off + 4096]
+            zero = block == bytes(len(block))
+            if model and model[-1][1] == zero:
+                model[-1] = (model[-1][0] + len(block), zero)
+            else:
+                model.append((len(block), zero))
+        assert full == model
+        for cap in (1, 2, 5):
+            assert opened.block_status(name, 0, ODD_SIZE, max_runs=cap) == model[:cap]
+        # From inside a run: the first answer is that run's rest, whole.
+        start = model[0][0] - 4096
+        assert opened.block_status(name, start, ODD_SIZE, max_runs=1) == [(4096, model[0][1])]
+    finally:
+        opened.close()

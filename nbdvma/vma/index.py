@@ -80,6 +80,8 @@ FRAME_CACHE = 2
 DECOMPRESSORS = 2
 #: Clusters one block-status answer looks at (1 GiB): a client asks again for the rest.
 STATUS_CLUSTERS = 16384
+#: Runs one block-status answer gives at most.
+STATUS_RUNS = 64
 _READ_CHUNK = 1 << 20
 _SKIPPABLE_MAGIC_MIN = 0x184D2A50  # zstd skippable frames: 0x184D2A50..0x184D2A5F
 #: Called for each cluster of the VM state: ``(cluster, mask, data)``.
@@ -448,10 +450,18 @@ class IndexedArchive:
                 del self._loading[i]
             loading.set()
 
-    def block_status(self, disk: str, offset: int, length: int) -> list[tuple[int, bool]]:
+    def block_status(
+        self, disk: str, offset: int, length: int, *, max_runs: int = STATUS_RUNS
+    ) -> list[tuple[int, bool]]:
         """``(length, is zero)`` runs from ``offset``: zero clusters and 4 KiB blocks
-        are holes.  At most :data:`STATUS_CLUSTERS` clusters are looked at; the runs
-        may cover less than ``length`` (the client asks again for the rest)."""
+        are holes.  At most :data:`STATUS_CLUSTERS` clusters are looked at and at most
+        ``max_runs`` runs returned, each whole; the runs may cover less than ``length``
+        (the client asks again for the rest).
+
+        Why the bound on runs: ``qemu-img convert`` asks with ``NBD_CMD_FLAG_REQ_ONE``
+        from the end of each extent to the end of the disk, and keeps one run of each
+        answer; walking a whole window for each would make a restore quadratic.
+        """
         index = self.index.disks[disk]
         clusters = index.clusters
         end = min(offset + length, index.dev.size, offset + STATUS_CLUSTERS * VMA_CLUSTER_SIZE)
@@ -463,22 +473,28 @@ class IndexedArchive:
             stop = min(cluster_start + VMA_CLUSTER_SIZE, end)
             mask = clusters[c] >> _OFFSET_BITS
             if mask in (0, FULL_MASK):
-                _add_run(runs, stop - pos, mask == 0)
+                if _add_run(runs, stop - pos, mask == 0) and len(runs) > max_runs:
+                    runs.pop()  # the run just begun may go on: only whole ones
+                    return runs
                 pos = stop
                 continue
             while pos < stop:
                 j = (pos - cluster_start) >> _BLOCK_SHIFT
                 block_stop = min(cluster_start + ((j + 1) << _BLOCK_SHIFT), stop)
-                _add_run(runs, block_stop - pos, not mask >> j & 1)
+                if _add_run(runs, block_stop - pos, not mask >> j & 1) and len(runs) > max_runs:
+                    runs.pop()
+                    return runs
                 pos = block_stop
         return runs
 
 
-def _add_run(runs: list[tuple[int, bool]], length: int, zero: bool) -> None:
+def _add_run(runs: list[tuple[int, bool]], length: int, zero: bool) -> bool:
+    """Extend the last run or begin a new one; whether a new one was begun."""
     if runs and runs[-1][1] == zero:
         runs[-1] = (runs[-1][0] + length, zero)
-    else:
-        runs.append((length, zero))
+        return False
+    runs.append((length, zero))
+    return True
 
 
 def decompress_into(source: BinaryIO, fd: int, progress: Callable[[int], None]) -> int:
