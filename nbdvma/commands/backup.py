@@ -11,8 +11,8 @@ import trio
 from nbdvma.backup import BackupOptions, run_backup
 from nbdvma.backup.job import DEFAULT_UNIX_TLS_HOSTNAME
 from nbdvma.commands.common import (
+    add_compress_option,
     address_argument,
-    compress_argument,
     read_configs,
     size_argument,
 )
@@ -88,12 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _how_options(parser: argparse.ArgumentParser) -> None:
     """How the archive is written and reached: compression, rates, deadlines, the
     NBD listener and TLS."""
-    parser.add_argument(
-        "--compress",
-        type=compress_argument,
-        metavar="zstd[:LEVEL]",
-        help="compress the archive with zstd, on every core (level 1-19; default 3, vzdump's)",
-    )
+    add_compress_option(parser)
     parser.add_argument(
         "--bandwidth-limit",
         type=size_argument,

@@ -7,7 +7,7 @@ import argparse
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nbdvma.addresses import Address, parse_address
 from nbdvma.errors import AddressError, NbdvmaError, TlsError, VmaWriterError
@@ -18,6 +18,7 @@ from nbdvma.vma.zstdframes import parse_compression
 
 __all__ = [
     "add_access_options",
+    "add_compress_option",
     "add_listen_options",
     "address_argument",
     "compress_argument",
@@ -27,6 +28,7 @@ __all__ = [
     "log_to_stderr",
     "mode_argument",
     "read_configs",
+    "run_reporting",
     "seconds_argument",
     "server_limits",
     "size_argument",
@@ -56,6 +58,31 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def run_reporting(say: Callable[[str], None], body: Callable[[], int]) -> int:
+    """Run a command's ``body``; an error that ends it (an ``NbdvmaError``, an
+    ``OSError``, or either inside a nursery's group) becomes one line through ``say``
+    (:func:`describe_error`) and exit status 1.  Anything else is a bug: raised."""
+    try:
+        return body()
+    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and not isinstance(
+            first_error(exc), NbdvmaError | OSError
+        ):
+            raise first_error(exc) from None
+        say(describe_error(exc))
+        return 1
+
+
+def add_compress_option(parser: argparse.ArgumentParser) -> None:
+    """``--compress zstd[:LEVEL]`` (``serve``, ``backup``)."""
+    parser.add_argument(
+        "--compress",
+        type=compress_argument,
+        metavar="zstd[:LEVEL]",
+        help="compress the archive with zstd, on every core (level 1-19; default 3, vzdump's)",
+    )
 
 
 def log_to_stderr(prefix: str, *, verbose: bool) -> None:

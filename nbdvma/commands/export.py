@@ -28,9 +28,8 @@ from nbdvma.archive_backend import ArchiveBackend, prepare
 from nbdvma.commands.common import (
     add_access_options,
     add_listen_options,
-    describe_error,
-    first_error,
     log_to_stderr,
+    run_reporting,
     server_limits,
     tls_config,
 )
@@ -81,15 +80,7 @@ def run(args: argparse.Namespace) -> int:
     Every error that ends it is one line on stderr with the command's prefix.
     """
     log_to_stderr(PREFIX, verbose=args.verbose)
-    try:
-        return _run(args)
-    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
-        if isinstance(exc, BaseExceptionGroup) and not isinstance(
-            first_error(exc), NbdvmaError | OSError
-        ):
-            raise first_error(exc) from None
-        _say(describe_error(exc))
-        return 1
+    return run_reporting(_say, functools.partial(_run, args))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -189,7 +180,7 @@ def live_restore(archive: str, qmp: str, listen: list[str]) -> int:
     def say(line: str) -> None:
         print(f"nbdvma restore: {line}", file=sys.stderr, flush=True)
 
-    async def stream(addresses: list[Address]) -> None:
+    async def stream(qmp_address: Address, addresses: list[Address]) -> None:
         waited = 0.0
         while True:  # QEMU is started once the export is ready: wait for its QMP
             try:
@@ -206,19 +197,14 @@ def live_restore(archive: str, qmp: str, listen: list[str]) -> int:
             "the export"
         )
 
-    log_to_stderr("nbdvma restore: ", verbose=False)
-    try:
-        qmp_address = parse_address(qmp)
+    def body() -> int:
         options = SessionOptions(
             archive=archive,
             disks=(),
             listen=tuple(parse_address(a) for a in listen),
         )
-        return trio.run(functools.partial(export, options, None, None, None, stream))
-    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
-        if isinstance(exc, BaseExceptionGroup) and not isinstance(
-            first_error(exc), NbdvmaError | OSError
-        ):
-            raise first_error(exc) from None
-        say(describe_error(exc))
-        return 1
+        then = functools.partial(stream, parse_address(qmp))
+        return trio.run(functools.partial(export, options, None, None, None, then))
+
+    log_to_stderr("nbdvma restore: ", verbose=False)
+    return run_reporting(say, body)

@@ -28,13 +28,12 @@ from nbdvma.addresses import TcpAddress
 from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
     add_access_options,
+    add_compress_option,
     add_listen_options,
     address_argument,
-    compress_argument,
-    describe_error,
-    first_error,
     log_to_stderr,
     read_configs,
+    run_reporting,
     server_limits,
     size_argument,
     tls_config,
@@ -270,12 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
     """How the server runs: compression, backend, sockets, limits, deadlines, TLS."""
-    parser.add_argument(
-        "--compress",
-        type=compress_argument,
-        metavar="zstd[:LEVEL]",
-        help="compress the archive with zstd, on every core (level 1-19; default 3, vzdump's)",
-    )
+    add_compress_option(parser)
     parser.add_argument(
         "--backend",
         choices=["vma", "null"],
@@ -303,15 +297,7 @@ def run(args: argparse.Namespace) -> int:
     Every error that ends it is one line on stderr with the command's prefix.
     """
     log_to_stderr(PREFIX, verbose=args.verbose)
-    try:
-        return _run(args)
-    except (NbdvmaError, OSError, BaseExceptionGroup) as exc:
-        if isinstance(exc, BaseExceptionGroup) and not isinstance(
-            first_error(exc), NbdvmaError | OSError
-        ):
-            raise first_error(exc) from None
-        _say(describe_error(exc))
-        return 1
+    return run_reporting(_say, functools.partial(_run, args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -22,13 +22,19 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
-__all__ = ["BackgroundWriter", "ThreadGuard"]
+__all__ = ["BackgroundWriter", "ThreadGuard", "holds_buffer"]
 
 Buffer = bytes | bytearray | memoryview
 
 #: What a thread is started inside: the command line passes a guard that holds
 #: Ctrl-C back (:func:`nbdvma.interrupts.deferred`), the core knows no signals.
 ThreadGuard = Callable[[], AbstractContextManager[object]]
+
+
+def holds_buffer(parts: Sequence[Buffer], buffer: object) -> bool:
+    """Whether one of ``parts`` is ``buffer`` or a view of it (then ``buffer`` must not
+    be changed or closed until they are written)."""
+    return any(p is buffer or (isinstance(p, memoryview) and p.obj is buffer) for p in parts)
 
 
 class _Job:
@@ -40,9 +46,7 @@ class _Job:
         self.nbytes = nbytes
 
     def holds(self, buffer: object) -> bool:
-        return any(
-            p is buffer or (isinstance(p, memoryview) and p.obj is buffer) for p in self.parts
-        )
+        return holds_buffer(self.parts, buffer)
 
 
 class BackgroundWriter:

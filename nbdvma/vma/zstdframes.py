@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import zstandard
 
 from nbdvma.errors import VmaWriterError
-from nbdvma.vma.background import ThreadGuard
+from nbdvma.vma.background import ThreadGuard, holds_buffer
 
 __all__ = [
     "ZSTD_DEFAULT_LEVEL",
@@ -104,9 +104,7 @@ class _Unit:
         self.parts = parts
 
     def holds(self, buffer: object) -> bool:
-        return any(
-            p is buffer or (isinstance(p, memoryview) and p.obj is buffer) for p in self.parts
-        )
+        return holds_buffer(self.parts, buffer)
 
 
 class FramePipeline:
