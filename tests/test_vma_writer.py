@@ -709,7 +709,7 @@ def test_release_writes_the_extent_that_still_holds_a_reused_buffer(tmp_path: Pa
 def test_background_sink_gives_the_same_archive(tmp_path: Path, compress: str | None) -> None:
     # The same writes through a BackgroundSink (extents written by a worker thread):
     # replays (read back), FLUSH and finish all wait for the extents in flight.
-    from nbdvma.vma.sink import BackgroundSink
+    from nbdvma.vma.background import BackgroundSink
 
     def run(sink: object, path: Path) -> bytes:
         w = VmaWriter(sink, uuid=b"u" * 16, ctime=1)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """``create``: an archive of config files and raw disk images, as ``vma create`` writes it.
 
 Images are read a window at a time through ``mmap`` and zero-detected by the writer,
-while a worker thread writes the previous extents (:class:`~nbdvma.vma.sink.BackgroundSink`):
+while a worker thread writes the previous extents (:class:`~nbdvma.vma.background.BackgroundSink`):
 the two halves of the work run on two cores.  Holes (``SEEK_HOLE``) are written as zero
 ranges without being read.  Nothing exists under the archive's name before it is
 complete: a failure, Ctrl-C included, removes ``ARCHIVE.part``.
@@ -24,7 +24,8 @@ from nbdvma.tools.common import strerror
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE, WRITER_CLUSTERS_PER_EXTENT
 
 if TYPE_CHECKING:
-    from nbdvma.vma.sink import BackgroundSink, FileSink, StreamSink
+    from nbdvma.vma.background import BackgroundSink
+    from nbdvma.vma.sink import FileSink, StreamSink
     from nbdvma.vma.writer import VmaWriter
 
 __all__ = ["create_archive"]
@@ -227,7 +228,8 @@ def _write_archive(
     verbose: bool,
 ) -> None:
     """Write the archive; on any failure (a signal too) remove what was written."""
-    from nbdvma.vma.sink import BackgroundSink, FileSink
+    from nbdvma.vma.background import BackgroundSink
+    from nbdvma.vma.sink import FileSink
     from nbdvma.vma.writer import VmaWriter
 
     output: FileSink | StreamSink | None = None

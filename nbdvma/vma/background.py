@@ -12,17 +12,26 @@ is raised to the caller from its next :meth:`~BackgroundWriter.submit`,
 :meth:`~BackgroundWriter.release` or :meth:`~BackgroundWriter.drain` (and from every
 one after: the writer stays failed).  Nothing may be assumed written until
 :meth:`~BackgroundWriter.drain` has returned.
+
+:class:`BackgroundSink` puts one in front of a :class:`~nbdvma.vma.sink.Sink`
+(``nbdvma create``).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
-__all__ = ["BackgroundWriter", "ThreadGuard", "holds_buffer"]
+if TYPE_CHECKING:
+    from nbdvma.vma.digest import DataDigest
+    from nbdvma.vma.sink import FileSink, StreamSink
+
+__all__ = ["BackgroundSink", "BackgroundWriter", "ThreadGuard", "holds_buffer"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -171,3 +180,97 @@ class BackgroundWriter:
                 # the caller may close the buffer they come from (an mmap) at once.
                 del job
                 cond.notify_all()
+
+
+class BackgroundSink:
+    """Another sink whose extents are written by a worker thread (``nbdvma create``).
+
+    :meth:`append` queues the extent and returns at once, so the caller reads and
+    zero-detects the next clusters while the previous ones are being written.  For
+    one-shot writers that give up at the first error: a failed extent write is raised
+    by a *later* call (and by every one after), so it cannot be retried the way the
+    plain sinks allow.  Everything else first waits for the extents in flight; the
+    caller must not reuse a buffer given to :meth:`append` before :meth:`release`.
+    """
+
+    def __init__(
+        self,
+        inner: FileSink | StreamSink,
+        *,
+        max_bytes: int = 16 << 20,
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
+        """Write to ``inner`` from a thread started inside ``thread_guard()``."""
+        self.inner = inner
+        self.readable = inner.readable
+        self.seekable = inner.seekable
+        # At most max_bytes of extents in flight: four to five extents of 3.7 MiB.
+        self._worker = BackgroundWriter(
+            max_bytes=max_bytes, name="vma-sink", thread_guard=thread_guard
+        )
+        self._count = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """See :meth:`Sink.reserve`."""
+        self._worker.drain()
+        self.inner.reserve(nbytes)
+
+    def write_header(self, header: bytes) -> None:
+        """See :meth:`Sink.write_header`."""
+        self._worker.drain()
+        self.inner.write_header(header)
+
+    def append(self, parts: Sequence[Buffer]) -> int:
+        """See :meth:`Sink.append`; the write itself happens later."""
+        parts = list(parts)
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        self._worker.submit(functools.partial(self.inner.append, parts), parts, nbytes)
+        # The inner sink numbers its units in the same order, one per append.
+        self._count += 1
+        return self._count - 1
+
+    def read_unit(self, index: int, offset: int, length: int) -> bytes:
+        """See :meth:`Sink.read_unit`."""
+        self._worker.drain()
+        return self.inner.read_unit(index, offset, length)
+
+    def release(self, buffer: object) -> None:
+        """See :meth:`Sink.release`: waits for the extents that still read from it.
+
+        The inner sink may still hold views after its ``append`` returned (zstd
+        compresses behind): it is asked too, in the worker thread, after the appends
+        queued before (a job that names ``buffer``, so that this waits for it).
+        """
+        self._worker.submit(functools.partial(self.inner.release, buffer), (buffer,), 0)  # type: ignore[arg-type]
+        self._worker.release(buffer)
+
+    def patch_header(self, header: bytes) -> None:
+        """See :meth:`Sink.patch_header`."""
+        self._worker.drain()
+        self.inner.patch_header(header)
+
+    def data_digest(self) -> DataDigest | None:
+        """See :meth:`Sink.data_digest`: once the extents in flight are written."""
+        self._worker.drain()
+        return self.inner.data_digest()
+
+    def sync(self) -> None:
+        """See :meth:`Sink.sync`."""
+        self._worker.drain()
+        self.inner.sync()
+
+    def write_journal(self, data: bytes | None) -> None:
+        """See :meth:`Sink.write_journal`."""
+        self._worker.drain()
+        self.inner.write_journal(data)
+
+    def commit(self) -> None:
+        """See :meth:`Sink.commit`."""
+        self._worker.drain()
+        self._worker.close()
+        self.inner.commit()
+
+    def abort(self, *, discard: bool = False) -> None:
+        """See :meth:`Sink.abort`: extents not yet written are dropped."""
+        self._worker.close()
+        self.inner.abort(discard=discard)
