@@ -102,17 +102,35 @@ def test_a_failed_write_is_retried_first_and_the_new_unit_not_accepted() -> None
 
 
 def test_pending_units_read_back_and_release_waits_for_its_buffer() -> None:
+    """Units not written yet read back from their parts; ``release`` returns only once
+    the unit that views the buffer is written (its compression held back until then)."""
+    gate = threading.Event()
+
+    class Held(FramePipeline):
+        def _compress(self, parts: Sequence[Buffer]) -> bytes:
+            gate.wait(10)
+            return super()._compress(parts)
+
     out = Recorder()
-    pipe = FramePipeline(out, workers=2)
-    buffer = bytearray(random.Random(3).randbytes(3 << 20))
+    pipe = Held(out, workers=2)
+    original = random.Random(3).randbytes(3 << 20)
+    buffer = bytearray(original)
     pipe.submit([memoryview(buffer)[: 1 << 20]])
     pipe.submit([b"x" * 100])
-    assert pipe.pending(1) == b"x" * 100 or pipe.queued < 2
-    pipe.release(buffer)  # the first unit's frame is written: the buffer is free
-    assert out.contents()[0] == bytes(buffer[: 1 << 20])
-    buffer[:] = bytes(len(buffer))
+    assert pipe.queued == 2  # neither can be compressed, so neither is written
+    assert pipe.pending(0) == original[: 1 << 20]
+    assert pipe.pending(1) == b"x" * 100
+    released = threading.Event()
+    waiter = threading.Thread(target=lambda: (pipe.release(buffer), released.set()))
+    waiter.start()
+    assert not released.wait(0.2)  # the unit viewing the buffer is not written yet
+    gate.set()
+    waiter.join(10)
+    assert released.is_set()
+    assert out.contents()[0] == original[: 1 << 20]
+    buffer[:] = bytes(len(buffer))  # the caller reuses it: what was written stays
     pipe.drain()
-    assert out.contents() == [bytes(random.Random(3).randbytes(3 << 20)[: 1 << 20]), b"x" * 100]
+    assert out.contents() == [original[: 1 << 20], b"x" * 100]
     pipe.close()
 
 
