@@ -57,7 +57,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -66,7 +65,7 @@ from pathlib import Path
 import attrs
 import trio
 from bench_backup import make_disk
-from benchlib import GiB, MiB, Usage, cpu_so_far, fmt_runs, kill, reap, terminate, tmpfs
+from benchlib import GiB, MiB, Usage, cpu_so_far, fmt_runs, kill, reap, terminate, tmpfs, work_dirs
 from benchlib import verdict as _verdict
 from benchlib import wait_for as _wait_for
 
@@ -632,14 +631,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"load average before: {load()}", flush=True)
     with ExitStack() as stack:
-        if args.workdir is None:
-            work = Path(tempfile.mkdtemp(prefix="nbdvma-qbackup-", dir="/var/tmp"))
-            stack.callback(shutil.rmtree, work, True)
-        else:
-            work = args.workdir
-            work.mkdir(parents=True, exist_ok=True)
-        sockdir = Path(tempfile.mkdtemp(prefix="nbdvma-qb-", dir="/tmp"))
-        stack.callback(shutil.rmtree, sockdir, True)
+        work, sockdir = work_dirs(stack, args.workdir, "qbackup")
 
         images: dict[str, Image] = {}
         for w in workloads:

@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -31,7 +30,19 @@ from pathlib import Path
 import attrs
 from bench_export import _image as sparse_image
 from bench_qemu_backup import Image, cached_image, copy_sparse, load, mixed_image, read_through
-from benchlib import GiB, MiB, Usage, fmt_runs, kill, reap, terminate, tmpfs, verdict, wait_for
+from benchlib import (
+    GiB,
+    MiB,
+    Usage,
+    fmt_runs,
+    kill,
+    reap,
+    terminate,
+    tmpfs,
+    verdict,
+    wait_for,
+    work_dirs,
+)
 
 from nbdvma.units import format_bytes, parse_size
 
@@ -171,24 +182,16 @@ def export_convert(archive: Path) -> Callable[[Ctx], Run]:
     return run
 
 
+def _qemu_nbd(image: Path, sock: Path) -> list[str]:
+    """``qemu-nbd`` serving ``image`` read-only as ``DEVICE`` on ``sock``, persistent."""
+    return ["qemu-nbd", "-r", "-t", "-f", "raw", "-x", DEVICE, "-k", str(sock), str(image)]
+
+
 def qemu_nbd_convert(ctx: Ctx) -> Run:
     sock, pidfile = ctx.sockdir / "qemu-nbd.sock", ctx.sockdir / "qemu-nbd.pid"
     return _convert_from(
         ctx,
-        [
-            "qemu-nbd",
-            "-r",
-            "-t",
-            "-f",
-            "raw",
-            "-x",
-            DEVICE,
-            "-k",
-            str(sock),
-            "--pid-file",
-            str(pidfile),
-            str(ctx.source.path),
-        ],
+        [*_qemu_nbd(ctx.source.path, sock), "--pid-file", str(pidfile)],
         pidfile,
         sock,
         ctx.sockdir / "qemu-nbd.err",
@@ -366,18 +369,7 @@ def ttfb(ctx: Ctx, work: Path, size: int, runs: int) -> None:
     sock = ctx.sockdir / "ttfb.sock"
     servers = {
         "export": [*NBDVMA, "export", str(archive), "--listen", f"unix:{sock}"],
-        "qemu-nbd": [
-            "qemu-nbd",
-            "-r",
-            "-t",
-            "-f",
-            "raw",
-            "-x",
-            DEVICE,
-            "-k",
-            str(sock),
-            str(image.path),
-        ],
+        "qemu-nbd": _qemu_nbd(image.path, sock),
     }
     times: dict[str, list[float]] = {k: [] for k in servers}
     index: list[float] = []
@@ -445,14 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(f"commit {commit}; load average before: {load()}", flush=True)
     with ExitStack() as stack:
-        if args.workdir is None:
-            work = Path(tempfile.mkdtemp(prefix="nbdvma-rbench-", dir="/var/tmp"))
-            stack.callback(shutil.rmtree, work, True)
-        else:
-            work = args.workdir
-            work.mkdir(parents=True, exist_ok=True)
-        sockdir = Path(tempfile.mkdtemp(prefix="nbdvma-rb-", dir="/tmp"))
-        stack.callback(shutil.rmtree, sockdir, True)
+        work, sockdir = work_dirs(stack, args.workdir, "rbench")
 
         t0 = time.monotonic()
         image = mixed_image(work, args.size)

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: a tmpfs they mount themselves, CPU time and peak
-RSS of a child, waiting for a server to come up.
+RSS of a child, waiting for a server to come up, the work and socket directories.
 
 Not a benchmark itself.  The scripts of ``benchmarks/`` import it as a sibling module
 (a script's own directory is the first entry of ``sys.path``).
@@ -8,12 +8,13 @@ Not a benchmark itself.  The scripts of ``benchmarks/`` import it as a sibling m
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import attrs
@@ -114,6 +115,20 @@ def tmpfs(size: int, prefix: str = "nbdvma-bench-tmpfs-") -> Iterator[Path]:
         else:
             subprocess.run(["umount", "-l", str(path)], check=False)
         path.rmdir()
+
+
+def work_dirs(stack: ExitStack, workdir: Path | None, name: str) -> tuple[Path, Path]:
+    """The benchmark's work directory (``workdir``, kept; or a new one under /var/tmp,
+    removed at the end) and a short directory for unix sockets under /tmp (removed)."""
+    if workdir is None:
+        work = Path(tempfile.mkdtemp(prefix=f"nbdvma-{name}-", dir="/var/tmp"))
+        stack.callback(shutil.rmtree, work, True)
+    else:
+        work = workdir
+        work.mkdir(parents=True, exist_ok=True)
+    sockdir = Path(tempfile.mkdtemp(prefix=f"nbdvma-{name}-s-", dir="/tmp"))
+    stack.callback(shutil.rmtree, sockdir, True)
+    return work, sockdir
 
 
 def fmt_runs(values: list[float], digits: int = 2) -> str:
