@@ -103,6 +103,11 @@ class ArchiveBackend:
         # A bytearray, which the core sends as it is (it takes any buffer): no copy.
         return cast(bytes, data)
 
+    def read_now(self, export_name: str, offset: int, length: int) -> bytearray | None:
+        """See :class:`~nbdvma.backends.ReadNow`: data in the page cache or on a tmpfs,
+        read in the event loop's thread, where a worker thread's hop would cost more."""
+        return self.archive.read_now(export_name, offset, length)
+
     async def pwrite(
         self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool
     ) -> None:

@@ -106,6 +106,16 @@ class StatusNow(Protocol):
         """:meth:`Backend.extents`, at once; with ``req_one`` the first run is enough."""
 
 
+class ReadNow(Protocol):
+    """A third optional fast path: a READ answered in the reader task when the data
+    can be had without waiting (already in the page cache, or on a tmpfs).  A thread
+    hop costs more than copying a few MiB from memory; a read that would wait for a
+    disk still goes to a worker thread, so the event loop never blocks on I/O."""
+
+    def read_now(self, export_name: str, offset: int, length: int) -> bytearray | None:
+        """:meth:`Backend.pread` at once, or ``None`` (nothing done) if it would wait."""
+
+
 def full_exports(disks: Iterable[tuple[str, int]]) -> list[ExportInfo]:
     """Exports of ``(name, size)`` with every capability (:meth:`Capabilities.full`)."""
     return [ExportInfo(name, size, capabilities=Capabilities.full()) for name, size in disks]

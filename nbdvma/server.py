@@ -36,7 +36,7 @@ from typing import cast
 import attrs
 import trio
 
-from nbdvma.backends import Backend, StatusNow, WriteNow
+from nbdvma.backends import Backend, ReadNow, StatusNow, WriteNow
 from nbdvma.errors import RemoteProtocolError, errno_for_exception
 from nbdvma.nbd import (
     NEED_DATA,
@@ -187,6 +187,9 @@ class NbdServer:
         self._status_now: StatusNow | None = (
             cast("StatusNow", backend) if hasattr(backend, "extents_now") else None
         )
+        self._read_now: ReadNow | None = (
+            cast("ReadNow", backend) if hasattr(backend, "read_now") else None
+        )
         # A request failed and no write has succeeded since (see requests_recovered).
         self._failing = False
         self.tls_mode = tls_mode
@@ -326,6 +329,15 @@ class NbdServer:
                     ):
                         self._status_at_once(conn, event)
                         continue
+                    if (
+                        self._read_now is not None
+                        and event.command == NbdCommand.NBD_CMD_READ
+                        and self._read_at_once(conn, event)
+                    ):
+                        if event.length >= _SMALL:
+                            # Sent now: replies read at once never pile up in memory.
+                            await self._send(conn)
+                        continue
                     cost = len(event.data) if event.data is not None else 0
                     # A payload received in place was counted when its buffer was made.
                     conn.budget.take(cost - conn.reserved)
@@ -446,6 +458,21 @@ class NbdServer:
             self._answer_error(conn, req, exc)
         else:
             conn.core.send_block_status(req, extents)
+
+    def _read_at_once(self, conn: _Connection, req: Request) -> bool:
+        """Answer a READ in the reader task if the data is at hand
+        (:class:`~nbdvma.backends.ReadNow`); ``False``: spawn it as usual."""
+        assert self._read_now is not None
+        assert conn.export_name is not None
+        try:
+            data = self._read_now.read_now(conn.export_name, req.offset, req.length)
+        except Exception as exc:
+            self._answer_error(conn, req, exc)
+            return True
+        if data is None:
+            return False
+        conn.core.send_read_reply(req.cookie, req.offset, data)
+        return True
 
     def _answer_error(self, conn: _Connection, req: Request, exc: Exception) -> None:
         """Queue the error reply to a request that raised ``exc``."""

@@ -714,3 +714,35 @@ def test_block_status_gives_whole_runs_and_at_most_max_runs(
         assert opened.block_status(name, start, ODD_SIZE, max_runs=1) == [(4096, model[0][1])]
     finally:
         opened.close()
+
+
+def test_reads_at_once_only_what_needs_no_disk(workdir: Path, sources: Sources) -> None:
+    """``read_now`` (a READ answered in the event loop) gives the bytes ``read`` gives
+    for an archive in the page cache, and ``None`` (nothing done) where a disk read
+    would be needed or a zstd frame decompressed: those go to a worker thread."""
+    path = _archive(workdir, sources, "plain")
+    name, data = "drive-scsi0", sources.contents["drive-scsi0"]
+    opened = open_archive(str(path), PrepareState())
+    try:
+        assert bytes(opened.read(name, 0, ODD_SIZE)) == data  # now in the page cache
+        for offset, length in ((0, ODD_SIZE), (4096 * 3 + 17, 200_000), (ODD_SIZE - 1000, 1000)):
+            now = opened.read_now(name, offset, length)
+            assert now is not None
+            assert bytes(now) == data[offset : offset + length]
+        # Out of the page cache: read_now declines, read still reads.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert opened.read_now(name, 0, ODD_SIZE) is None
+        assert bytes(opened.read(name, 0, ODD_SIZE)) == data
+    finally:
+        opened.close()
+    zst = open_archive(str(_archive(workdir, sources, "zst")), PrepareState())
+    try:
+        assert zst.read_now(name, 0, 4096) is None
+        assert bytes(zst.read(name, 0, 4096)) == data[:4096]
+    finally:
+        zst.close()

@@ -1,4 +1,4 @@
-"""Early write-back (nbdvma.vma.fileio): what is asked of the kernel, and when."""
+"""Linux file hints (nbdvma.vma.fileio): early write-back, preallocation, reads that never wait."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import nbdvma.vma.fileio as wb
-from nbdvma.vma.fileio import Writeback
+from nbdvma.vma.fileio import Writeback, nowait_read_flags, preadv_nowait
 
 MiB = 1 << 20
 
@@ -161,3 +161,34 @@ def test_file_sink_reserves_a_step_ahead_never_all_at_once(tmp_path: Path) -> No
     st = os.stat(tmp_path / "s.vma")
     assert st.st_size == size
     assert st.st_blocks * 512 < size + MiB
+
+
+def test_nowait_read_flags_by_file_system(tmp_path: Path) -> None:
+    """A tmpfs never waits (plain reads), ext4 says so per read (RWF_NOWAIT): the
+    machine's /dev/shm and the test's directory (on its disk)."""
+    shm = Path("/dev/shm") / f"nbdvma-nowait-{os.getpid()}"
+    on_disk = tmp_path / "f"
+    data = os.urandom(256 * 1024)
+    for path in (shm, on_disk):
+        path.write_bytes(data)
+    try:
+        fd = os.open(shm, os.O_RDONLY)
+        try:
+            assert nowait_read_flags(fd) == 0
+        finally:
+            os.close(fd)
+        fd = os.open(on_disk, os.O_RDONLY)
+        try:
+            flags = nowait_read_flags(fd)
+            assert flags == os.RWF_NOWAIT
+            view = memoryview(bytearray(len(data)))
+            assert preadv_nowait(fd, view, 0, flags)  # just written: in the page cache
+            assert view == data
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert not preadv_nowait(fd, memoryview(bytearray(len(data))), 0, flags)
+            assert not preadv_nowait(fd, memoryview(bytearray(10)), len(data), flags)  # EOF
+        finally:
+            os.close(fd)
+    finally:
+        shm.unlink()

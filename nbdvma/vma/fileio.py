@@ -18,7 +18,13 @@ without changing its size (``fallocate(FALLOC_FL_KEEP_SIZE)``); truncating the f
 its own size gives back what was not used.  Unlike ``posix_fallocate`` it never falls
 back to writing zeros where the file system cannot allocate.
 
-Where the calls do not exist (not Linux, not glibc) both do nothing.
+**Reads that never wait.**  :func:`nowait_read_flags` tells how a file can be read
+without waiting for a disk: on a tmpfs every read is a copy from memory, and elsewhere
+``preadv(RWF_NOWAIT)`` reads what is in the page cache and fails with ``EAGAIN``
+instead of starting I/O.  A server uses it to answer a READ at once, without the cost
+of a thread, whenever that cannot block its event loop.
+
+Where the calls do not exist (not Linux, not glibc) the hints do nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from collections.abc import Callable
 
 from nbdvma.vma.background import ThreadGuard
 
-__all__ = ["DEFAULT_STEP", "Writeback", "preallocate"]
+__all__ = ["DEFAULT_STEP", "Writeback", "nowait_read_flags", "preadv_nowait", "preallocate"]
 
 #: Start the write-back of a range once this many bytes of it have been written.
 DEFAULT_STEP = 8 << 20
@@ -63,8 +69,65 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     return func
 
 
+def _load_fstatfs() -> Callable[[int, ctypes.Array[ctypes.c_long]], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).fstatfs
+    except (OSError, AttributeError):
+        return None
+    func.restype = ctypes.c_int
+    return func
+
+
 _sync_file_range = _load_sync_file_range()
 _fallocate = _load_fallocate()
+_fstatfs = _load_fstatfs()
+
+# statfs.f_type (<linux/magic.h>) of the file systems that keep every page in memory.
+_MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
+
+
+def _in_memory(fd: int) -> bool:
+    if _fstatfs is None:
+        return False
+    # struct statfs is 15 longs or less on 64-bit Linux, f_type first; 32 are plenty.
+    buf = (ctypes.c_long * 32)()
+    return _fstatfs(fd, buf) == 0 and buf[0] & 0xFFFFFFFF in _MEMORY_FS
+
+
+def nowait_read_flags(fd: int) -> int | None:
+    """The ``preadv`` flags that read ``fd`` without waiting for a disk, or ``None``.
+
+    ``0`` on a tmpfs or ramfs (where no read waits), ``os.RWF_NOWAIT`` where the file
+    system supports it (reads of cached pages succeed, others fail with ``EAGAIN``),
+    ``None`` where neither holds.
+    """
+    if _in_memory(fd):
+        return 0
+    flag: int | None = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return None
+    try:
+        os.preadv(fd, [bytearray(1)], 0, flag)
+    except BlockingIOError:
+        return flag  # supported: the page was just not cached
+    except OSError:
+        return None  # EOPNOTSUPP: the file system cannot promise it
+    return flag
+
+
+def preadv_nowait(fd: int, view: memoryview, offset: int, flags: int) -> bool:
+    """Fill ``view`` from ``offset`` with ``flags`` from :func:`nowait_read_flags`;
+    ``False`` (``view`` partly filled) where that would have waited for a disk."""
+    while len(view):
+        try:
+            n = os.preadv(fd, [view], offset, flags)
+        except BlockingIOError:
+            return False
+        if n <= 0:
+            # Past the end: the caller's plain read reports it.
+            return False
+        view, offset = view[n:], offset + n
+    return True
 
 
 def preallocate(fd: int, offset: int, length: int) -> bool:

@@ -44,6 +44,7 @@ import zstandard
 
 from nbdvma.errors import UnindexableArchiveError, VmaFormatError
 from nbdvma.vma.digest import DataDigest
+from nbdvma.vma.fileio import nowait_read_flags, preadv_nowait
 from nbdvma.vma.format import (
     FULL_MASK,
     VMA_BLOCK_SIZE,
@@ -334,6 +335,7 @@ class IndexedArchive:
         """Open ``path`` (the file ``index`` was built from) for reading."""
         self.index = index
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._nowait = nowait_read_flags(self._fd)
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[int, threading.Event] = {}
@@ -353,20 +355,42 @@ class IndexedArchive:
         """
         out = bytearray(length)
         view = memoryview(out)
-        runs: list[list[int]] = []  # [position in out, stream offset, length]
+        frames = self.index.frames
+        for at, source, n in self._runs(disk, offset, length):
+            if frames is None:
+                self._pread_into(view[at : at + n], source)
+            else:
+                self._copy_frames(frames, view[at : at + n], source)
+        return out
+
+    def read_now(self, disk: str, offset: int, length: int) -> bytearray | None:
+        """:meth:`read` if no byte of it has to wait for a disk, else ``None``.
+
+        Only a plain archive: a ``.vma.zst`` read may have to decompress a frame, work
+        for a thread.  ``None`` too where the file system cannot tell
+        (:func:`~nbdvma.vma.fileio.nowait_read_flags`).
+        """
+        flags = self._nowait
+        if flags is None or self.index.frames is not None:
+            return None
+        out = bytearray(length)
+        view = memoryview(out)
+        for at, source, n in self._runs(disk, offset, length):
+            if not preadv_nowait(self._fd, view[at : at + n], source, flags):
+                return None
+        return out
+
+    def _runs(self, disk: str, offset: int, length: int) -> list[list[int]]:
+        """``[position in the result, stream offset, length]`` of the stored bytes,
+        neighbours joined (the blocks of one extent lie one after another)."""
+        runs: list[list[int]] = []
         for at, source, n in self._segments(self.index.disks[disk], offset, length):
             last = runs[-1] if runs else None
             if last is not None and last[0] + last[2] == at and last[1] + last[2] == source:
                 last[2] += n
             else:
                 runs.append([at, source, n])
-        frames = self.index.frames
-        for at, source, n in runs:
-            if frames is None:
-                self._pread_into(view[at : at + n], source)
-            else:
-                self._copy_frames(frames, view[at : at + n], source)
-        return out
+        return runs
 
     @staticmethod
     def _segments(index: DiskIndex, offset: int, length: int) -> Iterator[tuple[int, int, int]]:

@@ -261,7 +261,7 @@ class VmaReader:
         self._done = False
         # The extents are hashed only where there is a digest to compare them with.
         self._digest_record = self.header.config(DIGEST_CONFIG)
-        self._hasher = StreamHasher() if self._digest_record is not None else None
+        self._hasher = StreamHasher(parallel=True) if self._digest_record is not None else None
 
     @classmethod
     def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
