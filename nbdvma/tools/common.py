@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, BinaryIO, TextIO, cast
 
 from nbdvma.errors import ToolError, VmaFormatError
+from nbdvma.vma.background import ThreadGuard
 from nbdvma.vma.digest import DIGEST_ALGORITHM, DataDigest
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, DeviceInfo
 from nbdvma.vma.reader import VmaReader, open_source
@@ -101,16 +103,19 @@ def open_decompressed(path: str) -> BinaryIO:
     return open_source(path)
 
 
-def open_reader(path: str, *, skip: Iterable[int] = ()) -> VmaReader:
+def open_reader(
+    path: str, *, skip: Iterable[int] = (), thread_guard: ThreadGuard = contextlib.nullcontext
+) -> VmaReader:
     """Open ``path`` and read its header; errors as the real tool prints them.
 
     Plain, zstd and gzip archives are read by the core; lzo ones through ``lzop``.
+    ``thread_guard`` is what the reader's hashing thread is started inside.
 
     Raises:
         ToolError: the file cannot be opened, or its header is invalid.
     """
     try:
-        return VmaReader(open_decompressed(path), skip=frozenset(skip))
+        return VmaReader(open_decompressed(path), skip=frozenset(skip), thread_guard=thread_guard)
     except OSError as exc:
         raise ToolError(f"can't open file {path} - {strerror(exc)}") from exc
     except VmaFormatError as exc:

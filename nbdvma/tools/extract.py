@@ -274,7 +274,7 @@ def extract_archive(
         ToolError: ``restore failed - <reason>`` and the like; temporary files are
             removed, so nothing incomplete remains under a final name.
     """
-    with open_reader(path) as reader:
+    with open_reader(path, thread_guard=deferred) as reader:
         selected = _select(reader, drives)
         disks = [d for d in selected if not d.is_vmstate]
         outputs = _Outputs(dirname)

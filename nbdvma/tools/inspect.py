@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from nbdvma.errors import ToolError, VmaFormatError
+from nbdvma.interrupts import deferred
 from nbdvma.tools.common import Progress, digest_line, open_reader
 from nbdvma.vma.digest import DataDigest
 from nbdvma.vma.format import VMA_BLOCK_SIZE, VMA_MAX_DEVICES
@@ -104,7 +105,7 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
     Raises:
         ToolError: ``verify failed - <reason>``.
     """
-    with open_reader(path) as reader:
+    with open_reader(path, thread_guard=deferred) as reader:
         try:
             digest = _verify(reader, out if verbose else None, strict=strict)
         except VmaFormatError as exc:

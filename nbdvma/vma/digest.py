@@ -101,17 +101,13 @@ def parse_digest_untrusted(data: bytes) -> DataDigest | None:
 class StreamHasher:
     """BLAKE3 over the extent stream, one unit (an extent) at a time.
 
-    A writer's hasher is single-threaded (the ``blake3`` default): it runs beside the
-    VM it backs up, whose guests want the other cores.  A reader's (``parallel``) hashes
-    each extent on every core: checking an archive is a job of its own, and an export
-    serves nothing until the whole archive has been checked.  Either way ``update``
-    releases the GIL, so hashing in a worker thread does not hold up the thread that
-    produces the next extents.
+    Single-threaded (the ``blake3`` default): it runs beside the work it checks, on
+    a machine whose other core is busy too.  ``update`` releases the GIL, so hashing
+    in a worker thread does not hold up the thread that produces the next extents.
     """
 
-    def __init__(self, *, parallel: bool = False) -> None:
-        """A hasher of the extent stream, on every core if ``parallel``."""
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if parallel else 1)
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3()
         self.length = 0
 
     def update(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:

@@ -36,16 +36,19 @@ last one but inside the bitmap); such clusters are counted in
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, NamedTuple, cast
 
 import attrs
 import zstandard
 
 from nbdvma.errors import DataDigestError, VmaFormatError
+from nbdvma.vma.background import ThreadGuard
 from nbdvma.vma.digest import DIGEST_CONFIG, DataDigest, StreamHasher, parse_digest_untrusted
 from nbdvma.vma.format import (
     FULL_MASK,
@@ -232,13 +235,22 @@ class VmaReader:
             :func:`open_source`, or :meth:`open`); the reader never seeks in it.
         skip: dev_ids whose clusters are not tracked for duplicates or missing
             clusters (``extract -d``); all other checks still apply to them.
+        thread_guard: what the thread that hashes the extents is started inside
+            (see :class:`~nbdvma.vma.background.BackgroundWriter`).
 
     Raises:
         VmaFormatError: H1-H9, with the real tool's message.
     """
 
-    def __init__(self, source: BinaryIO, *, skip: Collection[int] = ()) -> None:
+    def __init__(
+        self,
+        source: BinaryIO,
+        *,
+        skip: Collection[int] = (),
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
         self._source = source
+        self._thread_guard = thread_guard
         try:
             self.header: VmaHeader = self._read_header()
         except BaseException:
@@ -261,7 +273,12 @@ class VmaReader:
         self._done = False
         # The extents are hashed only where there is a digest to compare them with.
         self._digest_record = self.header.config(DIGEST_CONFIG)
-        self._hasher = StreamHasher(parallel=True) if self._digest_record is not None else None
+        self._hasher = StreamHasher() if self._digest_record is not None else None
+        # The hash of each buffer's extent runs in one helper thread while the next
+        # extents are read and checked (both release the GIL: on two cores an index
+        # pass or a verify takes the longer of the two, not their sum).
+        self._hash_thread: ThreadPoolExecutor | None = None
+        self._hashing: dict[int, Future[None]] = {}
 
     @classmethod
     def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
@@ -328,12 +345,17 @@ class VmaReader:
         """
         if self._done:
             return
+        if self._hasher is not None:
+            buffers = max(buffers, 2)  # one hashed behind, one read
         while len(self._bufs) < buffers:
             self._bufs.append(bytearray(VMA_MAX_EXTENT_SIZE))
         turn = 0
         while True:
             raw = self._bufs[turn]
-            turn = (turn + 1) % buffers
+            hashing = self._hashing.pop(turn, None)
+            if hashing is not None:
+                hashing.result()
+            this, turn = turn, (turn + 1) % buffers
             if reuse is not None:
                 reuse(raw)
             buf = memoryview(raw)
@@ -351,7 +373,8 @@ class VmaReader:
                 raise VmaFormatError(f"short vma extent ({got} < {extent_size})")
             clusters = self._check_extent(ehead, buf, extent_size)
             if self._hasher is not None:
-                self._hasher.update((buf[:extent_size],))
+                view = buf[:extent_size]
+                self._hashing[this] = self._hash_later(view)
             self.stats.extents += 1
             yield clusters
         self._done = True
@@ -520,6 +543,7 @@ class VmaReader:
         """
         if self._digest_record is None or self._hasher is None:
             return None
+        self._stop_hashing()
         expected = parse_digest_untrusted(self._digest_record)
         if expected is None:
             raise DataDigestError(
@@ -540,8 +564,24 @@ class VmaReader:
             )
         return expected
 
+    def _hash_later(self, view: memoryview) -> Future[None]:
+        assert self._hasher is not None
+        if self._hash_thread is None:
+            self._hash_thread = ThreadPoolExecutor(1, thread_name_prefix="vma-hash")
+            with self._thread_guard():  # the executor starts its thread in submit
+                return self._hash_thread.submit(self._hasher.update, (view,))
+        return self._hash_thread.submit(self._hasher.update, (view,))
+
+    def _stop_hashing(self) -> None:
+        """Wait for the extents still being hashed; end the helper thread."""
+        if self._hash_thread is not None:
+            self._hash_thread.shutdown(wait=True)
+            self._hash_thread = None
+        self._hashing.clear()
+
     def close(self) -> None:
         """Close the source and drop the extent buffers.  Idempotent."""
+        self._stop_hashing()
         self._bufs = []
         self._done = True
         self._source.close()
