@@ -31,6 +31,8 @@ __all__ = [
     "QmpEventOverflow",
     "QmpTimeout",
     "RemoteProtocolError",
+    "S3Error",
+    "S3UrlError",
     "TlsError",
     "ToolError",
     "UnindexableArchiveError",
@@ -158,6 +160,22 @@ class QmpEventOverflow(NbdvmaError):
 
 class BackupError(NbdvmaError):
     """The backup cannot go on; the message is the one line the user sees."""
+
+
+class S3Error(NbdvmaError):
+    """Object storage refused or failed a request (wrong credentials, no such bucket,
+    an endpoint that does not answer...), or an ``s3://`` archive cannot be written as
+    asked.  The message is the one line the user sees: it names the bucket, key or
+    endpoint and the cause, never a secret (:mod:`nbdvma.s3.client`)."""
+
+
+class S3UrlError(S3Error, ValueError):
+    """A string is not a valid ``s3://BUCKET/KEY`` URL (no bucket, a bucket name S3
+    refuses, a key that is too long...).
+
+    It is a :class:`ValueError` too, like :class:`AddressError`, so that ``argparse``
+    can report it as a bad argument.
+    """
 
 
 class RemoteProtocolError(NbdvmaError):

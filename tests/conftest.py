@@ -13,6 +13,15 @@ Summary (each fixture's docstring has the details):
 * ``qemu_vm``: ``qemu_vm([disk, ...], qmp="unix"|"tcp") -> QemuVm``, a paused QEMU with
   those raw files as virtio-blk disks ``scsi0``, ``scsi1``...; killed at teardown.
   Annotate with ``from conftest import QemuVm`` (pytest puts ``tests/`` on sys.path).
+* ``s3_server``: one SeaweedFS (``weed mini``, see ``s3server.py``) per xdist worker,
+  started at first use, stopped by pid at the end of the session.
+* ``s3``: an :class:`S3Bucket` on it: a fresh, empty bucket for the test, with the
+  endpoint, the keys, an ``env()`` for ``nbdvma`` subprocesses and a boto3 client.
+* ``private_s3``: ``private_s3() -> SeaweedServer``, a SeaweedFS of the test's own
+  (one it may kill), stopped at teardown.
+
+No test sees the developer's ``~/.aws``: every ``AWS_*`` variable is removed from this
+process's environment and the shared files are pointed at nothing (``s3server.py``).
 
 Real clients are part of the product's contract, so a missing one is a broken test
 machine (run ``scripts/setup.sh``), never a reason to skip.
@@ -20,6 +29,8 @@ machine (run ``scripts/setup.sh``), never a reason to skip.
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import socket
 import subprocess
@@ -32,6 +43,7 @@ from typing import Any, Literal
 
 import attrs
 import pytest
+from s3server import S3Endpoint, SeaweedServer, isolated_aws_env
 from servehelpers import ServeProcess, StartServe, start_serve
 
 #: Seconds to wait for a started QEMU to accept QMP connections.
@@ -354,3 +366,101 @@ def serve(sockdir: Path, workdir: Path) -> Iterator[StartServe]:
     finally:
         for server in started:
             server.kill()
+
+
+# -- S3: SeaweedFS ------------------------------------------------------------------------
+
+# Before any test runs: the developer's credentials, profile and endpoint must never
+# reach a test or an nbdvma it starts (and botocore must not probe the EC2 metadata
+# service for credentials when a test removes them).
+os.environ.clear()
+os.environ.update(isolated_aws_env(dict(os.environ)))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS S3 endpoint for this worker's whole session (about 1 s to start,
+    110-180 MiB), shared by the tests, which each take a bucket of their own (``s3``)."""
+    server = SeaweedServer(tmp_path_factory.mktemp("s3"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"SeaweedFS did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@attrs.frozen
+class S3Bucket:
+    """A fresh bucket on a running endpoint (see the ``s3`` fixture).
+
+    Attributes:
+        endpoint: the endpoint's URL and keys.
+        bucket: the bucket's name, created empty for this test.
+        client: a boto3 client for the test's own checks.
+    """
+
+    endpoint: S3Endpoint
+    bucket: str
+    client: Any
+
+    def url(self, key: str = "") -> str:
+        """``s3://BUCKET/KEY``."""
+        return f"s3://{self.bucket}/{key}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of an ``nbdvma`` subprocess writing to this endpoint."""
+        return self.endpoint.env(**extra)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys of the objects in the bucket under ``prefix``."""
+        answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for o in answer.get("Contents", [])]
+
+    def uploads(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The incomplete multipart uploads in the bucket under ``prefix``."""
+        answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+        uploads: list[dict[str, Any]] = answer.get("Uploads", [])
+        return uploads
+
+    def download(self, key: str, path: Path) -> Path:
+        """Download the object ``key`` into ``path``."""
+        self.client.download_file(self.bucket, key, str(path))
+        return path
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3(s3_server: SeaweedServer) -> S3Bucket:
+    """A fresh, empty bucket on this worker's SeaweedFS (see :class:`S3Bucket`)."""
+    assert s3_server.endpoint is not None
+    client = s3_server.endpoint.client()
+    name = f"nbdvma-{os.getpid()}-{next(_buckets)}"
+    client.create_bucket(Bucket=name)
+    return S3Bucket(s3_server.endpoint, name, client)
+
+
+@pytest.fixture
+def private_s3(tmp_path: Path) -> Iterator[Callable[[], SeaweedServer]]:
+    """``private_s3() -> SeaweedServer``: a SeaweedFS of the test's own, started, to
+    kill or restart at will; stopped at teardown."""
+    started: list[SeaweedServer] = []
+
+    def start() -> SeaweedServer:
+        server = SeaweedServer(tmp_path / f"s3-{len(started)}")
+        started.append(server)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            pytest.fail(f"SeaweedFS did not start: {exc}", pytrace=False)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
