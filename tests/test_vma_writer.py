@@ -38,6 +38,7 @@ from nbdvma.vma.format import (
     VmaHeader,
     header_size_untrusted,
 )
+from nbdvma.vma.clusters import mask_and_blocks
 from nbdvma.vma.journal import encode_journal, parse_journal
 from nbdvma.vma.sink import FileSink, Sink, StreamSink, open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -736,3 +737,35 @@ def test_background_sink_gives_the_same_archive(tmp_path: Path, compress: str | 
     two = run(BackgroundSink(open_sink(str(background)), max_bytes=1 << 20), background)
     assert one == two
     assert parse(two).header.devices[0].size == 300 * C + 4096
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "data",  # every block starts with a non-zero word: the probe's shortcut
+        "zero-first-words",  # a block starts with zeros but is not zero: stored
+        "zero-last-byte-only",  # a block whose only non-zero byte is its last: stored
+        "one-zero-block",
+        "alternate",
+    ],
+)
+def test_mask_and_blocks_marks_exactly_the_zero_blocks(layout: str) -> None:
+    rng = random.Random(layout)
+    blocks = [bytearray(rng.randbytes(4096)) for _ in range(16)]
+    for block in blocks:
+        block[:8] = block[:8].replace(b"\0", b"\1")
+    if layout == "zero-first-words":
+        blocks[5][:4000] = bytes(4000)
+    elif layout == "zero-last-byte-only":
+        blocks[15][:] = bytes(4095) + b"\x07"
+    elif layout == "one-zero-block":
+        blocks[9][:] = bytes(4096)
+    elif layout == "alternate":
+        for j in range(0, 16, 2):
+            blocks[j][:] = bytes(4096)
+    want = sum(1 << j for j, block in enumerate(blocks) if any(block))
+    data = b"".join(blocks)
+    mask, stored, nbytes = mask_and_blocks(memoryview(data), len(data))
+    assert mask == want
+    assert nbytes == 4096 * want.bit_count()
+    assert b"".join(stored) == b"".join(b for b in blocks if any(b))

@@ -49,6 +49,7 @@ ZERO_CLUSTER = bytes(VMA_CLUSTER_SIZE)
 # kept alive for them (58 pending clusters could otherwise pin 58 payloads of 32 MiB).
 _MAX_RETAINED = 4 * 1024 * 1024
 _ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
+_WORDS_PER_BLOCK = VMA_BLOCK_SIZE // 8
 _BLOCK_RANGES = [(j * VMA_BLOCK_SIZE, (j + 1) * VMA_BLOCK_SIZE) for j in range(BLOCKS_PER_CLUSTER)]
 # Runs of clusters that finish() still has to emit as zero clusters.
 _EMPTY_RUNS = re.compile(b"[\\x00\\x02]+")
@@ -268,6 +269,10 @@ def mask_and_blocks(data: memoryview, limit: int) -> tuple[int, list[memoryview]
     if limit == VMA_CLUSTER_SIZE and ZERO_CLUSTER.startswith(data):
         return 0, [], 0
     if limit == VMA_CLUSTER_SIZE:
+        # Data is rarely zero from a block's first word on: when no block starts with
+        # a zero word, no block is zero (one probe of 16 words instead of 16 scans).
+        if 0 not in data.cast("Q")[::_WORDS_PER_BLOCK].tolist():
+            return FULL_MASK, [data], VMA_CLUSTER_SIZE
         full = data
     else:
         padded = bytearray(VMA_CLUSTER_SIZE)

@@ -24,7 +24,8 @@ without waiting for a disk: on a tmpfs every read is a copy from memory, and els
 instead of starting I/O.  A server uses it to answer a READ at once, without the cost
 of a thread, whenever that cannot block its event loop.
 
-Where the calls do not exist (not Linux, not glibc) the hints do nothing.
+Where the calls do not exist (not Linux, not glibc) the hints do nothing; on a tmpfs
+there is nothing to write back, and :class:`Writeback` does nothing either.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ class Writeback:
         self._bytes = 0
         self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._closed = _sync_file_range is None
+        # A tmpfs has no disk to write back to: no thread, no calls.
+        self._closed = _sync_file_range is None or _in_memory(fd)
 
     @property
     def available(self) -> bool:
