@@ -29,6 +29,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, int]]:
         return 0
 
     monkeypatch.setattr(wb, "_sync_file_range", record)
+    # The descriptors here are made up: whatever they are in this process, not a tmpfs.
+    monkeypatch.setattr(wb, "_in_memory", lambda fd: False)
     return seen
 
 
@@ -77,6 +79,21 @@ def test_without_sync_file_range_nothing_is_done(monkeypatch: pytest.MonkeyPatch
     w.wrote(0, 8 * MiB)
     assert not helpers_alive()
     w.close()
+
+
+def test_nothing_to_write_back_on_a_tmpfs() -> None:
+    path = Path("/dev/shm") / f"nbdvma-writeback-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        w = Writeback(fd, step=MiB)
+        for off in range(0, 4 * MiB, MiB):
+            os.pwrite(fd, bytes(MiB), off)
+            w.wrote(off, MiB)
+        assert not helpers_alive()
+        w.close()
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def test_real_call_on_a_file(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 import zstandard
 
 from nbdvma.errors import ClusterConflictError, PartialBufferFullError, VmaWriterError
+from nbdvma.vma.clusters import mask_and_blocks
 from nbdvma.vma.digest import (
     DIGEST_CONFIG,
     DIGEST_RECORD_SIZE,
@@ -38,7 +39,6 @@ from nbdvma.vma.format import (
     VmaHeader,
     header_size_untrusted,
 )
-from nbdvma.vma.clusters import mask_and_blocks
 from nbdvma.vma.journal import encode_journal, parse_journal
 from nbdvma.vma.sink import FileSink, Sink, StreamSink, open_sink
 from nbdvma.vma.writer import VmaWriter
