@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NoReturn
 
 from nbdvma import __version__
 from nbdvma.errors import NbdvmaError
 from nbdvma.interrupts import Terminated, install
-from nbdvma.tools import (
-    DEFAULT_CONFIG,
-    ToolError,
-    create_archive,
-    extract_archive,
-    list_archive,
-    print_config,
-    verify_archive,
-)
+from nbdvma.tools import ToolError
 
 __all__ = ["build_parser", "main"]
 
@@ -52,12 +45,15 @@ EXPORT_DESCRIPTION = (
 )
 
 
-def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
+def build_parser(
+    *, server_commands: Collection[str] = ("serve", "backup", "export")
+) -> argparse.ArgumentParser:
     """The argument parser of ``nbdvma`` (exposed for documentation and tests).
 
     Args:
-        server_commands: define the options of ``serve`` and ``backup``, which imports
-            trio and the server; the archive tools start faster without.
+        server_commands: the server commands (``serve``, ``backup``, ``export``)
+            whose options to define: each imports trio and its own modules, so a
+            command starts faster with only its own (the archive tools with none).
     """
     parser = _Parser(prog="nbdvma", description="Proxmox VMA archive tools.")
     parser.add_argument("--version", action="version", version=f"nbdvma {__version__}")
@@ -75,7 +71,7 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
 
     p = sub.add_parser("config", help="print one config file of an archive")
     p.add_argument("file", help="archive (- for stdin)")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config name")
+    p.add_argument("-c", "--config", help="config name (default qemu-server.conf)")
 
     p = sub.add_parser("verify", help="read and check a whole archive")
     p.add_argument("file", help="archive (- for stdin)")
@@ -140,8 +136,10 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("images", nargs="*", metavar="[NAME=]IMAGE", help="raw disk images")
 
 
-def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool) -> None:
-    """``serve`` and ``backup``; their options only when ``options`` (they import trio)."""
+def _add_server_commands(
+    sub: argparse._SubParsersAction[_Parser], options: Collection[str]
+) -> None:
+    """``serve``, ``backup`` and ``export``; the options of those in ``options``."""
     p = sub.add_parser(
         "serve",
         help="serve NBD exports (one per guest disk) that write into one VMA archive",
@@ -149,7 +147,7 @@ def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool
         "The archive is finalized and serve exits 0 once every disk was written "
         "completely and its clients disconnected (and the VM state, if declared, ended).",
     )
-    if options:
+    if "serve" in options:
         from nbdvma.commands import serve
 
         serve.add_arguments(p)
@@ -160,7 +158,7 @@ def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool
         description="Back up the disks of the QEMU VM behind --qmp (and, with --vmstate, "
         "its VM state) into ARCHIVE, from one point in time.",
     )
-    if options:
+    if "backup" in options:
         from nbdvma.commands import backup
 
         backup.add_arguments(p)
@@ -170,7 +168,7 @@ def _add_server_commands(sub: argparse._SubParsersAction[_Parser], options: bool
         help="serve the disks of an archive as read-only NBD exports (to restore them)",
         description=EXPORT_DESCRIPTION,
     )
-    if options:
+    if "export" in options:
         from nbdvma.commands import export
 
         export.add_arguments(p)
@@ -187,16 +185,19 @@ def _drives(text: str | None) -> list[str] | None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    # Each command imports what it runs, and no more (start-up time).
+    from nbdvma import tools
+
     out = sys.stdout
     if args.command == "list":
-        list_archive(args.file, out)
+        tools.list_archive(args.file, out)
     elif args.command == "config":
-        print_config(args.file, args.config, out)
+        tools.print_config(args.file, args.config or tools.DEFAULT_CONFIG, out)
     elif args.command == "verify":
-        verify_archive(args.file, out, verbose=args.verbose, strict=args.strict)
+        tools.verify_archive(args.file, out, verbose=args.verbose, strict=args.strict)
     elif args.command == "extract":
         drives = _drives(args.drives)
-        extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
+        tools.extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
     elif args.command == "restore" and (args.live or args.qmp or args.listen):
         if not (args.live and args.qmp and args.listen) or args.dir is not None:
             raise ToolError("restore --live takes --qmp ADDRESS and --listen ADDRESS, and no DIR")
@@ -218,11 +219,9 @@ def _run(args: argparse.Namespace) -> None:
             args.file, args.dir, image_format=args.format, drives=_drives(args.drives), say=say
         )
     elif args.command == "create":
-        create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
+        tools.create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
     elif args.command in _SERVER_COMMANDS:
-        from nbdvma.commands import backup, export, serve
-
-        command = {"serve": serve, "backup": backup, "export": export}[args.command]
+        command = importlib.import_module(f"nbdvma.commands.{args.command}")
         status = command.run(args)
         if status:
             raise SystemExit(status)
@@ -238,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ``config`` finds no such config (as ``vma``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(server_commands=any(a in _SERVER_COMMANDS for a in argv[:1]))
+    parser = build_parser(server_commands=[a for a in argv[:1] if a in _SERVER_COMMANDS])
     try:
         # create takes images on both sides of its options ("FILE -c CFG IMG..."),
         # which plain parse_args cannot mix with a nargs="*" positional.

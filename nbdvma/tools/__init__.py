@@ -13,10 +13,21 @@ The commands live in :mod:`~nbdvma.tools.inspect` (list, config, verify),
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from nbdvma.errors import ToolError
-from nbdvma.tools.create import create_archive
-from nbdvma.tools.extract import extract_archive
-from nbdvma.tools.inspect import DEFAULT_CONFIG, list_archive, print_config, verify_archive
+
+#: Public name -> the module that defines it; imported on first use, so that a
+#: command pays only for its own tool (``export`` needs none of ``create``).
+_EXPORTS = {
+    "DEFAULT_CONFIG": "nbdvma.tools.inspect",
+    "create_archive": "nbdvma.tools.create",
+    "extract_archive": "nbdvma.tools.extract",
+    "list_archive": "nbdvma.tools.inspect",
+    "print_config": "nbdvma.tools.inspect",
+    "verify_archive": "nbdvma.tools.inspect",
+}
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -27,3 +38,18 @@ __all__ = [
     "print_config",
     "verify_archive",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nbdvma.tools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from nbdvma.tools.create import create_archive
+    from nbdvma.tools.extract import extract_archive
+    from nbdvma.tools.inspect import DEFAULT_CONFIG, list_archive, print_config, verify_archive
