@@ -16,10 +16,14 @@ The module prints nothing: ``say`` gets the lines to show.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
+import re
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import trio
@@ -37,6 +41,9 @@ from nbdvma.vma.index import IndexedArchive
 
 __all__ = ["FORMATS", "restore_archive"]
 
+#: Seconds between a conversion's progress lines.
+PROGRESS_INTERVAL = 5.0
+
 #: The image formats :func:`restore_archive` writes.
 FORMATS = ("raw", "qcow2")
 
@@ -49,6 +56,7 @@ def restore_archive(
     drives: Sequence[str] | None = None,
     say: Callable[[str], None] = lambda line: None,
     qemu_img: str = "qemu-img",
+    progress_interval: float = PROGRESS_INTERVAL,
 ) -> None:
     """Restore the disks (as ``disk-NAME.raw`` or ``.qcow2``), configs and
     ``vmstate.bin`` of the archive at ``path`` into the new directory ``dirname``.
@@ -58,6 +66,7 @@ def restore_archive(
         drives: restore only these devices (by name; ``vmstate`` included).
         say: called with progress lines.
         qemu_img: the ``qemu-img`` program (qcow2).
+        progress_interval: seconds between a conversion's progress lines (qcow2).
 
     Raises:
         ToolError: the archive is damaged, a file cannot be written, ``qemu-img``
@@ -71,7 +80,7 @@ def restore_archive(
     if path == "-":
         raise ToolError("--format qcow2 reads the archive in place: save stdin to a file first")
     try:
-        trio.run(_restore_qcow2, path, dirname, drives, say, qemu_img)
+        trio.run(_restore_qcow2, path, dirname, drives, say, qemu_img, progress_interval)
     except BaseExceptionGroup as group:
         # trio's nurseries wrap what fails in groups: report the error itself.
         leaf: BaseException = group
@@ -80,6 +89,52 @@ def restore_archive(
         if isinstance(leaf, NbdvmaError | OSError):
             raise leaf from None
         raise
+
+
+# qemu-img convert -p redraws "    (12.34/100%)\r" on its stdout.
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+async def _run_convert(
+    command: list[str], progress: Callable[[float], None], interval: float
+) -> tuple[int, str]:
+    """Run ``qemu-img convert -p``: report its percentage every ``interval`` seconds;
+    return its exit status and the last line of its stderr.  Cancelled, it is killed.
+    """
+    errors = bytearray()
+
+    async def drain_stderr(stream: trio.abc.ReceiveStream) -> None:
+        async for chunk in stream:
+            errors.extend(chunk[-4096:])
+            del errors[:-4096]
+
+    async with trio.open_nursery() as nursery:
+        try:
+            proc: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    check=False,
+                )
+            )
+        except FileNotFoundError:
+            raise ToolError(
+                f"restore failed - {command[0]} not found: install qemu-utils"
+            ) from None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        nursery.start_soon(drain_stderr, proc.stderr)
+        last = time.monotonic()
+        async for chunk in proc.stdout:
+            found = _PERCENT.findall(chunk)
+            if found and time.monotonic() - last >= interval:
+                last = time.monotonic()
+                progress(float(found[-1]))
+    assert proc.returncode is not None
+    lines = errors.decode(errors="replace").strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""
 
 
 class _Files:
@@ -141,6 +196,7 @@ async def _restore_qcow2(
     drives: Sequence[str] | None,
     say: Callable[[str], None],
     qemu_img: str,
+    progress_interval: float,
 ) -> None:
     try:
         os.mkdir(dirname)
@@ -152,7 +208,7 @@ async def _restore_qcow2(
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             archive = await _index(nursery, path, files, drives, say)
-            await _convert_all(archive, private, files, say, qemu_img)
+            await _convert_all(archive, private, files, say, qemu_img, progress_interval)
             files.give_names()
         if stop.signum is not None:
             raise ToolError(f"interrupted by {stop.name}", status=128 + stop.signum)
@@ -217,6 +273,7 @@ async def _convert_all(
     files: _Files,
     say: Callable[[str], None],
     qemu_img: str,
+    progress_interval: float = PROGRESS_INTERVAL,
 ) -> None:
     """Serve the archive on a private socket; ``qemu-img convert`` each disk from it."""
     socket_path = os.path.join(private, "nbd.sock")
@@ -229,22 +286,21 @@ async def _convert_all(
             os.close(fd)  # qemu-img truncates and writes it: it keeps its mode 0600
             say(f"{name}: converting to {tmp} (qcow2)")
             uri = f"nbd+unix:///{name}?socket={socket_path}"
-            try:
-                result = await trio.run_process(
-                    [qemu_img, "convert", "-f", "raw", "-O", "qcow2", uri, tmp],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
-            except FileNotFoundError:
-                raise ToolError(
-                    f"restore failed - {qemu_img} not found: install qemu-utils"
-                ) from None
-            if result.returncode:
-                why = result.stderr.decode(errors="replace").strip().splitlines()
+            started = time.monotonic()
+
+            def progress(percent: float, name: str = name) -> None:
+                say(f"{name}: {percent:.0f}% converted")
+
+            returncode, why = await _run_convert(
+                [qemu_img, "convert", "-p", "-f", "raw", "-O", "qcow2", uri, tmp],
+                progress,
+                progress_interval,
+            )
+            if returncode:
                 raise ToolError(
                     f"restore failed - qemu-img convert of {name}: "
-                    f"{why[-1] if why else f'exit status {result.returncode}'}"
+                    f"{why or f'exit status {returncode}'}"
                 )
+            say(f"{name}: converted in {time.monotonic() - started:.1f}s")
             os.chmod(tmp, RESTORED_FILE_MODE)
         nursery.cancel_scope.cancel()

@@ -30,6 +30,7 @@ import trio
 from servehelpers import nbdvma, poll_until, run_tool
 
 from nbdvma.archive_backend import PrepareState, PrepareWatcher, open_archive, prepare
+from nbdvma.restore import restore_archive
 from nbdvma.vma.index import build_index
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -746,3 +747,67 @@ def test_reads_at_once_only_what_needs_no_disk(workdir: Path, sources: Sources) 
         assert bytes(zst.read(name, 0, 4096)) == data[:4096]
     finally:
         zst.close()
+
+
+def test_restore_qcow2_says_how_each_conversion_goes(workdir: Path, sources: Sources) -> None:
+    lines: list[str] = []
+    target = workdir / "restored"
+    restore_archive(
+        str(_vm_archive(workdir, sources)),
+        str(target),
+        image_format="qcow2",
+        say=lines.append,
+        progress_interval=0,
+    )
+    for name in sources.images:
+        mine = [line for line in lines if line.startswith(f"{name}: ")]
+        assert mine[0] == f"{name}: converting to {target}/tmp-disk-{name}.qcow2 (qcow2)"
+        percents = [float(m[1]) for m in map(re.compile(r": (\d+)% converted$").search, mine) if m]
+        assert percents, mine  # qemu-img -p's own figures, passed on
+        assert percents[-1] == 100
+        assert re.fullmatch(rf"{name}: converted in \d+\.\d+s", mine[-1]), mine
+
+
+def test_sigterm_during_a_qcow2_conversion_kills_qemu_img_and_leaves_nothing(
+    workdir: Path, sources: Sources
+) -> None:
+    """qemu-img is stopped (SIGSTOP) mid-restore so that the signal surely comes while
+    it converts: restore kills it, says why in one line, and leaves no file."""
+    archive = _vm_archive(workdir, sources)
+    target = workdir / "restored"
+    err = workdir / "restore.err"
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nbdvma",
+                "restore",
+                "--format",
+                "qcow2",
+                str(archive),
+                str(target),
+            ],
+            stderr=stderr,
+        )
+    try:
+        children: list[int] = []
+
+        def qemu_img_started() -> bool:
+            found = subprocess.run(
+                ["pgrep", "-P", str(proc.pid), "-x", "qemu-img"], capture_output=True, text=True
+            ).stdout.split()
+            children[:] = [int(pid) for pid in found]
+            return bool(children)
+
+        poll_until(qemu_img_started, 30, "restore to start qemu-img", interval=0.001)
+        os.kill(children[0], signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err.read_text().splitlines()[-1] == "interrupted by SIGTERM"
+    with pytest.raises(ProcessLookupError):
+        os.kill(children[0], 0)  # killed and reaped, not left stopped
+    assert list(target.iterdir()) == []
