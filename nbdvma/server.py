@@ -422,7 +422,7 @@ class NbdServer:
         write_now = self._write_now
         assert write_now is not None
         assert conn.export_name is not None
-        if req.flags & NbdCmdFlag.NBD_CMD_FLAG_FUA:
+        if int(req.flags) & _FUA:
             return False
         try:
             if req.command == NbdCommand.NBD_CMD_WRITE:
@@ -449,7 +449,7 @@ class NbdServer:
         """Answer BLOCK_STATUS in the reader task (:class:`~nbdvma.backends.StatusNow`)."""
         assert self._status_now is not None
         assert conn.export_name is not None
-        req_one = bool(req.flags & NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE)
+        req_one = bool(int(req.flags) & _REQ_ONE)
         try:
             extents = self._status_now.extents_now(
                 conn.export_name, req.offset, req.length, req_one=req_one
@@ -496,7 +496,7 @@ class NbdServer:
         export_name = conn.export_name
         assert export_name is not None
         backend = self.backend
-        fua = bool(req.flags & NbdCmdFlag.NBD_CMD_FLAG_FUA)
+        fua = bool(int(req.flags) & _FUA)
         try:
             try:
                 if req.command == NbdCommand.NBD_CMD_READ:
@@ -534,6 +534,11 @@ class NbdServer:
             conn.budget.release(cost)
             self._budget.release(cost)
 
+
+# Request flags as plain ints: IntFlag's own & is a Python-level method, and these
+# tests run on every request.
+_FUA = int(NbdCmdFlag.NBD_CMD_FLAG_FUA)
+_REQ_ONE = int(NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE)
 
 _WRITE_COMMANDS = frozenset(
     {

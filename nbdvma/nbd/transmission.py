@@ -90,7 +90,10 @@ _CMD_FLAGS: dict[NbdCommand, tuple[tuple[NbdCmdFlag, NbdTransmissionFlag], ...]]
     _C.NBD_CMD_BLOCK_STATUS: ((NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE, _T.NBD_FLAG_HAS_FLAGS),),
 }
 _WRITES = frozenset({_C.NBD_CMD_WRITE, _C.NBD_CMD_WRITE_ZEROES, _C.NBD_CMD_TRIM})
-_KNOWN_COMMANDS = frozenset(int(c) for c in NbdCommand)
+# Raw command numbers to their enum: a dict lookup, where NbdCommand(n) runs enum's
+# Python-level machinery on every request.
+_COMMANDS: dict[int, NbdCommand] = {int(c): c for c in NbdCommand}
+_REQ_ONE = int(NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE)
 
 
 class Transmission:
@@ -118,6 +121,9 @@ class Transmission:
         self.structured = started.structured_replies
         self._meta = started.meta_context_selected
         self._flags = started.transmission_flags
+        self._allowed = self._allowed_flags()
+        # Request flags seen so far, as NbdCmdFlag (at most the 2**5 valid combinations).
+        self._flag_values: dict[int, NbdCmdFlag] = {}
         self._min_block = agreement.min_block
         self._max_payload = agreement.max_payload
         self._limits = limits
@@ -159,9 +165,10 @@ class Transmission:
             return None
         if rejection is not None:
             return self._reject(hdr, rejection)
-        return Request(
-            hdr.cookie, NbdCommand(hdr.type), NbdCmdFlag(hdr.flags), hdr.offset, hdr.length
-        )
+        flags = self._flag_values.get(hdr.flags)
+        if flags is None:
+            flags = self._flag_values[hdr.flags] = NbdCmdFlag(hdr.flags)
+        return Request(hdr.cookie, _COMMANDS[hdr.type], flags, hdr.offset, hdr.length)
 
     def receive_write_payload(self) -> Event | NeedData | None:
         """``WRITE_PAYLOAD``: the payload of a valid WRITE."""
@@ -278,25 +285,42 @@ class Transmission:
             hdr.cookie, hdr.type, hdr.flags, hdr.offset, hdr.length, error, reason
         )
 
+    def _allowed_flags(self) -> dict[int, int]:
+        """The commands this connection may send, each with the request flags it may
+        carry (as a plain int: ``~`` on an IntFlag would drop the bits that have no
+        name).  Known once the handshake is done; :meth:`_validate` looks them up."""
+        allowed: dict[int, int] = {}  # int keys: an enum's hash is a Python-level method
+        for cmd in NbdCommand:
+            if cmd == NbdCommand.NBD_CMD_DISC:
+                continue
+            if cmd in _WRITES and self.export.read_only:
+                continue
+            need = _CMD_NEEDS_FLAG.get(cmd)
+            if need is not None and not self._flags & need:
+                continue
+            if cmd == NbdCommand.NBD_CMD_BLOCK_STATUS and not self._meta:
+                continue
+            flags = int(_FUA) if self._flags & _T.NBD_FLAG_SEND_FUA else 0
+            for flag, needed in _CMD_FLAGS.get(cmd, ()):
+                if self._flags & needed:
+                    flags |= int(flag)
+            allowed[int(cmd)] = flags
+        return allowed
+
     def _validate(self, hdr: wire.RequestHeader) -> _Rejection | None:
         """Check a request against the spec and what was advertised (§2.4)."""
         EINVAL = NbdError.NBD_EINVAL
-        if hdr.type not in _KNOWN_COMMANDS:
+        cmd = _COMMANDS.get(hdr.type)
+        if cmd is None:
             return EINVAL, f"unknown command {hdr.type}"
-        cmd = NbdCommand(hdr.type)
         export = self.export
-        if cmd in _WRITES and export.read_only:
-            return NbdError.NBD_EPERM, "export is read-only"
-        need = _CMD_NEEDS_FLAG.get(cmd)
-        if need is not None and not self._flags & need:
+        allowed = self._allowed.get(hdr.type)
+        if allowed is None:  # refused whatever its flags: say why
+            if cmd in _WRITES and export.read_only:
+                return NbdError.NBD_EPERM, "export is read-only"
+            if cmd == NbdCommand.NBD_CMD_BLOCK_STATUS and not self._meta:
+                return EINVAL, "no metadata context selected"
             return EINVAL, f"{cmd.name} not advertised"
-        if cmd == NbdCommand.NBD_CMD_BLOCK_STATUS and not self._meta:
-            return EINVAL, "no metadata context selected"
-        # Plain ints: ``~`` on an IntFlag would drop the bits that have no name.
-        allowed = int(_FUA) if self._flags & _T.NBD_FLAG_SEND_FUA else 0
-        for flag, needed in _CMD_FLAGS.get(cmd, ()):
-            if self._flags & needed:
-                allowed |= int(flag)
         if hdr.flags & ~allowed:
             return EINVAL, f"flags 0x{hdr.flags:x} not valid for {cmd.name}"
         if cmd == NbdCommand.NBD_CMD_FLUSH:
@@ -437,7 +461,9 @@ class Transmission:
         if not self._meta:
             raise LocalProtocolError("BLOCK_STATUS reply without a selected metadata context")
         left = self.export.size - request.offset
-        if request.flags & NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE:
+        # int(): IntFlag's own & is a Python-level method, slow on this hot path.
+        req_one = int(request.flags) & _REQ_ONE
+        if req_one:
             left = min(left, request.length)
         out: list[tuple[int, int]] = []
         for length, flags in extents:
@@ -448,7 +474,7 @@ class Transmission:
                 break
             out.append((length, flags))
             left -= length
-            if request.flags & NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE or len(out) == MAX_EXTENTS:
+            if req_one or len(out) == MAX_EXTENTS:
                 break
         if not out:
             raise LocalProtocolError("a BLOCK_STATUS reply needs at least one extent")
