@@ -281,7 +281,14 @@ class NbdServer:
         buffers = conn.core.buffers_to_send()
         if not buffers:
             return
-        async with conn.send_lock:
+        lock = conn.send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            # trio's acquire() passes through the scheduler even when the lock is free;
+            # one pass per reply saved (the send itself makes one).
+            lock.acquire_nowait()
+        try:
             small = bytearray()
             for buf in buffers:
                 if len(buf) < _SMALL:
@@ -293,6 +300,8 @@ class NbdServer:
                 await conn.stream.send_all(buf)
             if small:
                 await conn.stream.send_all(small)
+        finally:
+            lock.release()
 
     async def _run(self, conn: _Connection) -> None:
         core = conn.core
