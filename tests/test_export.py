@@ -811,3 +811,41 @@ def test_sigterm_during_a_qcow2_conversion_kills_qemu_img_and_leaves_nothing(
     with pytest.raises(ProcessLookupError):
         os.kill(children[0], 0)  # killed and reaped, not left stopped
     assert list(target.iterdir()) == []
+
+
+def test_sigterm_while_the_archive_is_read_stops_before_listening(
+    workdir: Path, sockdir: Path
+) -> None:
+    """A 16 GiB sparse disk takes the index pass a while; the export is stopped
+    (SIGSTOP) once it has the archive open and before it is ready, then SIGTERMed."""
+    image = workdir / "sparse.raw"
+    with image.open("wb") as f:
+        f.truncate(16 << 30)
+        for offset in range(0, 16 << 30, 1 << 30):
+            f.seek(offset)
+            f.write(random.Random(offset).randbytes(MiB))
+    archive = workdir / "sparse.vma"
+    nbdvma("create", str(archive), f"drive-scsi0={image}")
+    sock = sockdir / "term.sock"
+    err = workdir / "term.err"
+    with err.open("wb") as f:
+        proc = subprocess.Popen(_export_command(archive, sock, []), stderr=f)
+    try:
+
+        def reading() -> bool:
+            fds = Path(f"/proc/{proc.pid}/fd")
+            return any(os.path.realpath(fd) == str(archive) for fd in fds.iterdir())
+
+        poll_until(reading, 30, "export to open the archive", interval=0.001)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert "export ready" not in err.read_text()  # caught in the index pass
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err.read_text().splitlines() == [
+        "nbdvma export: interrupted by SIGTERM before the export was ready"
+    ]
+    assert not sock.exists()
