@@ -379,11 +379,11 @@ def _check_vmstate_head(head: bytes) -> None:
 
 
 async def open_nbd_listeners(
-    options: SessionOptions,
+    options: SessionOptions, *, read_only: bool = False
 ) -> tuple[list[trio.SocketListener], list[Address]]:
     """Listen on every socket of ``options.listen_fds`` and every address of
     ``options.listen``; warn about a TCP listener that other hosts reach without TLS
-    required.
+    required (``read_only``: the exports can be read, not written).
 
     Returns:
         The listeners and the addresses they really have (ports resolved).
@@ -399,9 +399,10 @@ async def open_nbd_listeners(
         listeners.append(listener)
         addresses.append(real)
         if _exposed(listener) and options.tls.mode is not TlsMode.REQUIRE:
+            can = "read the backed-up disks" if read_only else "read and write the backup"
             log.warning(
                 f"{real} is reachable from other hosts without --tls require: "
-                "whoever connects can read and write the backup (see docs/security.md)"
+                f"whoever connects can {can} (see docs/security.md)"
             )
     return listeners, addresses
 

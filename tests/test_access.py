@@ -152,6 +152,8 @@ def test_serve_warns_about_exposed_plain_listeners(
     server = serve({"d0": MiB}, extra, unix=False)
     poll_until(lambda: server.stderr().count("listening on") == 2, 10, "both listeners")
     assert (WARNING in server.stderr()) == warned, server.stderr()
+    if warned:
+        assert "whoever connects can read and write the backup" in server.stderr()
 
 
 @pytest.mark.interop

@@ -849,3 +849,15 @@ def test_sigterm_while_the_archive_is_read_stops_before_listening(
         "nbdvma export: interrupted by SIGTERM before the export was ready"
     ]
     assert not sock.exists()
+
+
+def test_an_exposed_plain_listener_is_warned_of_as_readable(
+    workdir: Path, sources: Sources, export: Callable[..., Export]
+) -> None:
+    exp = export(_archive(workdir, sources, "plain"), "--listen", "tcp:0.0.0.0:0")
+    poll_until(lambda: exp.stderr().count("listening on") == 2, 10, "both listeners")
+    warning = [line for line in exp.stderr().splitlines() if "without --tls require" in line]
+    assert len(warning) == 1, exp.stderr()
+    assert warning[0].endswith(
+        "whoever connects can read the backed-up disks (see docs/security.md)"
+    )

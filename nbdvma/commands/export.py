@@ -132,7 +132,7 @@ async def export(
                 archive = await prepare(nursery, options.archive, devices, cache, _say)
             except VmaFormatError as exc:
                 raise NbdvmaError(f"{options.archive}: {exc}; not exported") from None
-            listeners, real = await open_nbd_listeners(options)
+            listeners, real = await open_nbd_listeners(options, read_only=True)
             addresses.extend(real)
             server = NbdServer(
                 ArchiveBackend(archive),
