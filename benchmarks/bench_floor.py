@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from benchlib import kill, wait_for
@@ -85,10 +85,6 @@ for i in range(n):
 print(status, (time.perf_counter() - t) / n)
 h.shutdown()
 """
-
-
-def best(values: list[float]) -> float:
-    return min(values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def row(label: str, what: str, values: list[float]) -> None:
             runs = " / ".join(f"{v * us:.1f}" for v in values)
-            print(f"| {label} | {what} | {best(values) * us:.1f} | {runs} |")
+            print(f"| {label} | {what} | {min(values) * us:.1f} | {runs} |")
 
         row("echo on trio", "28 bytes", echo["trio"])
         row("echo, blocking socket, one thread", "28 bytes", echo["blocking"])
@@ -170,17 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         row("nbdvma export", "READ 4 KiB", reads["export"])
         row("qemu-nbd -r", "READ 4 KiB", reads["qemu-nbd"])
         print(
-            f"\ntrio echo / blocking echo: **{best(echo['trio']) / best(echo['blocking']):.2f}x**"
+            f"\ntrio echo / blocking echo: **{min(echo['trio']) / min(echo['blocking']):.2f}x**"
             f" (the floor); export / qemu-nbd block status: "
-            f"**{best(status['export']) / best(status['qemu-nbd']):.2f}x**, READ: "
-            f"**{best(reads['export']) / best(reads['qemu-nbd']):.2f}x**"
+            f"**{min(status['export']) / min(status['qemu-nbd']):.2f}x**, READ: "
+            f"**{min(reads['export']) / min(reads['qemu-nbd']):.2f}x**"
         )
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         for proc in procs:
             kill(proc)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
-        time.sleep(0)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
