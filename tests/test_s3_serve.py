@@ -8,6 +8,7 @@ one line on stderr, a non-zero status, nothing under the key and no upload left.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import S3Bucket
+from s3server import SeaweedServer
 from servehelpers import ServeProcess, extract_disks, nbdvma, poll_until, run_tool, start_serve
 
 MiB = 1 << 20
@@ -292,3 +294,38 @@ def test_s3_uploads_errors(s3: S3Bucket) -> None:
     result = nbdvma("s3-uploads", "/srv/dump", env=s3.env(), check=False)
     assert result.returncode == 1
     assert "expected s3://BUCKET[/PREFIX]" in result.stderr
+
+
+@pytest.mark.interop
+def test_endpoint_killed_mid_upload(
+    private_s3: Callable[[], SeaweedServer], qemu_io: str, sockdir: Path, workdir: Path
+) -> None:
+    """The endpoint dies: serve ends with one line saying so, retries the abort until
+    the endpoint is back, and leaves nothing."""
+    server = private_s3()
+    assert server.endpoint is not None
+    s3 = S3Bucket(server.endpoint, "killed", server.endpoint.client())
+    s3.client.create_bucket(Bucket=s3.bucket)
+    serve = _serve(s3, "k.vma", {"d0": 64 * MiB}, sockdir, workdir)
+    try:
+        data = workdir / "data.raw"
+        data.write_bytes(os.urandom(48 * MiB))
+        write = [qemu_io, "-f", "raw", "-c", f"write -s {data} 0 16M", serve.uri("d0")]
+        run_tool(write, timeout=120)
+        server.kill()  # SIGKILL, mid-upload
+        write[4] = f"write -s {data} 16M 32M"
+        run_tool(write, timeout=120, check=False)  # parts fail: EIO, or accepted first
+        poll_until(lambda: "retrying the abort" in serve.stderr(), 60, "the abort retried")
+        server.restart()
+        assert serve.wait(60) == 1
+    finally:
+        serve.kill()
+    line = _one_line(serve)
+    assert re.fullmatch(
+        rf"nbdvma serve: s3://killed/k\.vma: part \d+: cannot connect to {s3.endpoint.url}: "
+        r"the connection failed \(is the endpoint up and right\?\)",
+        line,
+    ), line
+    assert "the incomplete upload is aborted" in serve.stderr()
+    assert s3.keys() == []
+    assert s3.uploads() == []

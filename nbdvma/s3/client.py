@@ -200,6 +200,15 @@ def _safe_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _server(url: object) -> str:
+    """The scheme, host and port of ``url`` (a request's URL carries the bucket, key
+    and upload id, which the message names otherwise)."""
+    if not url:
+        return "the endpoint"
+    parts = urllib.parse.urlsplit(_safe_url(str(url)))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+
+
 def endpoint_of(client: S3Client) -> str:
     """The endpoint ``client`` talks to, as messages name it (no credentials)."""
     return _safe_url(str(client.meta.endpoint_url))
@@ -245,11 +254,13 @@ def describe_s3_error(
             text = f"no such bucket {location.bucket!r}"
         return _redact(f"{what}{text} ({code}, {exc.operation_name}{where})")
     if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectTimeoutError):
-        url = _safe_url(str(exc.kwargs.get("endpoint_url") or endpoint or "the endpoint"))
+        url = _server(endpoint or exc.kwargs.get("endpoint_url"))
         why = "timed out" if isinstance(exc, bexc.ConnectTimeoutError) else "failed"
-        return f"{what}cannot connect to {url}: the connection {why} (is it the right endpoint?)"
+        return (
+            f"{what}cannot connect to {url}: the connection {why} (is the endpoint up and right?)"
+        )
     if isinstance(exc, bexc.ReadTimeoutError | bexc.ConnectionClosedError):
-        url = _safe_url(str(exc.kwargs.get("endpoint_url") or endpoint or "the endpoint"))
+        url = _server(endpoint or exc.kwargs.get("endpoint_url"))
         return f"{what}{url} stopped answering mid-request ({type(exc).__name__})"
     if isinstance(exc, bexc.NoCredentialsError):
         return (

@@ -166,7 +166,8 @@ class MultipartUpload:
             try:
                 etag = self._send(number, data)
             except S3Error as exc:
-                error = S3Error(f"{exc} (part {number})")
+                url = self.location.url
+                error = S3Error(str(exc).replace(f"{url}: ", f"{url}: part {number}: ", 1))
             except Exception as exc:  # a bug or an unexpected botocore failure
                 error = S3Error(f"{self.location.url}: part {number}: {exc!r}")
             del data  # the memory goes now, not when the next job comes
