@@ -70,6 +70,9 @@ class SessionOptions:
     limits: ServerLimits = attrs.Factory(ServerLimits)
     #: Header estimate of the VM-state size, until finish knows the real one.
     vmstate_size_hint: int = 65536
+    #: About how large the VM state will be (the VM's RAM), for the part size of an
+    #: upload; unlike :attr:`vmstate_size_hint`, never written into the header.
+    expected_vmstate: int = 0
     #: TLS for the NBD listeners (``--tls``...); off by default.
     tls: TlsConfig = attrs.Factory(TlsConfig)
     #: Replace an archive that exists (at the end: ``--force``).
@@ -269,7 +272,8 @@ class ArchiveSession(ExportSession):
             options.compress,
             force=options.force,
             s3_endpoint=options.s3_endpoint,
-            size_hint=sum(size for _, size in options.disks) + options.vmstate_size_hint,
+            size_hint=sum(size for _, size in options.disks)
+            + max(options.vmstate_size_hint, options.expected_vmstate),
         )
         #: The archive's upload, when it goes to object storage (else ``None``).
         self.upload = sink if isinstance(sink, UploadSink) else None

@@ -269,7 +269,11 @@ class _Run:
             log.info(f"include disk '{disk.key}' '{disk.volume}' {format_size(disk.size)}")
         log.info("backup mode: snapshot")
         log.info(f"creating vzdump archive '{self.options.archive}'")
-        self.session = ArchiveSession(self.session_options(configs))
+        session_options = self.session_options(configs)
+        if self.options.vmstate and vm.memory:
+            # The VM state is about the size of the RAM: an upload's part size needs it.
+            session_options = attrs.evolve(session_options, expected_vmstate=vm.memory)
+        self.session = ArchiveSession(session_options)
         if self.session.replaced:
             log.info(f"replaced {self.session.replaced}, left by an earlier run no longer running")
         await self.session.start(nursery)

@@ -10,9 +10,10 @@
   (S3 assembles parts by number, not by arrival).
 * **Parts 2, 3, ...** are cut from the following units as they come, each at least
   the part size (see :func:`part_size_for`), and sent by a few threads while the
-  writer goes on; at most ``concurrency`` are in flight, then :meth:`S3Sink.append`
-  waits (the caller is a worker thread of the server), so memory stays bounded:
-  part 1 + the part being filled + ``concurrency`` parts.
+  writer goes on; at most ``concurrency`` are in flight (fewer for parts larger
+  than 8 MiB: :data:`IN_FLIGHT_BYTES`), then :meth:`S3Sink.append` waits (the caller
+  is a worker thread of the server), so memory stays bounded: part 1 + the part
+  being filled + the parts in flight.
 * ``.zst``: each unit is a zstd frame, compressed on every core exactly as for a file
   (:class:`~nbdvma.vma.zstdframes.FramePipeline`); the header a frame of raw blocks.
 * Nothing exists under the key before :meth:`S3Sink.commit` (CompleteMultipartUpload);
@@ -52,6 +53,7 @@ from nbdvma.vma.zstdframes import FramePipeline, parse_compression, zstd_raw_fra
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_PART_SIZE",
+    "IN_FLIGHT_BYTES",
     "MIN_PART_SIZE",
     "S3Sink",
     "part_size_for",
@@ -67,8 +69,11 @@ MIN_PART_SIZE = 5 * _MiB
 #: The part size when the archive's size is not known to need more (measured against
 #: SeaweedFS: see docs/s3.md).
 DEFAULT_PART_SIZE = 8 * _MiB
-#: Parts in flight at once (threads, and HTTP connections).
+#: Parts in flight at most (threads, and HTTP connections).
 DEFAULT_CONCURRENCY = 4
+#: ... and bytes in flight at most, but always one part: large parts (a large archive)
+#: go one or two at a time, so that memory does not grow with them fourfold.
+IN_FLIGHT_BYTES = 32 * _MiB
 #: From this part number on, parts double in size every 1000 parts: an archive far
 #: larger than announced still fits S3's 10,000 parts (36,000 times the base size).
 _GROWTH_FROM = 6000
@@ -96,8 +101,8 @@ class S3Sink:
         endpoint: str | None = None,
         client: S3Client | None = None,
         size_hint: int = 0,
-        part_size: int = DEFAULT_PART_SIZE,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        part_size: int | None = None,
+        concurrency: int | None = None,
         thread_guard: ThreadGuard = contextlib.nullcontext,
     ) -> None:
         """Check the key and start the upload (nothing is visible under the key yet).
@@ -111,8 +116,9 @@ class S3Sink:
             client: a client to use instead of making one (``endpoint`` is then unused).
             size_hint: about how large the archive may grow (the disks' sizes): parts
                 are made larger where 10,000 of the default size would not hold it.
-            part_size: the smallest size of parts 2, 3, ...
-            concurrency: parts in flight at once.
+            part_size: the smallest size of parts 2, 3, ... (default
+                :data:`DEFAULT_PART_SIZE`, read at the call: a benchmark may set it).
+            concurrency: parts in flight at once (default :data:`DEFAULT_CONCURRENCY`).
             thread_guard: what the threads (upload, compression) are started inside.
 
         Raises:
@@ -125,6 +131,8 @@ class S3Sink:
         level = parse_compression(compress)
         self.url = location.url
         self.force = force
+        part_size = part_size or DEFAULT_PART_SIZE
+        concurrency = concurrency or DEFAULT_CONCURRENCY
         self._client = client or make_client(endpoint, max_pool_connections=concurrency + 2)
         if head_object(self._client, location) is not None and not force:
             raise S3Error(f"{self.url}: archive exists already (give --force to replace it)")
@@ -132,6 +140,7 @@ class S3Sink:
         self._upload = MultipartUpload.create(
             self._client, location, concurrency=concurrency, thread_guard=thread_guard
         )
+        self._set_limit()
         try:
             self._zstd = (
                 None
@@ -153,6 +162,10 @@ class S3Sink:
         self._closed = False
 
     # -- the parts ----------------------------------------------------------------------
+
+    def _set_limit(self) -> None:
+        upload = self._upload
+        upload.limit = max(1, min(upload.concurrency, IN_FLIGHT_BYTES // self._base_part))
 
     def _part_size(self, number: int) -> int:
         if number <= _GROWTH_FROM:
@@ -189,6 +202,7 @@ class S3Sink:
         if ``nbytes`` needs it and no part has been sent yet."""
         if self._next_part == 2 and not self._current:
             self._base_part = max(self._base_part, part_size_for(self.size + nbytes))
+            self._set_limit()
 
     def write_header(self, header: bytes) -> None:
         """See :meth:`Sink.write_header`: the start of part 1."""

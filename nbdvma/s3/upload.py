@@ -84,6 +84,8 @@ class MultipartUpload:
         self.location = location
         self.upload_id = upload_id
         self.concurrency = max(1, concurrency)
+        #: Parts in flight at once (at most :attr:`concurrency`; lower for large parts).
+        self.limit = self.concurrency
         self._cond = threading.Condition()
         self._jobs: deque[tuple[int, bytes | bytearray]] = deque()
         self._running = 0
@@ -186,7 +188,7 @@ class MultipartUpload:
             raise S3Error(f"{self.location.url}: the upload is {self.state}")
 
     def submit(self, number: int, data: bytes | bytearray) -> None:
-        """Queue part ``number`` (1..9999); wait while :attr:`concurrency` parts are in
+        """Queue part ``number`` (1..9999); wait while :attr:`limit` parts are in
         flight.  ``data`` is the upload's from now on.
 
         Raises:
@@ -200,7 +202,7 @@ class MultipartUpload:
         with self._cond:
             while True:
                 self._check()
-                if len(self._jobs) + self._running < self.concurrency:
+                if len(self._jobs) + self._running < self.limit:
                     break
                 self._cond.wait()
             self._jobs.append((number, data))
