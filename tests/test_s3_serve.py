@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -327,5 +328,45 @@ def test_endpoint_killed_mid_upload(
         line,
     ), line
     assert "the incomplete upload is aborted" in serve.stderr()
+    assert s3.keys() == []
+    assert s3.uploads() == []
+
+
+@pytest.mark.interop
+def test_sigterm_while_the_endpoint_stalls(
+    private_s3: Callable[[], SeaweedServer], qemu_io: str, sockdir: Path, workdir: Path
+) -> None:
+    """SIGTERM while the writer waits for an endpoint that accepts connections and never
+    answers (SIGSTOPped): serve stops waiting at once, retries the abort (each request
+    with a short deadline) and says so; the endpoint answers again: nothing is left."""
+    server = private_s3()
+    assert server.endpoint is not None
+    s3 = S3Bucket(server.endpoint, "stalled", server.endpoint.client())
+    s3.client.create_bucket(Bucket=s3.bucket)
+    serve = _serve(s3, "st.vma", {"d0": 128 * MiB}, sockdir, workdir)
+    data = workdir / "data.raw"
+    data.write_bytes(os.urandom(96 * MiB))  # more than the parts in memory
+    os.kill(server.pid, signal.SIGSTOP)
+    writer = subprocess.Popen(
+        [qemu_io, "-f", "raw", "-c", f"write -s {data} 0 96M", serve.uri("d0")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(3)  # parts in flight, hanging; the writer waits for a free slot
+        assert writer.poll() is None
+        serve.signal(signal.SIGTERM)
+        poll_until(lambda: "retrying the abort" in serve.stderr(), 40, "the abort retried")
+        os.kill(server.pid, signal.SIGCONT)
+        assert serve.wait(60) == 128 + signal.SIGTERM
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        serve.kill()
+        writer.kill()
+        writer.wait()
+    line = _one_line(serve)
+    assert line.startswith(
+        "nbdvma serve: interrupted by SIGTERM; the upload to s3://stalled/st.vma was aborted"
+    ), serve.stderr()
     assert s3.keys() == []
     assert s3.uploads() == []

@@ -74,6 +74,8 @@ DEFAULT_CONCURRENCY = 4
 #: ... and bytes in flight at most, but always one part: large parts (a large archive)
 #: go one or two at a time, so that memory does not grow with them fourfold.
 IN_FLIGHT_BYTES = 32 * _MiB
+#: Seconds to wait for the answer to an abort (retried until its own deadline).
+CONTROL_READ_TIMEOUT = 10.0
 #: From this part number on, parts double in size every 1000 parts: an archive far
 #: larger than announced still fits S3's 10,000 parts (36,000 times the base size).
 _GROWTH_FROM = 6000
@@ -134,11 +136,19 @@ class S3Sink:
         part_size = part_size or DEFAULT_PART_SIZE
         concurrency = concurrency or DEFAULT_CONCURRENCY
         self._client = client or make_client(endpoint, max_pool_connections=concurrency + 2)
+        # The abort must not hang on an endpoint that accepts and never answers.
+        control = client or make_client(
+            endpoint, read_timeout=CONTROL_READ_TIMEOUT, attempts=1, max_pool_connections=2
+        )
         if head_object(self._client, location) is not None and not force:
             raise S3Error(f"{self.url}: archive exists already (give --force to replace it)")
         self._base_part = part_size_for(size_hint, part_size)
         self._upload = MultipartUpload.create(
-            self._client, location, concurrency=concurrency, thread_guard=thread_guard
+            self._client,
+            location,
+            concurrency=concurrency,
+            control=control,
+            thread_guard=thread_guard,
         )
         self._set_limit()
         try:

@@ -63,6 +63,8 @@ MARKER = b"nbdvma multipart upload marker: never part of a completed object\n"
 _MARKER_ETAG = f'"{hashlib.md5(MARKER).hexdigest()}"'
 #: Seconds an abort is retried while the endpoint does not answer.
 ABORT_TIMEOUT = 30.0
+#: Seconds an abort waits for the parts on the wire before it is sent.
+PART_GRACE = 5.0
 #: Object metadata of every archive nbdvma writes (``x-amz-meta-nbdvma-version``).
 METADATA_KEY = "nbdvma-version"
 
@@ -77,10 +79,17 @@ class MultipartUpload:
         upload_id: str,
         *,
         concurrency: int,
+        control: S3Client | None = None,
         thread_guard: ThreadGuard = contextlib.nullcontext,
     ) -> None:
-        """Wrap the upload ``upload_id`` (see :meth:`create`); start the threads."""
+        """Wrap the upload ``upload_id`` (see :meth:`create`); start the threads.
+
+        ``control``: the client for the abort, with a short read timeout and one
+        attempt per request (:meth:`abort` retries itself, within its deadline);
+        default ``client``.
+        """
         self.client = client
+        self.control = control or client
         self.location = location
         self.upload_id = upload_id
         self.concurrency = max(1, concurrency)
@@ -108,6 +117,7 @@ class MultipartUpload:
         location: S3Location,
         *,
         concurrency: int,
+        control: S3Client | None = None,
         thread_guard: ThreadGuard = contextlib.nullcontext,
     ) -> MultipartUpload:
         """Start an upload to ``location`` (marked as nbdvma's).
@@ -129,6 +139,7 @@ class MultipartUpload:
             location,
             answer["UploadId"],
             concurrency=concurrency,
+            control=control,
             thread_guard=thread_guard,
         )
         try:
@@ -265,9 +276,11 @@ class MultipartUpload:
     def abort(self, timeout: float = ABORT_TIMEOUT) -> bool:
         """Abort the upload (idempotent; nothing after :meth:`complete`).
 
-        Waits up to ``timeout`` s for the parts in flight (a part that lands after the
-        abort could keep storage), then aborts, retrying while the endpoint does not
-        answer, with a warning that says so.
+        Parts still on the wire are given :data:`PART_GRACE` s to end (a part that
+        lands after the abort could keep storage on some stores); the abort is then
+        sent, and retried while the endpoint does not answer, with a warning that says
+        so, for ``timeout`` s in all; once the last part in flight has ended it is sent
+        again.  Every request has a short deadline (the ``control`` client).
 
         Returns:
             Whether the upload is gone (``False``: a warning says how to remove it).
@@ -276,20 +289,32 @@ class MultipartUpload:
             return True
         self._stop()
         deadline = time.monotonic() + timeout
+        self._wait_idle(min(deadline, time.monotonic() + PART_GRACE))
+        if not self._abort_until(deadline, timeout):
+            return False
+        if self._running:
+            self._wait_idle(deadline)
+            self._abort_until(deadline, timeout)
+        return True
+
+    def _wait_idle(self, until: float) -> None:
         with self._cond:
-            while self._running and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
+            while self._running and time.monotonic() < until:
+                self._cond.wait(until - time.monotonic())
+
+    def _abort_until(self, deadline: float, timeout: float) -> bool:
         warned = False
         delay = 0.5
+        location = self.location
         while True:
             try:
-                abort_upload(self.client, self.location.bucket, self.location.key, self.upload_id)
+                abort_upload(self.control, location.bucket, location.key, self.upload_id)
             except S3Error as exc:
                 if time.monotonic() + delay > deadline:
                     self.state = "abandoned"
                     log.warning(
                         f"{exc}; the incomplete upload {self.upload_id} is left: remove it "
-                        f"with `nbdvma s3-uploads --abort {self.location.url}` (or let the "
+                        f"with `nbdvma s3-uploads --abort {location.url}` (or let the "
                         "bucket's AbortIncompleteMultipartUpload rule do it)"
                     )
                     return False
@@ -300,7 +325,7 @@ class MultipartUpload:
                 delay = min(delay * 2, 5.0)
                 continue
             if warned:
-                log.warning(f"{self.location.url}: the incomplete upload is aborted")
+                log.warning(f"{location.url}: the incomplete upload is aborted")
             self.state = "aborted"
             return True
 
