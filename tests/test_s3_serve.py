@@ -370,3 +370,32 @@ def test_sigterm_while_the_endpoint_stalls(
     ), serve.stderr()
     assert s3.keys() == []
     assert s3.uploads() == []
+
+
+@pytest.mark.interop
+def test_replays_are_checked_and_stored_data_is_not_read_back(
+    s3: S3Bucket, qemu_io: str, sockdir: Path, workdir: Path
+) -> None:
+    """As on a pipe: an identical replay of a stored cluster is accepted, a differing
+    rewrite fails with EIO and a READ of it with EINVAL; the archive keeps the first
+    bytes."""
+    serve = _serve(s3, "r.vma", {"d0": 32 * MiB}, sockdir, workdir)
+
+    def io(command: str) -> str:
+        result = run_tool(
+            [qemu_io, "-f", "raw", "-c", command, serve.uri("d0")], check=False, timeout=60
+        )
+        return result.stdout + result.stderr
+
+    try:
+        assert "wrote" in io("write -P 0x11 0 16M")
+        assert "wrote" in io("write -P 0x11 0 64k")  # a replay, identical
+        assert "Input/output error" in io("write -P 0x22 0 64k")
+        assert "read failed: Invalid argument" in io("read -P 0x11 0 64k")  # as on a pipe
+        assert "wrote" in io("write -P 0x33 16M 16M")
+        assert serve.wait() == 0, serve.stderr()
+    finally:
+        serve.kill()
+    archive = s3.download("r.vma", workdir / "r.vma")
+    disk = extract_disks(archive, workdir / "out")["d0"]
+    assert disk == b"\x11" * (16 * MiB) + b"\x33" * (16 * MiB)
