@@ -84,6 +84,8 @@ def test_qemu_img_through_serve_into_s3(
     assert head["Metadata"]["nbdvma-version"]
     assert f"archive s3://{s3.bucket}/{key}: " in serve.stderr()
     archive = s3.download(key, workdir / os.path.basename(key))
+    magic = b"\x28\xb5\x2f\xfd" if key.endswith(".zst") else b"VMA\0"  # compressed as named
+    assert archive.read_bytes()[:4] == magic
     nbdvma("verify", str(archive))
     disks = extract_disks(archive, workdir / "out")
     assert disks["drive-scsi0"] == src_a.read_bytes()
