@@ -401,3 +401,37 @@ def test_replays_are_checked_and_stored_data_is_not_read_back(
     archive = s3.download("r.vma", workdir / "r.vma")
     disk = extract_disks(archive, workdir / "out")["d0"]
     assert disk == b"\x11" * (16 * MiB) + b"\x33" * (16 * MiB)
+
+
+@pytest.mark.interop
+def test_peak_rss_with_64_mib_of_client_writes_in_flight(
+    s3: S3Bucket, nbdcopy: str, qemu_io: str, sockdir: Path, workdir: Path
+) -> None:
+    """nbdcopy keeps 64 requests of 1 MiB in flight; serve's parts are bounded (part 1,
+    the part being filled, 4 in flight): its peak RSS stays under 200 MiB."""
+    size = 256 * MiB
+    src = workdir / "random.raw"
+    with src.open("wb") as f:
+        for _ in range(size // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    serve = _serve(s3, "m.vma", {"d0": size, "d1": MiB}, sockdir, workdir)
+    try:
+        copy = [nbdcopy, "--connections=1", "--requests=64", f"--request-size={MiB}"]
+        run_tool([*copy, str(src), serve.uri("d0")], timeout=180)
+        rss = peak_rss(serve.process.pid)  # d1 is not written: serve still runs
+        print(f"serve peak RSS {rss / MiB:.1f} MiB")
+        assert rss < 200 * MiB, f"serve peaked at {rss / MiB:.0f} MiB"
+        run_tool([qemu_io, "-f", "raw", "-c", "write -z 0 1M", serve.uri("d1")])
+        assert serve.wait() == 0, serve.stderr()
+    finally:
+        serve.kill()
+    archive = s3.download("m.vma", workdir / "m.vma")
+    assert extract_disks(archive, workdir / "out")["d0"] == src.read_bytes()
+
+
+def peak_rss(pid: int) -> int:
+    """A running process's peak RSS (``VmHWM``), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
