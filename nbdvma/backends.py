@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Protocol
 
+import attrs
 import trio
 
 from nbdvma.nbd import Capabilities, ExportInfo
@@ -116,9 +117,13 @@ class ReadNow(Protocol):
         """:meth:`Backend.pread` at once, or ``None`` (nothing done) if it would wait."""
 
 
-def full_exports(disks: Iterable[tuple[str, int]]) -> list[ExportInfo]:
-    """Exports of ``(name, size)`` with every capability (:meth:`Capabilities.full`)."""
-    return [ExportInfo(name, size, capabilities=Capabilities.full()) for name, size in disks]
+def full_exports(disks: Iterable[tuple[str, int]], *, flush: bool = True) -> list[ExportInfo]:
+    """Exports of ``(name, size)`` with every capability (:meth:`Capabilities.full`),
+    but FLUSH and FUA unless ``flush``."""
+    caps = Capabilities.full()
+    if not flush:
+        caps = attrs.evolve(caps, can_flush=False, can_fua=False)
+    return [ExportInfo(name, size, capabilities=caps) for name, size in disks]
 
 
 class VmaBackend:
@@ -130,12 +135,18 @@ class VmaBackend:
     a worker thread while the lock is held.
     """
 
-    def __init__(self, writer: VmaWriter, devices: dict[str, int]) -> None:
-        """Serve ``devices`` (export name -> dev id of ``writer``)."""
+    def __init__(self, writer: VmaWriter, devices: dict[str, int], *, flush: bool = True) -> None:
+        """Serve ``devices`` (export name -> dev id of ``writer``).
+
+        ``flush``: offer FLUSH and FUA (``False`` where the sink cannot make anything
+        durable before the end: an archive being uploaded).
+        """
         self.writer = writer
         self._dev_ids = dict(devices)
         sizes = {dev_id: size for dev_id, _, size in writer.devices}
-        self._exports = full_exports((name, sizes[dev_id]) for name, dev_id in devices.items())
+        self._exports = full_exports(
+            ((name, sizes[dev_id]) for name, dev_id in devices.items()), flush=flush
+        )
         self.lock = trio.Lock()
 
     @property

@@ -123,7 +123,7 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("-d", "--drives", help="comma-separated device names to restore")
 
     p = sub.add_parser("create", help="write an archive of config files and raw images")
-    p.add_argument("file", help="new archive (- for stdout; .zst compresses)")
+    p.add_argument("file", help="new archive (- for stdout, s3://BUCKET/KEY; .zst compresses)")
     p.add_argument(
         "-c",
         "--config",
@@ -134,6 +134,22 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="print per-image figures")
     p.add_argument("images", nargs="*", metavar="[NAME=]IMAGE", help="raw disk images")
+    from nbdvma.commands.common import add_output_options
+
+    add_output_options(p)
+
+    p = sub.add_parser(
+        "s3-uploads",
+        help="list (and --abort) the incomplete S3 uploads nbdvma left under a prefix",
+        description="List the incomplete multipart uploads under s3://BUCKET/PREFIX that "
+        "nbdvma left (a process killed with SIGKILL cannot abort its upload), one per "
+        "line: URL, upload id, when it began; with --abort, abort them. Only nbdvma's "
+        "uploads unless --all. A bucket lifecycle rule does the same unattended "
+        "(docs/s3.md).",
+    )
+    from nbdvma.commands import s3uploads
+
+    s3uploads.add_arguments(p)
 
 
 def _add_server_commands(
@@ -219,7 +235,21 @@ def _run(args: argparse.Namespace) -> None:
             args.file, args.dir, image_format=args.format, drives=_drives(args.drives), say=say
         )
     elif args.command == "create":
-        tools.create_archive(args.file, args.config, args.images, sys.stderr, verbose=args.verbose)
+        tools.create_archive(
+            args.file,
+            args.config,
+            args.images,
+            sys.stderr,
+            verbose=args.verbose,
+            force=args.force,
+            s3_endpoint=args.s3_endpoint,
+        )
+    elif args.command == "s3-uploads":
+        from nbdvma.commands import s3uploads
+
+        status = s3uploads.run(args)
+        if status:
+            raise SystemExit(status)
     elif args.command in _SERVER_COMMANDS:
         command = importlib.import_module(f"nbdvma.commands.{args.command}")
         status = command.run(args)

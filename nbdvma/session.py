@@ -29,11 +29,13 @@ import trio
 
 from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend, VmaBackend
+from nbdvma.errors import S3Error
 from nbdvma.listeners import adopt_listener, open_listener, remove_socket
+from nbdvma.output import UploadSink, open_output
 from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import format_bytes
-from nbdvma.vma.sink import FileSink, open_sink
+from nbdvma.vma.sink import FileSink
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
 __all__ = [
@@ -45,6 +47,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between looks at an upload's state (a failed part ends the session).
+UPLOAD_WATCH_INTERVAL = 0.5
 
 
 @attrs.frozen
@@ -65,8 +70,15 @@ class SessionOptions:
     limits: ServerLimits = attrs.Factory(ServerLimits)
     #: Header estimate of the VM-state size, until finish knows the real one.
     vmstate_size_hint: int = 65536
+    #: About how large the VM state will be (the VM's RAM), for the part size of an
+    #: upload; unlike :attr:`vmstate_size_hint`, never written into the header.
+    expected_vmstate: int = 0
     #: TLS for the NBD listeners (``--tls``...); off by default.
     tls: TlsConfig = attrs.Factory(TlsConfig)
+    #: Replace an archive that exists (at the end: ``--force``).
+    force: bool = False
+    #: The endpoint of an ``s3://`` archive (``--s3-endpoint``; default: the environment's).
+    s3_endpoint: str | None = None
 
 
 class _Observer(ConnectionObserver):
@@ -255,7 +267,16 @@ class ArchiveSession(ExportSession):
         """
         # Certificates first: a bad one must not leave an archive behind.
         ssl_context = options.tls.server_context()
-        sink = open_sink(options.archive, options.compress)
+        sink = open_output(
+            options.archive,
+            options.compress,
+            force=options.force,
+            s3_endpoint=options.s3_endpoint,
+            size_hint=sum(size for _, size in options.disks)
+            + max(options.vmstate_size_hint, options.expected_vmstate),
+        )
+        #: The archive's upload, when it goes to object storage (else ``None``).
+        self.upload = sink if isinstance(sink, UploadSink) else None
         writer = VmaWriter(sink)
         try:
             for name, data in options.configs:
@@ -268,7 +289,8 @@ class ArchiveSession(ExportSession):
             writer.abort(discard=True)
             raise
         self.writer = writer
-        self.vma = VmaBackend(writer, devices)
+        # An upload is durable only once complete: no FLUSH to acknowledge before.
+        self.vma = VmaBackend(writer, devices, flush=self.upload is None)
         super().__init__(options, self.vma, ssl_context)
         self.replaced = sink.replaced if isinstance(sink, FileSink) else None
         self.vmstate_done = options.vmstate is None
@@ -278,6 +300,8 @@ class ArchiveSession(ExportSession):
         """Open the listeners (and the VM state's) and serve in ``nursery``; returns
         once listening."""
         await super().start(nursery)
+        if self.upload is not None:
+            nursery.start_soon(self._watch_upload, self.upload)
         if self.options.vmstate is not None:
             listener, real = await open_listener(
                 self.options.vmstate, unix_mode=self.options.unix_mode
@@ -286,6 +310,20 @@ class ArchiveSession(ExportSession):
             if _exposed(listener):
                 log.warning(f"--vmstate {real} is reachable from other hosts and never encrypted")
             nursery.start_soon(self._receive_vmstate, listener)
+
+    async def _watch_upload(self, upload: UploadSink) -> None:
+        """End the session as soon as the upload fails (not at the next write, which
+        may never come), and, once the session is cancelled (a signal, an error
+        elsewhere), make whatever waits for the endpoint in a worker thread raise at
+        once, so that the upload can be aborted without waiting for it."""
+        try:
+            # Polled: the failure is set by a plain thread of the upload, which knows
+            # no trio; twice a second costs nothing.
+            while upload.failure is None:  # noqa: ASYNC110
+                await trio.sleep(UPLOAD_WATCH_INTERVAL)
+            raise S3Error(str(upload.failure))
+        finally:
+            upload.interrupt()
 
     async def _receive_vmstate(self, listener: trio.SocketListener) -> None:
         async with listener:
@@ -298,7 +336,12 @@ class ArchiveSession(ExportSession):
                     if len(head) == len(QEMU_VM_FILE_HEAD):
                         _check_vmstate_head(head)
                 async with self.vma.lock:
-                    self.writer.append(self._vmstate_id, data)
+                    if self.writer.may_write_extent(len(data)):
+                        # An extent goes to the sink: off the event loop (a disk
+                        # write, or an upload that waits for the endpoint).
+                        await trio.to_thread.run_sync(self.writer.append, self._vmstate_id, data)
+                    else:
+                        self.writer.append(self._vmstate_id, data)
         if len(head) < len(QEMU_VM_FILE_HEAD):
             log.warning(
                 f"vmstate: the stream ended after {len(head)} bytes, before a QEMU "
@@ -314,12 +357,36 @@ class ArchiveSession(ExportSession):
             await trio.to_thread.run_sync(self.writer.finish)
 
     def abort(self) -> None:
-        """Leave the archive incomplete under ``ARCHIVE.part``.
+        """Leave the archive incomplete under ``ARCHIVE.part``, or abort its upload.
 
         A ``.part`` that never received anything (a failure at start-up) is removed
-        (by the sink, which does it while it still holds the file's lock).
+        (by the sink, which does it while it still holds the file's lock).  An upload
+        is aborted, retried for a while if the endpoint does not answer (blocking).
         """
         self.writer.abort()
+
+    def left_behind(self) -> str:
+        """What an aborted session left, for the user: ``the archive is incomplete and
+        left as X.part``, ``the upload to s3://... was aborted; nothing is stored``."""
+        archive = self.options.archive
+        if self.upload is not None:
+            if self.upload.upload_state == "abandoned":
+                return f"the incomplete upload to {self.upload.url} could not be aborted"
+            return f"the upload to {self.upload.url} was aborted; nothing is stored"
+        if archive == "-":
+            return "the output stream is incomplete"
+        if self.has_output:
+            return f"the archive is incomplete and left as {archive}.part"
+        return "no archive left"
+
+    def archive_size(self) -> int | None:
+        """The finished archive's size in bytes (``None``: a stream, or not finished)."""
+        if self.upload is not None:
+            return self.upload.size if self.finished else None
+        archive = self.options.archive
+        if archive != "-" and os.path.exists(archive):
+            return os.path.getsize(archive)
+        return None
 
     @property
     def finished(self) -> bool:
@@ -350,8 +417,8 @@ class ArchiveSession(ExportSession):
     def summary_lines(self) -> list[str]:
         """:meth:`disk_summary_lines`, then the archive's size and the duration."""
         lines = self.disk_summary_lines()
-        if self.options.archive != "-" and os.path.exists(self.options.archive):
-            size = os.path.getsize(self.options.archive)
+        size = self.archive_size()
+        if size is not None:
             lines.append(f"archive {self.options.archive}: {format_bytes(size)}")
         lines.append(f"duration {time.monotonic() - self._started:.1f}s")
         return lines

@@ -123,6 +123,7 @@ def start_serve(
     extra: Sequence[str] = (),
     stdout: int | IO[bytes] = subprocess.DEVNULL,
     timeout: float = START_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> ServeProcess:
     """Start ``serve`` and wait until it listens on every requested address.
 
@@ -135,6 +136,7 @@ def start_serve(
         extra: more options (``--vmstate ...``, ``--backend null``...).
         stdout: the child's stdout (``subprocess.PIPE`` for ``serve -``).
         timeout: seconds to wait for the listening lines.
+        env: the child's environment (default: this process's).
 
     Raises:
         ServeError: it exited or did not print its listening lines in time (it is
@@ -153,6 +155,7 @@ def start_serve(
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=err,
+            env=env,
         )
     serve = ServeProcess(process, os.fspath(archive), stderr_path)
     want_vmstate = "--vmstate" in extra
@@ -220,10 +223,13 @@ def run_tool(
 
 
 def nbdvma(
-    *args: str, timeout: float = 60.0, check: bool = True
+    *args: str,
+    timeout: float = 60.0,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the ``nbdvma`` CLI (``extract``, ``verify``, ``list``) of this checkout."""
-    return run_tool([sys.executable, "-m", "nbdvma", *args], timeout=timeout, check=check)
+    return run_tool([sys.executable, "-m", "nbdvma", *args], timeout=timeout, check=check, env=env)
 
 
 def extract_disks(archive: Path, into: Path) -> dict[str, bytes]:

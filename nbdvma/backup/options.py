@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from nbdvma.addresses import Address
-from nbdvma.errors import BackupError
+from nbdvma.errors import BackupError, S3UrlError
 from nbdvma.pve import (
     VMID_MAX,
     VMID_MIN,
@@ -18,6 +18,7 @@ from nbdvma.pve import (
     vzdump_name,
     vzdump_vmid,
 )
+from nbdvma.s3.location import parse_s3_url
 from nbdvma.tls import TlsConfig
 
 __all__ = ["BackupOptions", "archive_path", "select_disks"]
@@ -32,7 +33,8 @@ class BackupOptions:
     """What ``nbdvma backup``'s command line says."""
 
     qmp: Address
-    #: The archive file, or an existing directory for a vzdump-named one (``vmid``).
+    #: The archive file, or an existing directory for a vzdump-named one (``vmid``);
+    #: ``s3://BUCKET/KEY``, or ``s3://BUCKET/PREFIX/`` for a vzdump-named one.
     archive: str
     #: ``--config [NAME=]FILE``: ``(NAME or None, FILE, its bytes)``.
     configs: tuple[tuple[str | None, str, bytes], ...] = ()
@@ -61,6 +63,10 @@ class BackupOptions:
     tls_hostname: str | None = None
     #: Require QEMU's client certificate (``client-cert.pem``) signed by ``ca-cert.pem``.
     tls_verify_client: bool = False
+    #: ``--force``: replace an archive that exists (at the end).
+    force: bool = False
+    #: ``--s3-endpoint``: the endpoint of an ``s3://`` archive.
+    s3_endpoint: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.tls_creds is None and (self.tls_hostname is not None or self.tls_verify_client):
@@ -130,26 +136,39 @@ def select_disks(
 
 
 def archive_path(options: BackupOptions, now: datetime.datetime) -> tuple[str, int | None]:
-    """Where the archive goes (an absolute path), and the VMID for vzdump's lines.
+    """Where the archive goes (an absolute path, or ``s3://BUCKET/KEY``), and the VMID
+    for vzdump's lines.
 
-    An existing directory gets vzdump's name (``--vmid`` required); a file name is used
-    as given, its VMID read from it when it is vzdump's.
+    An existing directory, or an ``s3://BUCKET/PREFIX/`` (ending in ``/``), gets
+    vzdump's name (``--vmid`` required); a file name or key is used as given, its VMID
+    read from it when it is vzdump's.
 
     Raises:
-        BackupError: a directory without ``--vmid``, or a VMID out of range.
+        BackupError: a directory or prefix without ``--vmid``, a VMID out of range, a
+            bad ``s3://`` URL.
     """
-    if os.path.isdir(options.archive):
+    try:
+        location = parse_s3_url(options.archive)
+    except S3UrlError as exc:
+        raise BackupError(str(exc)) from None
+    directory = location.is_prefix if location is not None else os.path.isdir(options.archive)
+    if directory:
         if options.vmid is None:
+            what = "an S3 prefix" if location is not None else "a directory"
             raise BackupError(
-                f"{options.archive} is a directory: --vmid N is needed to name the archive "
+                f"{options.archive} is {what}: --vmid N is needed to name the archive "
                 "as vzdump does (vzdump-qemu-N-DATE-TIME.vma)"
             )
         try:
             name = vzdump_name(options.vmid, now, options.compress)
         except ValueError as exc:
             raise BackupError(str(exc)) from None
+        if location is not None:
+            return location.child(name).url, options.vmid
         return os.path.abspath(os.path.join(options.archive, name)), options.vmid
     vmid = options.vmid
     if vmid is not None and not VMID_MIN <= vmid <= VMID_MAX:
         raise BackupError(f"VMID {vmid} is outside {VMID_MIN}..{VMID_MAX}")
+    if location is not None:
+        return location.url, vmid or vzdump_vmid(os.path.basename(location.key))
     return os.path.abspath(options.archive), vmid or vzdump_vmid(os.path.basename(options.archive))

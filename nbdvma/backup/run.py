@@ -17,7 +17,7 @@ import trio
 from nbdvma.addresses import UnixAddress
 from nbdvma.backup.job import CLEANUP_TIMEOUT, BackupJob
 from nbdvma.backup.options import BackupOptions, archive_path, select_disks
-from nbdvma.errors import BackupError
+from nbdvma.errors import BackupError, NbdvmaError
 from nbdvma.pve import (
     CONFIG_NAME,
     GuestDisk,
@@ -36,6 +36,7 @@ from nbdvma.qmp import (
     QmpConnectionClosed,
     QmpError,
 )
+from nbdvma.s3.location import is_s3_url, parse_s3_url
 from nbdvma.session import ArchiveSession, SessionOptions
 from nbdvma.signals import stop_on_signals
 from nbdvma.vminfo import describe_vm
@@ -57,10 +58,15 @@ def _one_line(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _failure_line(failure: str, archive: str, problems: Sequence[str]) -> str:
-    """``ERROR: backup failed: <why>; archive left incomplete as X.part; <cleanup problems>``."""
+def _failure_line(
+    failure: str, archive: str, problems: Sequence[str], session: ArchiveSession | None
+) -> str:
+    """``ERROR: backup failed: <why>; archive left incomplete as X.part; <cleanup problems>``
+    (``the upload to s3://... was aborted; nothing is stored`` for object storage)."""
     where = ""
-    if os.path.exists(f"{archive}.part"):
+    if session is not None and session.upload is not None:
+        where = f"; {session.left_behind()}"
+    elif os.path.exists(f"{archive}.part"):
         where = f"; archive left incomplete as {archive}.part"
     extra = "".join(f"; {p}" for p in problems)
     return f"ERROR: backup failed: {failure}{where}{extra}"
@@ -132,8 +138,14 @@ async def run_backup(options: BackupOptions, out: TextIO) -> int:
         return 1
     basename = os.path.basename(archive)
     log_path = archive_log_name(archive) if vzdump_vmid(basename) is not None else None
+    # An archive in object storage gets its log uploaded beside it at the end: written
+    # to a private directory meanwhile.
+    log_dir = tempfile.mkdtemp(prefix="nbdvma-log-") if is_s3_url(archive) else None
+    local_log = log_path
+    if log_dir is not None and log_path is not None:
+        local_log = os.path.join(log_dir, os.path.basename(log_path))
     try:
-        log = BackupLog(out, log_path)
+        log = BackupLog(out, local_log)
     except OSError as exc:
         print(f"ERROR: log file {log_path}: {exc.strerror}", file=out, flush=True)
         return 1
@@ -147,9 +159,41 @@ async def run_backup(options: BackupOptions, out: TextIO) -> int:
     run = _Run(attrs.evolve(options, archive=archive), log, vm_label, started)
     try:
         await run.execute()
-        return run.report()
+        status = run.report()
     finally:
         log.close()
+    try:
+        if status == 0 and log_dir is not None and log_path is not None and local_log:
+            try:
+                await trio.to_thread.run_sync(_put_file, options, log_path, local_log)
+            except NbdvmaError as exc:
+                print(f"ERROR: backup written, but not its log: {exc}", file=out, flush=True)
+                status = 1
+    finally:
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return status
+
+
+def _put_file(options: BackupOptions, url: str, path: str) -> None:
+    """Upload the file ``path`` as the object ``url`` (:func:`_put_beside`)."""
+    with open(path, "rb") as f:
+        _put_beside(options, url, f.read())
+
+
+def _put_beside(options: BackupOptions, url: str, data: bytes) -> None:
+    """Store ``data`` as the object ``url`` (the ``.log`` or ``.notes`` beside an
+    archive in object storage).
+
+    Raises:
+        S3Error: the endpoint refused or failed.
+    """
+    from nbdvma.s3.client import call, make_client
+
+    location = parse_s3_url(url)
+    assert location is not None
+    client = make_client(options.s3_endpoint)
+    call(client, "put_object", location, Bucket=location.bucket, Key=location.key, Body=data)
 
 
 @attrs.define(eq=False)
@@ -225,7 +269,11 @@ class _Run:
             log.info(f"include disk '{disk.key}' '{disk.volume}' {format_size(disk.size)}")
         log.info("backup mode: snapshot")
         log.info(f"creating vzdump archive '{self.options.archive}'")
-        self.session = ArchiveSession(self.session_options(configs))
+        session_options = self.session_options(configs)
+        if self.options.vmstate and vm.memory:
+            # The VM state is about the size of the RAM: an upload's part size needs it.
+            session_options = attrs.evolve(session_options, expected_vmstate=vm.memory)
+        self.session = ArchiveSession(session_options)
         if self.session.replaced:
             log.info(f"replaced {self.session.replaced}, left by an earlier run no longer running")
         await self.session.start(nursery)
@@ -244,6 +292,8 @@ class _Run:
             compress=options.compress,
             unix_mode=0o600,
             tls=options.tls_config(),
+            force=options.force,
+            s3_endpoint=options.s3_endpoint,
         )
 
     def report(self) -> int:
@@ -253,7 +303,8 @@ class _Run:
             failure = self.failure
             if self.warnings.messages:  # e.g. why the TLS handshake QEMU reports failed
                 failure += f" (nbdvma: {'; '.join(self.warnings.messages)})"
-            log.error(_failure_line(failure, archive, self.problems).removeprefix("ERROR: "))
+            line = _failure_line(failure, archive, self.problems, self.session)
+            log.error(line.removeprefix("ERROR: "))
             return 128 + self.signum if self.signum is not None else 1
         assert self.session is not None
         for message in self.warnings.messages:
@@ -261,9 +312,15 @@ class _Run:
         _summary(self.session, self.disks, archive, self.vm_label, self.started, log)
         if self.options.notes is not None:
             try:
-                _write_notes(f"{archive}.notes", self.options.notes)
+                if is_s3_url(archive):
+                    _put_beside(self.options, f"{archive}.notes", self.options.notes.encode())
+                else:
+                    _write_notes(f"{archive}.notes", self.options.notes)
             except OSError as exc:
                 log.error(f"backup written, but not its notes: {archive}.notes: {exc.strerror}")
+                return 1
+            except NbdvmaError as exc:
+                log.error(f"backup written, but not its notes: {exc}")
                 return 1
         return 0
 
@@ -298,6 +355,7 @@ def _summary(
         log.info(f"transferred {render_bytes(total)} in {seconds} seconds ({rate}/s)")
     else:
         log.info(f"transferred {render_bytes(total)} in <1 seconds")
-    log.info(f"archive file size: {archive_size(os.path.getsize(archive))}")
+    size = session.archive_size()
+    log.info(f"archive file size: {archive_size(size or 0)}")
     log.info(f"Finished Backup of {vm_label} ({render_hms(elapsed)})")
     log.info("Backup job finished successfully")

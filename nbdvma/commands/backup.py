@@ -12,6 +12,7 @@ from nbdvma.backup import BackupOptions, run_backup
 from nbdvma.backup.job import DEFAULT_UNIX_TLS_HOSTNAME
 from nbdvma.commands.common import (
     add_compress_option,
+    add_output_options,
     address_argument,
     read_configs,
     size_argument,
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "archive",
         metavar="ARCHIVE",
         help="the VMA archive to write, or an existing directory: the archive is then "
-        "DIR/vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma[.zst] (needs --vmid), with its .log",
+        "DIR/vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma[.zst] (needs --vmid), with its .log; "
+        "s3://BUCKET/KEY, or s3://BUCKET/PREFIX/ (a trailing /) for the same name there",
     )
     parser.add_argument(
         "--qmp",
@@ -86,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _how_options(parser: argparse.ArgumentParser) -> None:
-    """How the archive is written and reached: compression, rates, deadlines, the
-    NBD listener and TLS."""
+    """How the archive is written and reached: compression, output, rates, deadlines,
+    the NBD listener and TLS."""
     add_compress_option(parser)
+    add_output_options(parser)
     parser.add_argument(
         "--bandwidth-limit",
         type=size_argument,
@@ -163,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
             tls_creds=args.tls_creds,
             tls_hostname=args.tls_hostname,
             tls_verify_client=args.tls_verify_client,
+            force=args.force,
+            s3_endpoint=args.s3_endpoint,
         )
     except BackupError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

@@ -8,18 +8,24 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from nbdvma.addresses import Address, parse_address
 from nbdvma.errors import AddressError, NbdvmaError, TlsError, VmaWriterError
-from nbdvma.server import ServerLimits
-from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import parse_size
 from nbdvma.vma.zstdframes import parse_compression
+
+if TYPE_CHECKING:
+    # Imported where used: the archive tools (create) take options from here too,
+    # and must not load the server (trio) to start.
+    from nbdvma.addresses import Address
+    from nbdvma.server import ServerLimits
+    from nbdvma.tls import TlsConfig
 
 __all__ = [
     "add_access_options",
     "add_compress_option",
     "add_listen_options",
+    "add_output_options",
     "address_argument",
     "compress_argument",
     "count_argument",
@@ -85,6 +91,24 @@ def add_compress_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--force`` and ``--s3-endpoint URL``: how the archive is written (``serve``,
+    ``backup``, ``create``)."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an archive that exists under ARCHIVE (at the end, once the new one "
+        "is complete; default: refuse to start)",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3 endpoint of an s3://BUCKET/KEY archive, e.g. http://127.0.0.1:8333 "
+        "(default: AWS_ENDPOINT_URL, the AWS profile's, else AWS); credentials and region "
+        "come from the AWS variables and files (docs/s3.md)",
+    )
+
+
 def log_to_stderr(prefix: str, *, verbose: bool) -> None:
     """Show the library's log records (``nbdvma.*``) on stderr: warnings always, as
     ``PREFIXwarning: …``; with ``verbose`` the INFO records too, as ``PREFIX…``."""
@@ -130,6 +154,8 @@ def compress_argument(text: str) -> str:
 
 def address_argument(text: str) -> Address:
     """An option's ``unix:PATH`` or ``tcp:HOST:PORT``, as argparse wants its errors."""
+    from nbdvma.addresses import parse_address
+
     try:
         return parse_address(text)
     except AddressError as exc:
@@ -238,7 +264,7 @@ def add_access_options(parser: argparse.ArgumentParser) -> None:
     tls = parser.add_argument_group("TLS (NBD_OPT_STARTTLS, X.509; see docs/security.md)")
     tls.add_argument(
         "--tls",
-        choices=[m.value for m in TlsMode],
+        choices=_tls_modes(),
         help="off: refuse STARTTLS; on: offer TLS, allow plain text; "
         "require: nothing works before TLS (default: require with --tls-creds, else off)",
     )
@@ -259,8 +285,16 @@ def add_access_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls_modes() -> list[str]:
+    from nbdvma.tls import TlsMode
+
+    return [m.value for m in TlsMode]
+
+
 def server_limits(args: argparse.Namespace) -> ServerLimits:
     """The limits of :func:`add_access_options`."""
+    from nbdvma.server import ServerLimits
+
     return ServerLimits(
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,
@@ -271,6 +305,8 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
 def tls_config(args: argparse.Namespace) -> TlsConfig:
     """``--tls-creds DIR`` (TLS required unless ``--tls`` says otherwise), or the
     separate ``--tls-cert``/``--tls-key``/``--tls-ca`` files."""
+    from nbdvma.tls import TlsConfig, TlsMode
+
     if args.tls_creds is None:
         return TlsConfig(
             mode=TlsMode(args.tls or TlsMode.OFF.value),

@@ -30,6 +30,7 @@ from nbdvma.commands.common import (
     add_access_options,
     add_compress_option,
     add_listen_options,
+    add_output_options,
     address_argument,
     log_to_stderr,
     read_configs,
@@ -212,15 +213,14 @@ def _report_incomplete(
     else:
         why, status = f"the --run command {command.describe()}", command.status or 1
     incomplete = ", ".join(session.incomplete()) or "nothing (not finalized)"
-    archive = session.options.archive
     if discard:
         _say(f"{why}; incomplete: {incomplete}")
-    elif archive == "-":
+    elif not isinstance(session, ArchiveSession):  # pragma: no cover - only the two kinds
+        raise AssertionError(session)
+    elif session.options.archive == "-":
         _say(f"{why}; the output stream is incomplete: {incomplete}")
-    elif session.has_output:
-        _say(
-            f"{why}; the archive is incomplete and left as {archive}.part; incomplete: {incomplete}"
-        )
+    elif session.upload is not None or session.has_output:
+        _say(f"{why}; {session.left_behind()}; incomplete: {incomplete}")
     else:  # abort() removes a .part that never received anything
         _say(f"{why} before anything was written; no archive left; incomplete: {incomplete}")
     return status
@@ -229,7 +229,10 @@ def _report_incomplete(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``nbdvma serve``."""
     parser.add_argument(
-        "archive", metavar="ARCHIVE", help="the VMA archive to write ('-' = stdout)"
+        "archive",
+        metavar="ARCHIVE",
+        help="the VMA archive to write: a file, '-' (stdout), or s3://BUCKET/KEY "
+        "(object storage; a .zst name compresses)",
     )
     parser.add_argument(
         "--disk",
@@ -268,8 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
-    """How the server runs: compression, backend, sockets, limits, deadlines, TLS."""
+    """How the server runs: compression, output, backend, sockets, limits, deadlines, TLS."""
     add_compress_option(parser)
+    add_output_options(parser)
     parser.add_argument(
         "--backend",
         choices=["vma", "null"],
@@ -330,6 +334,8 @@ def _run(args: argparse.Namespace) -> int:
         unix_mode=args.socket_mode,
         tls=tls_config(args),
         limits=server_limits(args),
+        force=args.force,
+        s3_endpoint=args.s3_endpoint,
     )
     conventions = Conventions(pid_file=args.pid_file, run=args.run)
     return trio.run(

@@ -109,13 +109,23 @@ def _env_retries() -> bool:
     return "AWS_MAX_ATTEMPTS" in os.environ or "AWS_RETRY_MODE" in os.environ
 
 
-def make_client(endpoint: str | None = None, *, max_pool_connections: int = 10) -> S3Client:
+def make_client(
+    endpoint: str | None = None,
+    *,
+    max_pool_connections: int = 10,
+    read_timeout: float = READ_TIMEOUT,
+    attempts: int | None = None,
+) -> S3Client:
     """A botocore S3 client configured as described in the module docstring.
 
     Args:
         endpoint: ``--s3-endpoint URL``; ``None``: the environment's or the profile's.
         max_pool_connections: HTTP connections kept: at least the requests that may
             run at once (the parts in flight, plus one).
+        read_timeout: seconds to wait for an answer (shorter for requests that must
+            not hold an exit up: the abort of an upload).
+        attempts: attempts per request (default :data:`MAX_ATTEMPTS`, or the
+            environment's ``AWS_MAX_ATTEMPTS``).
 
     Raises:
         S3Error: a bad endpoint URL, an unknown profile, unreadable shared files.
@@ -131,26 +141,21 @@ def make_client(endpoint: str | None = None, *, max_pool_connections: int = 10) 
     try:
         session = boto3.session.Session()
         region = session.region_name or _DEFAULT_REGION
-        client = _client(session, endpoint, region, max_pool_connections, path_style=False)
+        options = _options(max_pool_connections, read_timeout, attempts)
+        client = _client(session, endpoint, region, options)
         resolved = client.meta.endpoint_url
         if _local_host(resolved):
-            client = _client(session, resolved, region, max_pool_connections, path_style=True)
+            options["s3"] = {"addressing_style": "path"}
+            client = _client(session, resolved, region, options)
     except (bexc.BotoCoreError, ValueError) as exc:
         raise S3Error(describe_s3_error(exc, endpoint=endpoint)) from None
     return client
 
 
-def _client(
-    session: boto3.session.Session,
-    endpoint: str | None,
-    region: str,
-    pool: int,
-    *,
-    path_style: bool,
-) -> S3Client:
+def _options(pool: int, read_timeout: float, attempts: int | None) -> dict[str, Any]:
     options: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT,
-        "read_timeout": READ_TIMEOUT,
+        "read_timeout": read_timeout,
         "max_pool_connections": pool,
         # Checksums only where S3 demands them: the parts are signed (SigV4 hashes
         # the payload over http) or sent over TLS, and older S3-compatible stores
@@ -158,10 +163,14 @@ def _client(
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
     }
-    if not _env_retries():
-        options["retries"] = {"mode": "standard", "max_attempts": MAX_ATTEMPTS}
-    if path_style:
-        options["s3"] = {"addressing_style": "path"}
+    if attempts is not None or not _env_retries():
+        options["retries"] = {"mode": "standard", "max_attempts": attempts or MAX_ATTEMPTS}
+    return options
+
+
+def _client(
+    session: boto3.session.Session, endpoint: str | None, region: str, options: dict[str, Any]
+) -> S3Client:
     return session.client("s3", endpoint_url=endpoint, region_name=region, config=Config(**options))
 
 
@@ -198,6 +207,15 @@ def _safe_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _server(url: object) -> str:
+    """The scheme, host and port of ``url`` (a request's URL carries the bucket, key
+    and upload id, which the message names otherwise)."""
+    if not url:
+        return "the endpoint"
+    parts = urllib.parse.urlsplit(_safe_url(str(url)))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", ""))
 
 
 def endpoint_of(client: S3Client) -> str:
@@ -245,11 +263,13 @@ def describe_s3_error(
             text = f"no such bucket {location.bucket!r}"
         return _redact(f"{what}{text} ({code}, {exc.operation_name}{where})")
     if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectTimeoutError):
-        url = _safe_url(str(exc.kwargs.get("endpoint_url") or endpoint or "the endpoint"))
+        url = _server(endpoint or exc.kwargs.get("endpoint_url"))
         why = "timed out" if isinstance(exc, bexc.ConnectTimeoutError) else "failed"
-        return f"{what}cannot connect to {url}: the connection {why} (is it the right endpoint?)"
+        return (
+            f"{what}cannot connect to {url}: the connection {why} (is the endpoint up and right?)"
+        )
     if isinstance(exc, bexc.ReadTimeoutError | bexc.ConnectionClosedError):
-        url = _safe_url(str(exc.kwargs.get("endpoint_url") or endpoint or "the endpoint"))
+        url = _server(endpoint or exc.kwargs.get("endpoint_url"))
         return f"{what}{url} stopped answering mid-request ({type(exc).__name__})"
     if isinstance(exc, bexc.NoCredentialsError):
         return (

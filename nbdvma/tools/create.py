@@ -25,7 +25,7 @@ from nbdvma.vma.format import VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE, WRITER_C
 
 if TYPE_CHECKING:
     from nbdvma.vma.background import BackgroundSink
-    from nbdvma.vma.sink import FileSink, StreamSink
+    from nbdvma.vma.sink import Sink
     from nbdvma.vma.writer import VmaWriter
 
 __all__ = ["create_archive"]
@@ -97,22 +97,27 @@ def create_archive(
     err: TextIO,
     *,
     verbose: bool = False,
+    force: bool = False,
+    s3_endpoint: str | None = None,
 ) -> None:
     """``vma create``: write an archive of config files and raw disk images.
 
     Args:
-        path: the new archive (must not exist; ``-`` for stdout; ``.zst``
-            compresses).
+        path: the new archive (must not exist unless ``force``; ``-`` for stdout;
+            ``s3://BUCKET/KEY``; ``.zst`` compresses).
         configs: ``[NAME=]FILE`` config files; when a device is named ``drive-KEY``
             an unnamed FILE is stored as ``qemu-server.conf`` with ``#qmdump#map``
             lines (:func:`nbdvma.pve.archive_configs`), else under its basename.
         images: ``[NAME=]PATH``; the default name is ``disk<N>``.
         err: where ``-v`` prints its ``image ...`` lines.
         verbose: print per-image statistics.
+        force: replace an archive that exists (once the new one is complete).
+        s3_endpoint: the endpoint of an ``s3://`` archive (default: the environment's).
 
     Raises:
         ToolError: bad input, a limit of the format, or an I/O error; the partial
-            archive is removed.
+            archive is removed (an upload aborted).
+        S3Error: object storage refused or failed.
     """
     if not images and not configs:
         raise ToolError("nothing to archive: give at least one image or config (-c)")
@@ -135,7 +140,8 @@ def create_archive(
                     )
             for warning in warnings:
                 err.write(f"warning: {warning}\n")
-            _write_archive(path, config_data, opened, err, verbose=verbose)
+            target = _Target(path, force, s3_endpoint)
+            _write_archive(target, config_data, opened, err, verbose=verbose)
     except VmaWriterError as exc:
         raise ToolError(str(exc)) from exc
     except OSError as exc:
@@ -207,20 +213,35 @@ def _open_image(arg: str, index: int, stack: contextlib.ExitStack) -> _Image:
     return _Image(name, image, fd, size)
 
 
-def _open_output(path: str) -> FileSink | StreamSink:
-    """The archive's sink (``PATH.part`` for a file), its thread started with signals held."""
-    from nbdvma.vma.sink import open_sink
+class _Target(NamedTuple):
+    """Where the archive goes: ``path`` (or ``s3://``), ``--force``, ``--s3-endpoint``."""
+
+    path: str
+    force: bool
+    s3_endpoint: str | None
+
+
+def _open_output(target: _Target) -> Sink:
+    """The archive's sink (``PATH.part`` for a file, an upload for ``s3://``), its
+    threads started with signals held."""
+    from nbdvma.output import open_output
 
     try:
-        return open_sink(path, None, thread_guard=deferred)
+        return open_output(
+            target.path,
+            None,
+            force=target.force,
+            s3_endpoint=target.s3_endpoint,
+            thread_guard=deferred,
+        )
     except OSError as exc:
-        raise ToolError(f"can't create file {path} - {strerror(exc)}") from exc
+        raise ToolError(f"can't create file {target.path} - {strerror(exc)}") from exc
     except VmaWriterError as exc:
         raise ToolError(str(exc)) from exc
 
 
 def _write_archive(
-    path: str,
+    target: _Target,
     config_data: list[tuple[str, bytes]],
     images: list[_Image],
     err: TextIO,
@@ -228,16 +249,17 @@ def _write_archive(
     verbose: bool,
 ) -> None:
     """Write the archive; on any failure (a signal too) remove what was written."""
+    from nbdvma.output import UploadSink
     from nbdvma.vma.background import BackgroundSink
     from nbdvma.vma.sink import FileSink
     from nbdvma.vma.writer import VmaWriter
 
-    output: FileSink | StreamSink | None = None
+    output: Sink | None = None
     sink: BackgroundSink | None = None
     writer: VmaWriter | None = None
     try:
         with deferred():  # a signal is raised only once output holds the file
-            output = _open_output(path)
+            output = _open_output(target)
         if isinstance(output, FileSink) and output.replaced:
             err.write(f"replaced {output.replaced}, left by an earlier run no longer running\n")
         # Extents are written by a worker thread while the next clusters are read
@@ -248,6 +270,9 @@ def _write_archive(
         writer.finish()
     except BaseException:
         if output is not None:
+            if isinstance(output, UploadSink):
+                # The worker thread may wait for the endpoint: make it give up now.
+                output.interrupt()
             if writer is not None:
                 writer.abort(discard=True)
             # Idempotent: what the writer did not close yet (the .part is removed

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nbdvma.vma.digest import DataDigest
-    from nbdvma.vma.sink import FileSink, StreamSink
+    from nbdvma.vma.sink import Sink
 
 __all__ = ["BackgroundSink", "BackgroundWriter", "ThreadGuard", "holds_buffer"]
 
@@ -195,7 +195,7 @@ class BackgroundSink:
 
     def __init__(
         self,
-        inner: FileSink | StreamSink,
+        inner: Sink,
         *,
         max_bytes: int = 16 << 20,
         thread_guard: ThreadGuard = contextlib.nullcontext,

@@ -132,15 +132,21 @@ class FileSink:
         path: str,
         *,
         compress: str | None = None,
+        force: bool = False,
         thread_guard: ThreadGuard = contextlib.nullcontext,
     ) -> None:
         """Create ``PATH.part``; ``thread_guard`` wraps the start of its write-back thread.
 
+        ``force``: an archive that exists under ``PATH`` is replaced at commit (by the
+        rename, atomically) instead of refused.
+
         Raises:
-            VmaWriterError: ``PATH`` or ``PATH.part`` exists already.
+            VmaWriterError: ``PATH`` exists already (without ``force``), or another
+                process is writing ``PATH.part``.
             OSError: the file cannot be created.
         """
         self.path = path
+        self.force = force
         self.part_path = path + ".part"
         self.journal_path = self.part_path + ".journal"
         #: What an earlier, dead writer had left and this one replaced (``None``: nothing),
@@ -181,8 +187,7 @@ class FileSink:
         more; then try again with a new one.
         """
         for _ in range(10):
-            if os.path.lexists(self.path):
-                raise VmaWriterError(f"{self.path}: archive exists already")
+            self._check_free()
             fd = os.open(
                 self.part_path,
                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -208,12 +213,20 @@ class FileSink:
                 opened.st_dev,
                 opened.st_ino,
             ):
-                if os.path.lexists(self.path):  # committed while we were opening
+                try:
+                    self._check_free()  # committed while we were opening
+                except BaseException:
                     os.close(fd)
-                    raise VmaWriterError(f"{self.path}: archive exists already")
+                    raise
                 return fd
             os.close(fd)
         raise VmaWriterError(f"{self.part_path}: keeps being replaced by another process")
+
+    def _check_free(self) -> None:
+        if not self.force and os.path.lexists(self.path):
+            raise VmaWriterError(
+                f"{self.path}: archive exists already (give --force to replace it)"
+            )
 
     def _replace_stale(self) -> None:
         """Empty a ``.part`` (and drop the journal) left by a writer that is gone."""
@@ -361,7 +374,7 @@ class FileSink:
                 # Frees what reserve() set aside and was not needed (the size stays).
                 os.ftruncate(self._fd, self._pos)
                 os.fsync(self._fd)
-                if os.path.lexists(self.path):
+                if not self.force and os.path.lexists(self.path):
                     raise VmaWriterError(f"{self.path}: appeared while the archive was written")
                 os.rename(self.part_path, self.path)
                 self._renamed = True
@@ -493,6 +506,7 @@ def open_sink(
     path: str,
     compress: str | None = None,
     *,
+    force: bool = False,
     thread_guard: ThreadGuard = contextlib.nullcontext,
 ) -> FileSink | StreamSink:
     """Open the output for an archive.
@@ -502,6 +516,7 @@ def open_sink(
             zstd compression; an existing FIFO or character device is written as a stream.
         compress: ``"zstd"``, ``"zstd:LEVEL"`` or ``None`` (then inferred from the
             ``.zst`` suffix).
+        force: replace an archive that exists under ``path`` (at commit).
         thread_guard: what a file's helper thread is started inside (see
             :class:`~nbdvma.vma.background.BackgroundWriter`).
 
@@ -522,4 +537,4 @@ def open_sink(
         return StreamSink(
             open(path, "wb", buffering=0), compress=compress, thread_guard=thread_guard
         )
-    return FileSink(path, compress=compress, thread_guard=thread_guard)
+    return FileSink(path, compress=compress, force=force, thread_guard=thread_guard)
