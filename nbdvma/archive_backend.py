@@ -34,6 +34,7 @@ import trio
 from nbdvma.errors import NbdvmaError, UnindexableArchiveError
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
+from nbdvma.s3.location import parse_s3_url
 from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
 from nbdvma.vma.index import (
@@ -181,6 +182,7 @@ def open_archive(
     devices: Collection[str] | None = None,
     cache_dir: str | None = None,
     vmstate: VmstateWriter | None = None,
+    s3_endpoint: str | None = None,
 ) -> IndexedArchive:
     """Check and index the archive at ``path`` (decompressing it first if it must be).
 
@@ -188,11 +190,16 @@ def open_archive(
     checks and ``devices``, ``vmstate``.
 
     Args:
+        path: a file, or ``s3://BUCKET/KEY``: an object in S3, streamed once to be
+            indexed, then read by ranged GETs (:mod:`nbdvma.s3.archive`).
         cache_dir: where to decompress an archive that cannot be read in place
-            (default: the archive's directory).
+            (default: the archive's directory; for an object in S3, the system's
+            temporary directory).
+        s3_endpoint: the endpoint of an object in S3 (default: the environment's).
 
     Raises:
         OSError: a file cannot be read or written.
+        S3Error: the object cannot be read.
         VmaFormatError: the archive is damaged or incomplete.
         NbdvmaError: an archive on stdin.
         InterruptedError: :attr:`PrepareState.cancelled` was set.
@@ -202,28 +209,43 @@ def open_archive(
             "an archive on stdin cannot be exported: it is read in place, so save it to a "
             "file first"
         )
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise NbdvmaError(f"{path} is not a regular file: an archive is exported from a file")
-    state.total = info.st_size
-    compression = _compression(path)
-    if compression is None:
+    location = parse_s3_url(path)
+    if location is not None:
+        from nbdvma.s3.archive import LOADERS, index_object  # boto3: only for S3
+        from nbdvma.s3.source import S3Object
+
+        obj = S3Object.open(location, s3_endpoint, connections=LOADERS + 1)
+        state.total = obj.size
         try:
-            return IndexedArchive(
-                path, build_index(path, devices=devices, progress=state.update, vmstate=vmstate)
-            )
+            return index_object(obj, devices=devices, progress=state.update, vmstate=vmstate)
         except UnindexableArchiveError as exc:
-            state.reason = f"{path}: {exc} (as vzdump and the zstd CLI write it)"
+            state.reason = f"{path}: {exc}"
+        except BaseException:
+            obj.client.close()
+            raise
+        obj.client.close()
+        cache_dir = cache_dir or tempfile.gettempdir()
     else:
-        state.reason = f"{path} is {compression}-compressed"
-    fd, temporary = tempfile.mkstemp(
-        prefix=".nbdvma-export-", suffix=".vma", dir=cache_dir or os.path.dirname(path) or "."
-    )
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise NbdvmaError(f"{path} is not a regular file: an archive is exported from a file")
+        state.total = info.st_size
+        compression = _compression(path)
+        if compression is None:
+            try:
+                index = build_index(path, devices=devices, progress=state.update, vmstate=vmstate)
+                return IndexedArchive(path, index)
+            except UnindexableArchiveError as exc:
+                state.reason = f"{path}: {exc} (as vzdump and the zstd CLI write it)"
+        else:
+            state.reason = f"{path} is {compression}-compressed"
+        cache_dir = cache_dir or os.path.dirname(path) or "."
+    fd, temporary = tempfile.mkstemp(prefix=".nbdvma-export-", suffix=".vma", dir=cache_dir)
     state.temporary = temporary
     try:
         with os.fdopen(fd, "wb") as out:
             state.phase, state.total, state.done = "decompressing", 0, 0
-            with open_decompressed(path) as source:
+            with open_decompressed(path, s3_endpoint=s3_endpoint) as source:
                 decompress_into(source, out.fileno(), state.update)
             state.phase, state.total, state.done = "indexing", os.path.getsize(temporary), 0
             index = build_index(temporary, devices=devices, progress=state.update, vmstate=vmstate)
@@ -292,6 +314,7 @@ async def prepare(
     *,
     interval: float = PROGRESS_INTERVAL,
     vmstate: VmstateWriter | None = None,
+    s3_endpoint: str | None = None,
 ) -> IndexedArchive:
     """:func:`open_archive` in a thread, with progress lines; a cancellation stops it."""
     state = PrepareState()
@@ -306,7 +329,13 @@ async def prepare(
     try:
         return await trio.to_thread.run_sync(
             functools.partial(
-                open_archive, path, state, devices=devices, cache_dir=cache, vmstate=vmstate
+                open_archive,
+                path,
+                state,
+                devices=devices,
+                cache_dir=cache,
+                vmstate=vmstate,
+                s3_endpoint=s3_endpoint,
             ),
             abandon_on_cancel=True,
         )
