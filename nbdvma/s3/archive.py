@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection
 from nbdvma.errors import UnindexableArchiveError
 from nbdvma.s3.source import STREAM_CHUNK, S3Object, S3Stream
 from nbdvma.tools.common import LZOP_MAGIC
-from nbdvma.vma.index import ArchiveIndex, IndexedArchive, VmstateWriter, build_index
+from nbdvma.vma.index import ArchiveIndex, IndexedArchive, Piece, VmstateWriter, build_index
 from nbdvma.vma.reader import GZIP_MAGIC
 
 __all__ = ["CACHE", "LOADERS", "PIECE", "S3IndexedArchive", "index_object"]
@@ -61,8 +61,8 @@ class S3IndexedArchive(IndexedArchive):
         """Close the client's connections (idempotent)."""
         self.object.client.close()
 
-    def _fetch(self, offset: int, length: int) -> bytes:
-        data = self.object.get(offset, length)
+    def _fetch(self, offset: int, length: int) -> Piece:
+        data = self.object.get(offset, length)  # a bytearray: zstd takes any buffer
         if len(data) != length:
             raise OSError(errno.EIO, f"{self.object.url} is shorter than when it was indexed")
         return data
@@ -73,10 +73,10 @@ class S3IndexedArchive(IndexedArchive):
             piece = offset // PIECE
             start = piece * PIECE
 
-            def load(start: int = start) -> bytes:
-                return self.object.get(start, PIECE)
+            def load(start: int = start) -> Piece:
+                return self.object.get(start, PIECE)  # a bytearray, kept as it is
 
-            content = self._cached(piece, load)
+            content = memoryview(self._cached(piece, load))
             data = content[offset - start : offset - start + len(view)]
             if not data:
                 raise OSError(errno.EIO, f"{self.object.url} is shorter than when it was indexed")

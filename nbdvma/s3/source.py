@@ -119,23 +119,35 @@ class S3Object:
         self._count(0, 1)
         return call(self.client, "get_object", self.location, Range=byte_range, **params)["Body"]
 
-    def get(self, start: int, length: int) -> bytes:
-        """``length`` bytes at ``start`` (fewer only at the object's end), one GET.
+    def get(self, start: int, length: int) -> bytearray:
+        """``length`` bytes at ``start`` (fewer only at the object's end), one GET (or
+        more if the transfer breaks off: resumed up to :data:`RESUMES` times).
+
+        Read into the result a chunk at a time: memory is the result plus one chunk.
 
         Raises:
             S3Error: the request failed, or the object changed since it was opened.
         """
-        if length <= 0 or start >= self.size:
-            return b""
-        body = self._get(f"bytes={start}-{start + length - 1}")
-        try:
-            data = cast(bytes, body.read())
-        except _STREAM_ERRORS as exc:
-            raise S3Error(self._broke_off(start, exc)) from exc
-        finally:
-            body.close()
-        self._count(len(data))
-        return data
+        length = min(length, self.size - start)
+        out = bytearray(max(length, 0))
+        view = memoryview(out)
+        got = failures = 0
+        while got < length:
+            body = self._get(f"bytes={start + got}-{start + length - 1}")
+            try:
+                while got < length:
+                    n = int(body.readinto(view[got : got + STREAM_CHUNK]))
+                    if not n:
+                        raise EOFError("the connection closed early")
+                    got += n
+                    self._count(n)
+            except (*_STREAM_ERRORS, EOFError) as exc:
+                failures += 1
+                if failures > RESUMES:
+                    raise S3Error(self._broke_off(start + got, exc)) from exc
+            finally:
+                body.close()
+        return out
 
     def body(self, start: int) -> Any:
         """A streaming body of the object from ``start`` to its end (one GET).

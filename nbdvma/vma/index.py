@@ -89,6 +89,8 @@ _READ_CHUNK = 1 << 20
 _SKIPPABLE_MAGIC_MIN = 0x184D2A50  # zstd skippable frames: 0x184D2A50..0x184D2A5F
 #: An archive read front to back: a file, or an object in S3 (:mod:`nbdvma.s3.source`).
 _Raw: TypeAlias = "io.BufferedReader[Any]"
+#: A cached frame (or piece) of an archive.
+Piece = bytes | bytearray
 #: Called for each cluster of the VM state: ``(cluster, mask, data)``.
 VmstateWriter = Callable[[int, int, memoryview], None]
 
@@ -354,7 +356,7 @@ class IndexedArchive:
     def _start(self, index: ArchiveIndex) -> None:
         """The state every read shares: the index, the cache of frames."""
         self.index = index
-        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, Piece] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[int, threading.Event] = {}
         self._decompressors = threading.BoundedSemaphore(self.loaders)
@@ -455,10 +457,10 @@ class IndexedArchive:
             view[: len(piece)] = piece
             view, source = view[len(piece) :], source + len(piece)
 
-    def _frame(self, frames: FrameTable, i: int) -> bytes:
+    def _frame(self, frames: FrameTable, i: int) -> Piece:
         """The content of frame ``i``, from the cache or decompressed now."""
 
-        def load() -> bytes:
+        def load() -> Piece:
             data = self._fetch(frames.offsets[i], frames.lengths[i])
             try:
                 return zstandard.ZstdDecompressor().decompress(data)
@@ -468,11 +470,11 @@ class IndexedArchive:
 
         return self._cached(i, load)
 
-    def _fetch(self, offset: int, length: int) -> bytes:
+    def _fetch(self, offset: int, length: int) -> Piece:
         """``length`` bytes of the archive's file at ``offset`` (a frame)."""
         return os.pread(self._fd, length, offset)
 
-    def _cached(self, key: int, load: Callable[[], bytes]) -> bytes:
+    def _cached(self, key: int, load: Callable[[], Piece]) -> Piece:
         """Piece ``key`` (a frame) from the cache, or ``load()`` now.
 
         Reads that need the same piece wait for one load of it, and at most
