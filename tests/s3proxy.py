@@ -1,0 +1,130 @@
+"""A TCP proxy in front of an S3 endpoint that counts, slows down or breaks what it passes.
+
+The S3 read tests put it between ``nbdvma`` and SeaweedFS to see what the client really
+fetched, independently of both (the bytes the endpoint sent, HTTP headers included),
+and to make failures happen at a chosen point: a transfer slowed to a known rate (so
+that the endpoint can be killed mid-read), a connection cut after N bytes (so that a
+resume must happen), a proxy that stops accepting (an endpoint gone).
+
+Requests pass unchanged: SigV4 signs the ``Host`` header as the client sent it, the
+proxy's address, and the endpoint checks it as received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+__all__ = ["S3Proxy"]
+
+_CHUNK = 64 * 1024
+
+
+class S3Proxy:
+    """Listen on 127.0.0.1 (a free port), forward each connection to ``upstream``.
+
+    Args:
+        upstream: ``(host, port)`` of the endpoint.
+        rate: bytes per second from the endpoint to the client (``None``: no limit).
+        cut_after: cut the first connection that has passed this many bytes from the
+            endpoint (once: later connections pass everything).
+    """
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        *,
+        rate: float | None = None,
+        cut_after: int | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.rate = rate
+        self.cut_after = cut_after
+        self._lock = threading.Lock()
+        #: Bytes passed from the endpoint to clients, all connections.
+        self.received = 0
+        #: Connections accepted.
+        self.connections = 0
+        #: Connections cut by ``cut_after``.
+        self.cuts = 0
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``: the endpoint URL to give the client."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        """Count from zero again."""
+        with self._lock:
+            self.received = 0
+            self.connections = 0
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()  # the endpoint is gone: the client sees a reset
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self.connections += 1
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
+        passed = 0
+        started = time.monotonic()
+        try:
+            while data := src.recv(_CHUNK):
+                if down and self._cut(passed + len(data)):
+                    break
+                dst.sendall(data)
+                passed += len(data)
+                if down:
+                    with self._lock:
+                        self.received += len(data)
+                    if self.rate:
+                        # Sleep until this connection is back under the rate.
+                        ahead = passed / self.rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _cut(self, passed: int) -> bool:
+        with self._lock:
+            if self.cut_after is None or self.cuts or passed < self.cut_after:
+                return False
+            self.cuts += 1
+            return True
+
+    def stop(self) -> None:
+        """Stop accepting (new connections are refused) and drop every connection."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept()
+        self._listener.close()
+        self._thread.join(5)
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
