@@ -3,8 +3,8 @@
 The S3 read tests put it between ``nbdvma`` and SeaweedFS to see what the client really
 fetched, independently of both (the bytes the endpoint sent, HTTP headers included),
 and to make failures happen at a chosen point: a transfer slowed to a known rate (so
-that the endpoint can be killed mid-read), a connection cut after N bytes (so that a
-resume must happen), a proxy that stops accepting (an endpoint gone).
+that the endpoint can be killed mid-read), connections cut after N bytes (so that a
+resume must happen, or fail), a proxy that stops accepting (an endpoint gone).
 
 Requests pass unchanged: SigV4 signs the ``Host`` header as the client sent it, the
 proxy's address, and the endpoint checks it as received.
@@ -16,6 +16,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 __all__ = ["S3Proxy"]
 
@@ -28,8 +29,9 @@ class S3Proxy:
     Args:
         upstream: ``(host, port)`` of the endpoint.
         rate: bytes per second from the endpoint to the client (``None``: no limit).
-        cut_after: cut the first connection that has passed this many bytes from the
-            endpoint (once: later connections pass everything).
+        cut_after: the ``i``-th cut drops a connection once it has passed
+            ``cut_after[i]`` bytes from the endpoint; after the last, connections pass
+            everything.
     """
 
     def __init__(
@@ -37,17 +39,17 @@ class S3Proxy:
         upstream: tuple[str, int],
         *,
         rate: float | None = None,
-        cut_after: int | None = None,
+        cut_after: Sequence[int] = (),
     ) -> None:
         self.upstream = upstream
         self.rate = rate
-        self.cut_after = cut_after
+        self.cut_after = list(cut_after)
         self._lock = threading.Lock()
         #: Bytes passed from the endpoint to clients, all connections.
         self.received = 0
         #: Connections accepted.
         self.connections = 0
-        #: Connections cut by ``cut_after``.
+        #: Connections cut (see ``cut_after``).
         self.cuts = 0
         self._sockets: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -111,7 +113,7 @@ class S3Proxy:
 
     def _cut(self, passed: int) -> bool:
         with self._lock:
-            if self.cut_after is None or self.cuts or passed < self.cut_after:
+            if self.cuts >= len(self.cut_after) or passed < self.cut_after[self.cuts]:
                 return False
             self.cuts += 1
             return True

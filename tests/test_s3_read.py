@@ -144,23 +144,51 @@ def test_verify_and_extract_equal_the_local_results(
     assert size <= proxy.received <= size + HTTP_SLACK
 
 
+@pytest.mark.parametrize("cuts", [1, 4])
 def test_a_broken_off_transfer_is_resumed_where_it_stopped(
-    made: Made, s3: S3Bucket, tmp_path: Path
+    cuts: int, made: Made, s3: S3Bucket, tmp_path: Path
 ) -> None:
-    # The first connection that has passed 5 MiB of the object is cut: the GET goes
-    # on from the byte reached, and the result is the same.
+    # The connection is cut after 3 MiB of the object, once or again and again: the
+    # GET goes on from the byte reached each time (each resumed one got on: more
+    # cuts than RESUMES end nothing), and the result is the same.
     archive = made.archives["plain"]
     url = upload(s3, archive)
-    cutter = S3Proxy(host_port(s3.endpoint.url), cut_after=5 * MiB)
+    cutter = S3Proxy(host_port(s3.endpoint.url), cut_after=[3 * MiB] * cuts)
     try:
         nbdvma("extract", url, str(tmp_path / "out"), env=s3.env(AWS_ENDPOINT_URL=cutter.url))
-        assert cutter.cuts == 1
+        assert cutter.cuts == cuts
         nbdvma("extract", str(archive), str(tmp_path / "local"))
         assert files_of(tmp_path / "out") == files_of(tmp_path / "local")
         # Not fetched again from the start: the object once, and what was cut short.
-        assert cutter.received < archive.stat().st_size + 64 * KiB + HTTP_SLACK
+        assert cutter.received < archive.stat().st_size + cuts * (64 * KiB + HTTP_SLACK)
     finally:
         cutter.stop()
+
+
+def test_a_transfer_that_keeps_breaking_off_is_one_line(
+    made: Made, s3: S3Bucket, tmp_path: Path
+) -> None:
+    # Cut after 2 MiB, then every resumed GET after 64 KiB (its headers and a few
+    # bytes): RESUMES resumes, then extract gives up with one line, no disk image.
+    from nbdvma.s3.source import RESUMES
+
+    archive = made.archives["zst"]
+    url = upload(s3, archive)
+    cutter = S3Proxy(host_port(s3.endpoint.url), cut_after=[2 * MiB] + [64 * KiB] * 10)
+    out = tmp_path / "out"
+    env = s3.env(AWS_ENDPOINT_URL=cutter.url)
+    try:
+        result = nbdvma("extract", url, str(out), env=env, check=False)
+        assert cutter.cuts == RESUMES + 1
+    finally:
+        cutter.stop()
+    line = one_line_failure(result)
+    assert re.fullmatch(
+        rf"{re.escape(url)}: the transfer broke off at byte \d+ of {archive.stat().st_size} "
+        r"\(.*\)",
+        line,
+    ), line
+    assert sorted(os.listdir(out)) == ["qemu-server.conf"]
 
 
 # -- errors: one line each ------------------------------------------------------------------

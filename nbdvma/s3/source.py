@@ -17,7 +17,8 @@ and the benchmarks read.
   pass of ``export``), read :data:`STREAM_CHUNK` at a time.  Memory: the reader's own
   buffers plus one chunk; nothing is fetched ahead.  Should the connection break off
   mid-object, the GET is resumed at the position reached (``Range: bytes=N-``, same
-  ETag), up to :data:`RESUMES` times; then the error is one line.
+  ETag), up to :data:`RESUMES` times in a row (:data:`RESUMED_PROGRESS`); then the
+  error is one line.
 
 Failures are :class:`~nbdvma.errors.S3Error` with one line that names
 ``s3://BUCKET/KEY`` (:func:`~nbdvma.s3.client.describe_s3_error`).  Blocking, like
@@ -47,6 +48,7 @@ from nbdvma.s3.location import S3Location
 __all__ = [
     "FIRST_RANGE",
     "MAX_RANGE",
+    "RESUMED_PROGRESS",
     "RESUMES",
     "STREAM_CHUNK",
     "S3Object",
@@ -61,8 +63,12 @@ FIRST_RANGE = 1 << 20
 MAX_RANGE = 8 << 20
 #: Bytes asked of the streaming GET at a time (and the buffer of :func:`open_stream`).
 STREAM_CHUNK = 1 << 20
-#: Times a streaming GET that broke off is resumed where it stopped.
+#: Times in a row a GET that broke off is resumed where it stopped...
 RESUMES = 2
+#: ...a streaming GET's count starting again once a resumed one has given this many
+#: bytes (a connection that breaks now and then never ends a long transfer; one that
+#: breaks at once does, after RESUMES tries).
+RESUMED_PROGRESS = 1 << 20
 
 #: What a body raises when the connection breaks off mid-object.
 _STREAM_ERRORS = (bexc.BotoCoreError, urllib3.exceptions.HTTPError, OSError)
@@ -174,6 +180,8 @@ class S3Stream(io.RawIOBase):
         self._body: Any = None
         self._chunk = memoryview(b"")
         self._next_range = FIRST_RANGE
+        self._failures = 0  # break-offs since a connection last got on
+        self._since_open = 0  # bytes the current connection gave
 
     @property
     def position(self) -> int:
@@ -214,33 +222,37 @@ class S3Stream(io.RawIOBase):
 
     def _from_body(self, view: memoryview) -> int:
         view = view[:STREAM_CHUNK]
-        failures = 0
         while True:
             if self._body is None:
                 try:
                     self._body = self.object.body(self._pos)
                 except S3Error as exc:
-                    if not failures:
+                    if not self._failures:
                         raise
-                    # The first break-off is what went wrong; the resume, why it stays so.
-                    cause = describe_s3_error(exc.__cause__ or exc, endpoint=None)
+                    # The break-off is what went wrong; the resume, why it stays so.
+                    cause = describe_s3_error(
+                        exc.__cause__ or exc, endpoint=endpoint_of(self.object.client)
+                    )
                     raise S3Error(
                         f"{self.object.url}: the transfer broke off at byte {self._pos} of "
                         f"{self.object.size} and could not be resumed: {cause}"
                     ) from exc
+                self._since_open = 0
             try:
                 n = int(self._body.readinto(view))
             except _STREAM_ERRORS as exc:
                 error: BaseException = exc
-                n = 0
             else:
                 if n:
                     self.object._count(n)
+                    self._since_open += n
+                    if self._since_open >= RESUMED_PROGRESS:
+                        self._failures = 0  # this connection got on: a new budget
                     return n
                 error = EOFError("the connection closed early")
             self._close_body()
-            failures += 1
-            if failures > RESUMES:
+            self._failures += 1
+            if self._failures > RESUMES:
                 raise S3Error(self.object._broke_off(self._pos, error)) from error
 
     def _close_body(self) -> None:
