@@ -179,7 +179,8 @@ def test_a_transfer_that_keeps_breaking_off_is_one_line(
     env = s3.env(AWS_ENDPOINT_URL=cutter.url)
     try:
         result = nbdvma("extract", url, str(out), env=env, check=False)
-        assert cutter.cuts == RESUMES + 1
+        # (The proxy may count a cut or two more: connections that the client left.)
+        assert RESUMES < cutter.cuts < len(cutter.cut_after)
     finally:
         cutter.stop()
     line = one_line_failure(result)
