@@ -165,14 +165,16 @@ def test_a_broken_off_transfer_is_resumed_where_it_stopped(
         cutter.stop()
 
 
+@pytest.mark.parametrize("form", ["zst", "lzo"])
 def test_a_transfer_that_keeps_breaking_off_is_one_line(
-    made: Made, s3: S3Bucket, tmp_path: Path
+    form: str, made: Made, s3: S3Bucket, tmp_path: Path
 ) -> None:
     # Cut after 2 MiB, then every resumed GET after 64 KiB (its headers and a few
     # bytes): RESUMES resumes, then extract gives up with one line, no disk image.
+    # (lzo: the S3 error, not lzop's complaint about its input ending early.)
     from nbdvma.s3.source import RESUMES
 
-    archive = made.archives["zst"]
+    archive = made.archives[form]
     url = upload(s3, archive)
     cutter = S3Proxy(host_port(s3.endpoint.url), cut_after=[2 * MiB] + [64 * KiB] * 10)
     out = tmp_path / "out"
