@@ -10,9 +10,11 @@ them ``EPERM`` (``NBD_FLAG_READ_ONLY``); should one arrive anyway, it is refused
 same way.  Nothing is ever written, so ``CAN_MULTI_CONN`` holds trivially.
 
 :func:`open_archive` gets an archive ready to serve: it indexes a plain ``.vma`` or an
-nbdvma ``.vma.zst`` in place; any other compressed archive (vzdump's single-stream
-``.vma.zst``, ``.vma.gz``, ``.vma.lzo``) is first decompressed once into a sparse
-temporary file, unlinked as soon as it is open, so that nothing is left behind.
+nbdvma ``.vma.zst`` in place (a file, or an object in S3: :mod:`nbdvma.s3.archive`);
+any other compressed archive (vzdump's single-stream ``.vma.zst``, ``.vma.gz``,
+``.vma.lzo``) is first decompressed once into a sparse temporary file (next to the
+file; for an object, in the temporary directory), unlinked as soon as it is open, so
+that nothing is left behind.
 :class:`PrepareState` tells the caller how far that has got (the library prints
 nothing).
 """
@@ -34,7 +36,7 @@ import trio
 from nbdvma.errors import NbdvmaError, UnindexableArchiveError
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
-from nbdvma.s3.location import parse_s3_url
+from nbdvma.s3.location import S3Location, parse_s3_url
 from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
 from nbdvma.vma.index import (
@@ -211,19 +213,10 @@ def open_archive(
         )
     location = parse_s3_url(path)
     if location is not None:
-        from nbdvma.s3.archive import LOADERS, index_object  # boto3: only for S3
-        from nbdvma.s3.source import S3Object
-
-        obj = S3Object.open(location, s3_endpoint, connections=LOADERS + 1)
-        state.total = obj.size
-        try:
-            return index_object(obj, devices=devices, progress=state.update, vmstate=vmstate)
-        except UnindexableArchiveError as exc:
-            state.reason = f"{path}: {exc}"
-        except BaseException:
-            obj.client.close()
-            raise
-        obj.client.close()
+        archive = _index_object(location, state, devices, vmstate, s3_endpoint)
+        if archive is not None:
+            return archive
+        # An object has no directory: the one for temporary files, which export names.
         cache_dir = cache_dir or tempfile.gettempdir()
     else:
         info = os.stat(path)
@@ -254,6 +247,31 @@ def open_archive(
         # Served from the open descriptor: the file goes when the process does.
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+
+
+def _index_object(
+    location: S3Location,
+    state: PrepareState,
+    devices: Collection[str] | None,
+    vmstate: VmstateWriter | None,
+    s3_endpoint: str | None,
+) -> IndexedArchive | None:
+    """The object at ``location``, indexed in place; ``None`` (and
+    :attr:`PrepareState.reason` set) if it must be decompressed first."""
+    from nbdvma.s3.archive import LOADERS, index_object  # boto3: only for an object
+    from nbdvma.s3.source import S3Object
+
+    obj = S3Object.open(location, s3_endpoint, connections=LOADERS + 1)
+    state.total = obj.size
+    try:
+        return index_object(obj, devices=devices, progress=state.update, vmstate=vmstate)
+    except UnindexableArchiveError as exc:
+        state.reason = f"{location.url}: {exc}"
+    except BaseException:
+        obj.client.close()
+        raise
+    obj.client.close()
+    return None
 
 
 class PrepareWatcher:

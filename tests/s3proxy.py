@@ -91,7 +91,12 @@ class S3Proxy:
         started = time.monotonic()
         try:
             while data := src.recv(_CHUNK):
-                if down and self._cut(passed + len(data)):
+                cut = self._cut(passed, len(data)) if down else None
+                if cut is not None:
+                    # Exactly cut_after bytes pass: the answer's headers get through.
+                    dst.sendall(data[:cut])
+                    with self._lock:
+                        self.received += cut
                     break
                 dst.sendall(data)
                 passed += len(data)
@@ -111,12 +116,16 @@ class S3Proxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
-    def _cut(self, passed: int) -> bool:
+    def _cut(self, passed: int, more: int) -> int | None:
+        """``None``, or how many of ``more`` bytes may pass before the connection is cut."""
         with self._lock:
-            if self.cuts >= len(self.cut_after) or passed < self.cut_after[self.cuts]:
-                return False
+            if self.cuts >= len(self.cut_after):
+                return None
+            limit = self.cut_after[self.cuts]
+            if passed + more < limit:
+                return None
             self.cuts += 1
-            return True
+            return max(0, limit - passed)
 
     def stop(self) -> None:
         """Stop accepting (new connections are refused) and drop every connection."""

@@ -216,6 +216,11 @@ def plain_url(made: Made, s3: S3Bucket) -> str:
         ("wrong key id", r"^s3://{bucket}/pve/a\.vma: the endpoint knows no such access key ID"),
         ("unknown endpoint", r"^s3://{bucket}/pve/a\.vma: cannot connect to http://127\.0\.0\.1:9"),
         ("a prefix", r"^s3://{bucket}/pve/: names a bucket or prefix, not an object"),
+        (
+            "no credentials",
+            r"^s3://{bucket}/pve/a\.vma: no S3 credentials: set AWS_ACCESS_KEY_ID and "
+            r"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+        ),
     ],
 )
 def test_errors_are_one_line_naming_the_object(
@@ -232,6 +237,9 @@ def test_errors_are_one_line_naming_the_object(
         env = s3.env(AWS_ACCESS_KEY_ID="NOSUCHKEYID")
     elif case == "unknown endpoint":
         env = s3.env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_MAX_ATTEMPTS="1")
+    elif case == "no credentials":
+        keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        env = {k: v for k, v in s3.env().items() if k not in keys}
     else:
         url = plain_url.removesuffix("a.vma")
     args = [command, url] + ([str(tmp_path / "out")] if command == "extract" else [])
