@@ -12,7 +12,9 @@ proxy's address, and the endpoint checks it as received.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 __all__ = ["S3Proxy"]
 
 _CHUNK = 64 * 1024
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|HEAD|PUT|POST|DELETE) /[^ ]* HTTP/1\.1\r\n")
 
 
 class S3Proxy:
@@ -49,6 +52,9 @@ class S3Proxy:
         self.received = 0
         #: Connections accepted.
         self.connections = 0
+        #: Requests sent by clients, by method (``GET``, ``HEAD``...), from their
+        #: request lines.
+        self.requests: collections.Counter[str] = collections.Counter()
         #: Connections cut (see ``cut_after``).
         self.cuts = 0
         self._sockets: list[socket.socket] = []
@@ -67,6 +73,7 @@ class S3Proxy:
         with self._lock:
             self.received = 0
             self.connections = 0
+            self.requests.clear()
 
     def _accept(self) -> None:
         while True:
@@ -100,6 +107,12 @@ class S3Proxy:
                     break
                 dst.sendall(data)
                 passed += len(data)
+                if not down:
+                    # S3 requests have no body but PUTs and POSTs, which the read tests
+                    # never send: every request line starts a line of its own.
+                    methods = _REQUEST_LINE.findall(data)
+                    with self._lock:
+                        self.requests.update(m.decode() for m in methods)
                 if down:
                     with self._lock:
                         self.received += len(data)

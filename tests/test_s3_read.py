@@ -84,6 +84,7 @@ def test_list_and_config_fetch_the_header_only(
         assert got.stdout == local.stdout
         # One HEAD and one ranged GET of FIRST_RANGE bytes, whatever the archive's size.
         assert FIRST_RANGE // 2 < proxy.received <= FIRST_RANGE + HTTP_SLACK, (args, form)
+        assert proxy.requests == {"HEAD": 1, "GET": 1}
     assert got.stdout.startswith(made.config)  # then the map lines create added
 
 
@@ -129,9 +130,10 @@ def test_verify_and_extract_equal_the_local_results(
     got = nbdvma("verify", "-v", url, env=env)
     assert timeless(got.stdout) == timeless(nbdvma("verify", "-v", str(archive)).stdout)
     assert b"data digest (blake3) verified" in got.stdout
-    # Streamed once: the object, plus the requests' headers.
+    # Streamed once, by one GET: the object, plus the requests' headers.
     size = archive.stat().st_size
     assert size <= proxy.received <= size + HTTP_SLACK
+    assert proxy.requests == {"HEAD": 1, "GET": 1}
     proxy.reset()
     local, remote = tmp_path / "local", tmp_path / "remote"
     nbdvma("extract", str(archive), str(local))
@@ -142,6 +144,7 @@ def test_verify_and_extract_equal_the_local_results(
     assert files_of(remote) == files_of(local)
     assert files_of(remote)["disk-drive-scsi0.raw"] == made.images["drive-scsi0"].read_bytes()
     assert size <= proxy.received <= size + HTTP_SLACK
+    assert proxy.requests == {"HEAD": 1, "GET": 1}
 
 
 @pytest.mark.parametrize("cuts", [1, 4])
