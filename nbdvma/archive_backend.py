@@ -10,9 +10,11 @@ them ``EPERM`` (``NBD_FLAG_READ_ONLY``); should one arrive anyway, it is refused
 same way.  Nothing is ever written, so ``CAN_MULTI_CONN`` holds trivially.
 
 :func:`open_archive` gets an archive ready to serve: it indexes a plain ``.vma`` or an
-nbdvma ``.vma.zst`` in place; any other compressed archive (vzdump's single-stream
-``.vma.zst``, ``.vma.gz``, ``.vma.lzo``) is first decompressed once into a sparse
-temporary file, unlinked as soon as it is open, so that nothing is left behind.
+nbdvma ``.vma.zst`` in place (a file, or an object in S3: :mod:`nbdvma.s3.archive`);
+any other compressed archive (vzdump's single-stream ``.vma.zst``, ``.vma.gz``,
+``.vma.lzo``) is first decompressed once into a sparse temporary file (next to the
+file; for an object, in the temporary directory), unlinked as soon as it is open, so
+that nothing is left behind.
 :class:`PrepareState` tells the caller how far that has got (the library prints
 nothing).
 """
@@ -34,6 +36,7 @@ import trio
 from nbdvma.errors import NbdvmaError, UnindexableArchiveError
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
+from nbdvma.s3.location import S3Location, parse_s3_url
 from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
 from nbdvma.vma.index import (
@@ -181,6 +184,7 @@ def open_archive(
     devices: Collection[str] | None = None,
     cache_dir: str | None = None,
     vmstate: VmstateWriter | None = None,
+    s3_endpoint: str | None = None,
 ) -> IndexedArchive:
     """Check and index the archive at ``path`` (decompressing it first if it must be).
 
@@ -188,11 +192,16 @@ def open_archive(
     checks and ``devices``, ``vmstate``.
 
     Args:
+        path: a file, or ``s3://BUCKET/KEY``: an object in S3, streamed once to be
+            indexed, then read by ranged GETs (:mod:`nbdvma.s3.archive`).
         cache_dir: where to decompress an archive that cannot be read in place
-            (default: the archive's directory).
+            (default: the archive's directory; for an object in S3, the system's
+            temporary directory).
+        s3_endpoint: the endpoint of an object in S3 (default: the environment's).
 
     Raises:
         OSError: a file cannot be read or written.
+        S3Error: the object cannot be read.
         VmaFormatError: the archive is damaged or incomplete.
         NbdvmaError: an archive on stdin.
         InterruptedError: :attr:`PrepareState.cancelled` was set.
@@ -202,28 +211,34 @@ def open_archive(
             "an archive on stdin cannot be exported: it is read in place, so save it to a "
             "file first"
         )
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise NbdvmaError(f"{path} is not a regular file: an archive is exported from a file")
-    state.total = info.st_size
-    compression = _compression(path)
-    if compression is None:
-        try:
-            return IndexedArchive(
-                path, build_index(path, devices=devices, progress=state.update, vmstate=vmstate)
-            )
-        except UnindexableArchiveError as exc:
-            state.reason = f"{path}: {exc} (as vzdump and the zstd CLI write it)"
+    location = parse_s3_url(path)
+    if location is not None:
+        archive = _index_object(location, state, devices, vmstate, s3_endpoint)
+        if archive is not None:
+            return archive
+        # An object has no directory: the one for temporary files, which export names.
+        cache_dir = cache_dir or tempfile.gettempdir()
     else:
-        state.reason = f"{path} is {compression}-compressed"
-    fd, temporary = tempfile.mkstemp(
-        prefix=".nbdvma-export-", suffix=".vma", dir=cache_dir or os.path.dirname(path) or "."
-    )
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise NbdvmaError(f"{path} is not a regular file: an archive is exported from a file")
+        state.total = info.st_size
+        compression = _compression(path)
+        if compression is None:
+            try:
+                index = build_index(path, devices=devices, progress=state.update, vmstate=vmstate)
+                return IndexedArchive(path, index)
+            except UnindexableArchiveError as exc:
+                state.reason = f"{path}: {exc} (as vzdump and the zstd CLI write it)"
+        else:
+            state.reason = f"{path} is {compression}-compressed"
+        cache_dir = cache_dir or os.path.dirname(path) or "."
+    fd, temporary = tempfile.mkstemp(prefix=".nbdvma-export-", suffix=".vma", dir=cache_dir)
     state.temporary = temporary
     try:
         with os.fdopen(fd, "wb") as out:
             state.phase, state.total, state.done = "decompressing", 0, 0
-            with open_decompressed(path) as source:
+            with open_decompressed(path, s3_endpoint=s3_endpoint) as source:
                 decompress_into(source, out.fileno(), state.update)
             state.phase, state.total, state.done = "indexing", os.path.getsize(temporary), 0
             index = build_index(temporary, devices=devices, progress=state.update, vmstate=vmstate)
@@ -232,6 +247,31 @@ def open_archive(
         # Served from the open descriptor: the file goes when the process does.
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+
+
+def _index_object(
+    location: S3Location,
+    state: PrepareState,
+    devices: Collection[str] | None,
+    vmstate: VmstateWriter | None,
+    s3_endpoint: str | None,
+) -> IndexedArchive | None:
+    """The object at ``location``, indexed in place; ``None`` (and
+    :attr:`PrepareState.reason` set) if it must be decompressed first."""
+    from nbdvma.s3.archive import LOADERS, index_object  # boto3: only for an object
+    from nbdvma.s3.source import S3Object
+
+    obj = S3Object.open(location, s3_endpoint, connections=LOADERS + 1)
+    state.total = obj.size
+    try:
+        return index_object(obj, devices=devices, progress=state.update, vmstate=vmstate)
+    except UnindexableArchiveError as exc:
+        state.reason = f"{location.url}: {exc}"
+    except BaseException:
+        obj.client.close()
+        raise
+    obj.client.close()
+    return None
 
 
 class PrepareWatcher:
@@ -292,6 +332,7 @@ async def prepare(
     *,
     interval: float = PROGRESS_INTERVAL,
     vmstate: VmstateWriter | None = None,
+    s3_endpoint: str | None = None,
 ) -> IndexedArchive:
     """:func:`open_archive` in a thread, with progress lines; a cancellation stops it."""
     state = PrepareState()
@@ -306,7 +347,13 @@ async def prepare(
     try:
         return await trio.to_thread.run_sync(
             functools.partial(
-                open_archive, path, state, devices=devices, cache_dir=cache, vmstate=vmstate
+                open_archive,
+                path,
+                state,
+                devices=devices,
+                cache_dir=cache,
+                vmstate=vmstate,
+                s3_endpoint=s3_endpoint,
             ),
             abandon_on_cancel=True,
         )

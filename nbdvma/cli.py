@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from typing import NoReturn
 
 from nbdvma import __version__
+from nbdvma.commands.s3opts import add_s3_endpoint_option
 from nbdvma.errors import NbdvmaError
 from nbdvma.interrupts import Terminated, install
 from nbdvma.tools import ToolError
@@ -33,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 _SERVER_COMMANDS = ("serve", "backup", "export")
+_S3_HELP = "; or s3://BUCKET/KEY, see --s3-endpoint"
 
 EXPORT_DESCRIPTION = (
     "Serve each disk of ARCHIVE as a read-only NBD export named as in the archive "
@@ -41,7 +43,8 @@ EXPORT_DESCRIPTION = (
     "reported as holes, so qemu-img convert and nbdcopy write sparse images. "
     "The VM state and the configs are not exports (use extract or restore for them). "
     "A .vma or a .vma.zst written by nbdvma is read in place; vzdump's .vma.zst, "
-    ".vma.gz and .vma.lzo are decompressed once into a temporary file first."
+    ".vma.gz and .vma.lzo are decompressed once into a temporary file first. "
+    "ARCHIVE may be s3://BUCKET/KEY: streamed once to be checked, then read by ranged GETs."
 )
 
 
@@ -67,14 +70,17 @@ def build_parser(
 def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``list``, ``config``, ``verify``, ``extract``, ``create`` (as Proxmox's ``vma``)."""
     p = sub.add_parser("list", help="print the configs and devices of an archive")
-    p.add_argument("file", help="archive (- for stdin; .zst is decompressed)")
+    p.add_argument("file", help=f"archive (- for stdin; .zst is decompressed{_S3_HELP})")
+    add_s3_endpoint_option(p)
 
     p = sub.add_parser("config", help="print one config file of an archive")
-    p.add_argument("file", help="archive (- for stdin)")
+    p.add_argument("file", help=f"archive (- for stdin{_S3_HELP})")
     p.add_argument("-c", "--config", help="config name (default qemu-server.conf)")
+    add_s3_endpoint_option(p)
 
     p = sub.add_parser("verify", help="read and check a whole archive")
-    p.add_argument("file", help="archive (- for stdin)")
+    p.add_argument("file", help=f"archive (- for stdin{_S3_HELP})")
+    add_s3_endpoint_option(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print progress")
     p.add_argument(
         "--strict",
@@ -83,7 +89,8 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
     p = sub.add_parser("extract", help="restore an archive into a new directory")
-    p.add_argument("file", help="archive (- for stdin)")
+    p.add_argument("file", help=f"archive (- for stdin{_S3_HELP})")
+    add_s3_endpoint_option(p)
     p.add_argument("dir", help="target directory (must not exist)")
     p.add_argument("-v", "--verbose", action="store_true", help="print progress")
     p.add_argument("-d", "--drives", help="comma-separated device names to restore")
@@ -95,7 +102,12 @@ def _add_archive_tools(sub: argparse._SubParsersAction[_Parser]) -> None:
         "zero blocks stay holes), with its configs and vmstate.bin as extract writes them. "
         "Every file is 0600; nothing incomplete is left under a final name.",
     )
-    p.add_argument("file", metavar="ARCHIVE", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo)")
+    p.add_argument(
+        "file",
+        metavar="ARCHIVE",
+        help=f"archive (.vma, .vma.zst, .vma.gz, .vma.lzo{_S3_HELP})",
+    )
+    add_s3_endpoint_option(p)
     p.add_argument(
         "dir", metavar="DIR", nargs="?", help="target directory (must not exist; not --live)"
     )
@@ -205,21 +217,27 @@ def _run(args: argparse.Namespace) -> None:
     from nbdvma import tools
 
     out = sys.stdout
+    s3 = getattr(args, "s3_endpoint", None)
     if args.command == "list":
-        tools.list_archive(args.file, out)
+        tools.list_archive(args.file, out, s3_endpoint=s3)
     elif args.command == "config":
-        tools.print_config(args.file, args.config or tools.DEFAULT_CONFIG, out)
+        config = args.config or tools.DEFAULT_CONFIG
+        tools.print_config(args.file, config, out, s3_endpoint=s3)
     elif args.command == "verify":
-        tools.verify_archive(args.file, out, verbose=args.verbose, strict=args.strict)
+        tools.verify_archive(
+            args.file, out, verbose=args.verbose, strict=args.strict, s3_endpoint=s3
+        )
     elif args.command == "extract":
         drives = _drives(args.drives)
-        tools.extract_archive(args.file, args.dir, out, verbose=args.verbose, drives=drives)
+        tools.extract_archive(
+            args.file, args.dir, out, verbose=args.verbose, drives=drives, s3_endpoint=s3
+        )
     elif args.command == "restore" and (args.live or args.qmp or args.listen):
         if not (args.live and args.qmp and args.listen) or args.dir is not None:
             raise ToolError("restore --live takes --qmp ADDRESS and --listen ADDRESS, and no DIR")
         from nbdvma.commands.export import live_restore
 
-        status = live_restore(args.file, args.qmp, args.listen)
+        status = live_restore(args.file, args.qmp, args.listen, s3_endpoint=s3)
         if status:
             raise SystemExit(status)
     elif args.command == "restore":
@@ -232,7 +250,12 @@ def _run(args: argparse.Namespace) -> None:
             print(f"nbdvma restore: {line}", file=sys.stderr, flush=True)
 
         restore_archive(
-            args.file, args.dir, image_format=args.format, drives=_drives(args.drives), say=say
+            args.file,
+            args.dir,
+            image_format=args.format,
+            drives=_drives(args.drives),
+            say=say,
+            s3_endpoint=s3,
         )
     elif args.command == "create":
         tools.create_archive(

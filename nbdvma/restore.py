@@ -57,6 +57,7 @@ def restore_archive(
     say: Callable[[str], None] = lambda line: None,
     qemu_img: str = "qemu-img",
     progress_interval: float = PROGRESS_INTERVAL,
+    s3_endpoint: str | None = None,
 ) -> None:
     """Restore the disks (as ``disk-NAME.raw`` or ``.qcow2``), configs and
     ``vmstate.bin`` of the archive at ``path`` into the new directory ``dirname``.
@@ -67,20 +68,24 @@ def restore_archive(
         say: called with progress lines.
         qemu_img: the ``qemu-img`` program (qcow2).
         progress_interval: seconds between a conversion's progress lines (qcow2).
+        s3_endpoint: the endpoint of an ``s3://BUCKET/KEY`` archive (default: the
+            environment's).
 
     Raises:
         ToolError: the archive is damaged, a file cannot be written, ``qemu-img``
             failed...; no file is left under a final name for what failed.
     """
     if image_format == "raw":
-        extract_archive(path, dirname, io.StringIO(), drives=drives)
+        extract_archive(path, dirname, io.StringIO(), drives=drives, s3_endpoint=s3_endpoint)
         return
     if image_format != "qcow2":
         raise ToolError(f"unknown image format {image_format!r} (raw or qcow2)")
     if path == "-":
         raise ToolError("--format qcow2 reads the archive in place: save stdin to a file first")
     try:
-        trio.run(_restore_qcow2, path, dirname, drives, say, qemu_img, progress_interval)
+        trio.run(
+            _restore_qcow2, path, dirname, drives, say, qemu_img, progress_interval, s3_endpoint
+        )
     except BaseExceptionGroup as group:
         # trio's nurseries wrap what fails in groups: report the error itself.
         leaf: BaseException = group
@@ -197,6 +202,7 @@ async def _restore_qcow2(
     say: Callable[[str], None],
     qemu_img: str,
     progress_interval: float,
+    s3_endpoint: str | None,
 ) -> None:
     try:
         os.mkdir(dirname)
@@ -207,7 +213,7 @@ async def _restore_qcow2(
     archive: IndexedArchive | None = None
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
-            archive = await _index(nursery, path, files, drives, say)
+            archive = await _index(nursery, path, files, drives, say, s3_endpoint)
             await _convert_all(archive, private, files, say, qemu_img, progress_interval)
             files.give_names()
         if stop.signum is not None:
@@ -227,6 +233,7 @@ async def _index(
     files: _Files,
     drives: Sequence[str] | None,
     say: Callable[[str], None],
+    s3_endpoint: str | None,
 ) -> IndexedArchive:
     """Check and index the archive; write its configs and VM state on the way."""
     disks = None if drives is None else [d for d in drives if d != VMA_VMSTATE_NAME]
@@ -243,6 +250,7 @@ async def _index(
             None,
             say,
             vmstate=vmstate.write if vmstate is not None else None,
+            s3_endpoint=s3_endpoint,
         )
     except VmaFormatError as exc:
         raise ToolError(f"restore failed - {exc}") from exc

@@ -373,7 +373,7 @@ def serve(sockdir: Path, workdir: Path) -> Iterator[StartServe]:
 # Before any test runs: the developer's credentials, profile and endpoint must never
 # reach a test or an nbdvma it starts (and botocore must not probe the EC2 metadata
 # service for credentials when a test removes them).
-_isolated = isolated_aws_env(dict(os.environ))
+_isolated = isolated_aws_env(dict(os.environ))  # taken before the clear: PATH stays
 os.environ.clear()
 os.environ.update(_isolated)
 

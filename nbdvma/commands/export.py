@@ -33,6 +33,7 @@ from nbdvma.commands.common import (
     server_limits,
     tls_config,
 )
+from nbdvma.commands.s3opts import add_s3_endpoint_option
 from nbdvma.errors import ActivationError, NbdvmaError, QmpConnectError, VmaFormatError
 from nbdvma.listeners import remove_socket
 from nbdvma.pidfile import pid_file
@@ -56,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "archive",
         metavar="ARCHIVE",
-        help="the archive (.vma, .vma.zst, .vma.gz, .vma.lzo; not stdin)",
+        help="the archive (.vma, .vma.zst, .vma.gz, .vma.lzo; not stdin), or "
+        "s3://BUCKET/KEY (see --s3-endpoint)",
     )
     parser.add_argument(
         "--device",
@@ -68,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache",
         metavar="DIR",
         help="where to decompress an archive that cannot be read in place (default: "
-        "next to it; removed at exit)",
+        "next to it; for s3://, the system's temporary directory, TMPDIR; removed at exit)",
     )
+    add_s3_endpoint_option(parser)
     add_listen_options(parser, "export")
     add_access_options(parser)
 
@@ -99,7 +102,16 @@ def _run(args: argparse.Namespace) -> int:
         tls=tls_config(args),
         limits=server_limits(args),
     )
-    return trio.run(functools.partial(export, options, args.device, args.cache, args.pid_file))
+    return trio.run(
+        functools.partial(
+            export,
+            options,
+            args.device,
+            args.cache,
+            args.pid_file,
+            s3_endpoint=args.s3_endpoint,
+        )
+    )
 
 
 def ready_line(archive: IndexedArchive, seconds: float) -> str:
@@ -118,9 +130,15 @@ async def export(
     cache: str | None,
     pid_path: str | None = None,
     then: Callable[[list[Address]], Awaitable[None]] | None = None,
+    *,
+    s3_endpoint: str | None = None,
 ) -> int:
     """Index the archive, then serve it until a signal (or, with ``then``, until that
-    returns, given the addresses listened on); the exit status."""
+    returns, given the addresses listened on); the exit status.
+
+    ``options.archive`` may be ``s3://BUCKET/KEY``, read from ``s3_endpoint`` (default:
+    the environment's endpoint).
+    """
     ssl_context = options.tls.server_context()  # bad certificates: before the long read
     archive: IndexedArchive | None = None
     addresses: list[Address] = []
@@ -129,7 +147,9 @@ async def export(
     try:
         async with trio.open_nursery() as nursery, stop_on_signals(nursery.cancel_scope) as stop:
             try:
-                archive = await prepare(nursery, options.archive, devices, cache, _say)
+                archive = await prepare(
+                    nursery, options.archive, devices, cache, _say, s3_endpoint=s3_endpoint
+                )
             except VmaFormatError as exc:
                 raise NbdvmaError(f"{options.archive}: {exc}; not exported") from None
             listeners, real = await open_nbd_listeners(options, read_only=True)
@@ -167,7 +187,9 @@ async def export(
     return 0
 
 
-def live_restore(archive: str, qmp: str, listen: list[str]) -> int:
+def live_restore(
+    archive: str, qmp: str, listen: list[str], *, s3_endpoint: str | None = None
+) -> int:
     """``nbdvma restore --live``: export ``archive`` on ``listen``, then stream it into
     the overlays of the VM behind ``qmp`` (:mod:`nbdvma.live_restore`); the exit status.
 
@@ -204,7 +226,9 @@ def live_restore(archive: str, qmp: str, listen: list[str]) -> int:
             listen=tuple(parse_address(a) for a in listen),
         )
         then = functools.partial(stream, parse_address(qmp))
-        return trio.run(functools.partial(export, options, None, None, None, then))
+        return trio.run(
+            functools.partial(export, options, None, None, None, then, s3_endpoint=s3_endpoint)
+        )
 
     log_to_stderr("nbdvma restore: ", verbose=False)
     return run_reporting(say, body)

@@ -7,15 +7,17 @@ import errno
 import io
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, BinaryIO, TextIO, cast
 
 from nbdvma.errors import ToolError, VmaFormatError
+from nbdvma.s3.location import parse_s3_url
 from nbdvma.vma.background import ThreadGuard
 from nbdvma.vma.digest import DIGEST_ALGORITHM, DataDigest
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, DeviceInfo
-from nbdvma.vma.reader import VmaReader, open_source
+from nbdvma.vma.reader import VmaReader, decompressing, open_source
 
 __all__ = [
     "Progress",
@@ -35,37 +37,79 @@ def strerror(exc: OSError) -> str:
 
 #: lzop's file magic: vzdump's ``--compress lzo`` archives (``.vma.lzo``).
 LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
+#: Bytes copied into lzop's stdin at a time (an object in S3).
+_FEED_CHUNK = 1 << 20
+#: Seconds :meth:`_Decompressed.close` waits for the thread that feeds lzop.
+_FEED_JOIN_TIMEOUT = 5.0
 
 
 class _Decompressed(io.RawIOBase):
-    """What ``lzop -d -c PATH`` prints, as a stream; closing it ends the process.
+    """What ``lzop -d -c`` prints, as a stream; closing it ends the process.
 
     lzop's own container format has no maintained Python reader: the tool is what
-    Proxmox's restore runs too (``lzop -d -c``).
+    Proxmox's restore runs too (``lzop -d -c``).  It reads the file ``path``, or with
+    ``source`` (an object in S3) its stdin, which a thread feeds from ``source``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        source: BinaryIO | None = None,
+        thread_guard: ThreadGuard = contextlib.nullcontext,
+    ) -> None:
         try:
             self._process = subprocess.Popen(
-                ["lzop", "-d", "-c", "--", path],
+                ["lzop", "-d", "-c", "--", path] if source is None else ["lzop", "-d", "-c"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if source is None else subprocess.PIPE,
             )
         except FileNotFoundError:
+            if source is not None:
+                source.close()
             raise ToolError(f"{path} is lzo-compressed: install lzop to read it") from None
         assert self._process.stdout is not None
         self._out = self._process.stdout
+        self._feeder: threading.Thread | None = None
+        self._feed_error: BaseException | None = None
+        if source is not None:
+            with thread_guard():
+                self._feeder = threading.Thread(
+                    target=self._feed, args=(source,), name="lzop-feed", daemon=True
+                )
+                self._feeder.start()
+
+    def _feed(self, source: BinaryIO) -> None:
+        """Copy ``source`` into lzop's stdin (the feeder thread)."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            while data := source.read(_FEED_CHUNK):
+                stdin.write(data)
+        except BrokenPipeError:
+            pass  # lzop stopped reading: its exit status says why
+        except BaseException as exc:  # raised again in the reading thread
+            self._feed_error = exc
+        finally:
+            source.close()
+            with contextlib.suppress(OSError):
+                stdin.close()
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         n = os.readv(self._out.fileno(), [buffer])
-        if n == 0 and self._process.wait() != 0:
-            assert self._process.stderr is not None
-            why = self._process.stderr.read().decode(errors="replace").strip()
-            raise OSError(errno.EIO, why or "lzop failed")
+        if n == 0:
+            if self._feeder is not None:
+                self._feeder.join()
+            if self._feed_error is not None:
+                # The input broke off: lzop's complaint about a cut file would hide why.
+                raise self._feed_error
+            if self._process.wait() != 0:
+                assert self._process.stderr is not None
+                why = self._process.stderr.read().decode(errors="replace").strip()
+                raise OSError(errno.EIO, why or "lzop failed")
         return n
 
     def close(self) -> None:
@@ -73,6 +117,9 @@ class _Decompressed(io.RawIOBase):
             if self._process.poll() is None:
                 self._process.kill()
             self._process.wait()
+            if self._feeder is not None:
+                # It stops at its next write into the dead process's pipe.
+                self._feeder.join(_FEED_JOIN_TIMEOUT)
             self._out.close()
             assert self._process.stderr is not None
             self._process.stderr.close()
@@ -90,32 +137,69 @@ def is_lzop(path: str) -> bool:
         return False  # VmaReader.open says why
 
 
-def open_decompressed(path: str) -> BinaryIO:
+def open_decompressed(
+    path: str,
+    *,
+    s3_endpoint: str | None = None,
+    header_only: bool = False,
+    thread_guard: ThreadGuard = contextlib.nullcontext,
+) -> BinaryIO:
     """The archive at ``path`` as a plain stream: zstd and gzip decompressed by the
     core (:func:`~nbdvma.vma.reader.open_source`), lzo through ``lzop``.
 
+    ``path`` may be ``s3://BUCKET/KEY`` (read with the endpoint ``s3_endpoint``, or
+    the environment's; see :mod:`nbdvma.s3.source`), recognised by its first bytes
+    as a file is.  ``header_only``: the caller reads the header and no more, so an
+    object is fetched by small ranged GETs instead of one GET of all of it.
+
     Raises:
         OSError: the file cannot be opened.
+        S3Error: the object cannot be read.
         ToolError: an lzo archive and no ``lzop``.
     """
+    location = parse_s3_url(path)
+    if location is not None:
+        from nbdvma.s3.source import open_stream  # boto3: only for an object in S3
+
+        raw = open_stream(location, s3_endpoint, header_only=header_only)
+        try:
+            head = raw.peek(len(LZOP_MAGIC))[: len(LZOP_MAGIC)]  # type: ignore[attr-defined]
+        except BaseException:
+            raw.close()
+            raise
+        if head == LZOP_MAGIC:
+            lzop = _Decompressed(path, raw, thread_guard)
+            return cast(BinaryIO, io.BufferedReader(lzop, 1 << 20))
+        return decompressing(raw, path)
     if is_lzop(path):
         return cast(BinaryIO, io.BufferedReader(_Decompressed(path), 1 << 20))
     return open_source(path)
 
 
 def open_reader(
-    path: str, *, skip: Iterable[int] = (), thread_guard: ThreadGuard = contextlib.nullcontext
+    path: str,
+    *,
+    skip: Iterable[int] = (),
+    thread_guard: ThreadGuard = contextlib.nullcontext,
+    s3_endpoint: str | None = None,
+    header_only: bool = False,
 ) -> VmaReader:
     """Open ``path`` and read its header; errors as the real tool prints them.
 
-    Plain, zstd and gzip archives are read by the core; lzo ones through ``lzop``.
-    ``thread_guard`` is what the reader's hashing thread is started inside.
+    Plain, zstd and gzip archives are read by the core; lzo ones through ``lzop``;
+    ``s3://BUCKET/KEY`` from object storage (see :func:`open_decompressed` for
+    ``s3_endpoint`` and ``header_only``).  ``thread_guard`` is what the reader's
+    threads are started inside.
 
     Raises:
         ToolError: the file cannot be opened, or its header is invalid.
+        S3Error: the object cannot be read (one line that names it).
     """
     try:
-        return VmaReader(open_decompressed(path), skip=frozenset(skip), thread_guard=thread_guard)
+        source = open_decompressed(
+            path, s3_endpoint=s3_endpoint, header_only=header_only, thread_guard=thread_guard
+        )
+        return VmaReader(source, skip=frozenset(skip), thread_guard=thread_guard)
     except OSError as exc:
         raise ToolError(f"can't open file {path} - {strerror(exc)}") from exc
     except VmaFormatError as exc:

@@ -259,11 +259,13 @@ def extract_archive(
     *,
     verbose: bool = False,
     drives: Sequence[str] | None = None,
+    s3_endpoint: str | None = None,
 ) -> None:
     """``vma extract``: restore configs, disks and vmstate into a new directory.
 
     Args:
-        path: the archive, ``-`` for stdin.
+        path: the archive, ``-`` for stdin, ``s3://BUCKET/KEY`` for an object (streamed
+            with one GET from ``s3_endpoint``, or the environment's endpoint).
         dirname: the target directory; it must not exist.
         out: where ``DEVINFO`` lines and ``-v`` output go.
         verbose: print progress and totals.
@@ -273,8 +275,9 @@ def extract_archive(
     Raises:
         ToolError: ``restore failed - <reason>`` and the like; temporary files are
             removed, so nothing incomplete remains under a final name.
+        S3Error: the object cannot be read (the temporary files are removed too).
     """
-    with open_reader(path, thread_guard=deferred) as reader:
+    with open_reader(path, thread_guard=deferred, s3_endpoint=s3_endpoint) as reader:
         selected = _select(reader, drives)
         disks = [d for d in selected if not d.is_vmstate]
         outputs = _Outputs(dirname)

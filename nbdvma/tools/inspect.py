@@ -44,23 +44,30 @@ def _content_lines(reader: VmaReader) -> Iterator[str]:
     yield f"CTIME: {ctime}"
 
 
-def list_archive(path: str, out: TextIO) -> None:
+def list_archive(path: str, out: TextIO, *, s3_endpoint: str | None = None) -> None:
     """``vma list``: print the configs, devices and ctime of the archive header.
+
+    ``path`` may be ``s3://BUCKET/KEY`` (then only the header is fetched; read with
+    ``s3_endpoint``, or the environment's endpoint).
 
     Raises:
         ToolError: the file cannot be opened or its header is invalid.
+        S3Error: the object cannot be read.
     """
-    with open_reader(path) as reader:
+    with open_reader(path, s3_endpoint=s3_endpoint, header_only=True) as reader:
         out.writelines(_content_lines(reader))
 
 
-def print_config(path: str, name: str, out: TextIO) -> None:
+def print_config(path: str, name: str, out: TextIO, *, s3_endpoint: str | None = None) -> None:
     """``vma config``: write the raw data of the first config called ``name``.
+
+    ``path`` may be ``s3://BUCKET/KEY``, as for :func:`list_archive`.
 
     Raises:
         ToolError: status 255 if there is no such config (as ``vma``).
+        S3Error: the object cannot be read.
     """
-    with open_reader(path) as reader:
+    with open_reader(path, s3_endpoint=s3_endpoint, header_only=True) as reader:
         pass  # the header is all it needs
     data = reader.header.config(name)
     if data is None:
@@ -86,7 +93,14 @@ def _strict_check(cluster: Cluster) -> None:
             )
 
 
-def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: bool = False) -> None:
+def verify_archive(
+    path: str,
+    out: TextIO,
+    *,
+    verbose: bool = False,
+    strict: bool = False,
+    s3_endpoint: str | None = None,
+) -> None:
     """``vma verify``: read the whole archive and apply every check.
 
     Unlike ``vma verify``, missing clusters (S15, which only ``vma extract`` checks)
@@ -96,7 +110,8 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
     line that says whether they did or that the archive has no digest.
 
     Args:
-        path: the archive, ``-`` for stdin.
+        path: the archive, ``-`` for stdin, ``s3://BUCKET/KEY`` for an object (streamed
+            with one GET from ``s3_endpoint``, or the environment's endpoint).
         out: where ``-v`` output goes.
         verbose: print the list output, progress and totals.
         strict: also reject what the C writer never writes but the reader accepts:
@@ -104,8 +119,9 @@ def verify_archive(path: str, out: TextIO, *, verbose: bool = False, strict: boo
 
     Raises:
         ToolError: ``verify failed - <reason>``.
+        S3Error: the object cannot be read (one line that names it).
     """
-    with open_reader(path, thread_guard=deferred) as reader:
+    with open_reader(path, thread_guard=deferred, s3_endpoint=s3_endpoint) as reader:
         try:
             digest = _verify(reader, out if verbose else None, strict=strict)
         except VmaFormatError as exc:

@@ -22,6 +22,8 @@ only the frames a read needs, keeping the last few in a small LRU cache.  A zstd
 archive framed otherwise (one stream, as vzdump or the ``zstd`` CLI writes it) raises
 :class:`~nbdvma.errors.UnindexableArchiveError` early: :func:`decompress_into` turns
 it (or a gzip or lzo stream) into a plain sparse file once, which is then indexed.
+An archive in object storage is indexed from a stream and read by ranged GETs
+(:mod:`nbdvma.s3.archive`, a subclass of :class:`IndexedArchive`).
 
 Everything here is synchronous and thread-safe for reads: the NBD backend calls
 :meth:`IndexedArchive.read` from worker threads.
@@ -37,7 +39,7 @@ import os
 import threading
 from array import array
 from collections.abc import Callable, Collection, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeAlias
 
 import attrs
 import zstandard
@@ -85,6 +87,10 @@ STATUS_CLUSTERS = 16384
 STATUS_RUNS = 64
 _READ_CHUNK = 1 << 20
 _SKIPPABLE_MAGIC_MIN = 0x184D2A50  # zstd skippable frames: 0x184D2A50..0x184D2A5F
+#: An archive read front to back: a file, or an object in S3 (:mod:`nbdvma.s3.source`).
+_Raw: TypeAlias = "io.BufferedReader[Any]"
+#: A cached frame (or piece) of an archive.
+Piece = bytes | bytearray
 #: Called for each cluster of the VM state: ``(cluster, mask, data)``.
 VmstateWriter = Callable[[int, int, memoryview], None]
 
@@ -141,7 +147,7 @@ class _FrameSource:
     the reader, recording each frame's place (a frame of unknown or too large a size
     means another framing: :class:`UnindexableArchiveError`)."""
 
-    def __init__(self, raw: io.BufferedReader[io.FileIO], progress: Callable[[int], None]) -> None:
+    def __init__(self, raw: _Raw, progress: Callable[[int], None]) -> None:
         self._raw = raw
         self._progress = progress
         self._dctx = zstandard.ZstdDecompressor()
@@ -229,7 +235,7 @@ class _FrameSource:
 class _PlainSource:
     """A plain archive file, reporting how far it has been read."""
 
-    def __init__(self, raw: io.BufferedReader[io.FileIO], progress: Callable[[int], None]) -> None:
+    def __init__(self, raw: _Raw, progress: Callable[[int], None]) -> None:
         self._raw = raw
         self._progress = progress
         self._pos = 0
@@ -247,7 +253,7 @@ class _PlainSource:
 
 
 def build_index(
-    path: str,
+    path: str | _Raw,
     *,
     devices: Collection[str] | None = None,
     progress: Callable[[int], None] = lambda done: None,
@@ -256,7 +262,8 @@ def build_index(
     """Read and check the whole archive at ``path``; index its disks.
 
     Args:
-        path: a plain ``.vma`` or an nbdvma ``.vma.zst`` (one frame per unit).
+        path: a plain ``.vma`` or an nbdvma ``.vma.zst`` (one frame per unit), or
+            such an archive as a buffered stream at its start (closed here).
         devices: the disk names to index (default: every disk); every disk is checked.
         progress: called now and then with the bytes of the file read so far (it may
             raise, to stop the pass).
@@ -270,7 +277,7 @@ def build_index(
             (:func:`decompress_into`).
     """
     # Closed by the reader (through the source), even if its construction fails.
-    raw = io.BufferedReader(io.FileIO(path), _READ_CHUNK)
+    raw = io.BufferedReader(io.FileIO(path), _READ_CHUNK) if isinstance(path, str) else path
     source: _FrameSource | _PlainSource
     if raw.peek(4)[:4] == ZSTD_MAGIC:
         source = _FrameSource(raw, progress)
@@ -329,17 +336,30 @@ def _disk_arrays(reader: VmaReader, names: Collection[str] | None) -> dict[int, 
 
 
 class IndexedArchive:
-    """Reads of an indexed archive's disks, safe from many threads at once."""
+    """Reads of an indexed archive's disks, safe from many threads at once.
+
+    A subclass that reads the archive from elsewhere (an object in S3:
+    :class:`nbdvma.s3.archive.S3IndexedArchive`) calls :meth:`_start` instead of this
+    constructor and overrides :meth:`_pread_into`, :meth:`_fetch` and :meth:`close`.
+    """
+
+    #: Frames (pieces) kept in the cache, and loaded at once.
+    cache_size = FRAME_CACHE
+    loaders = DECOMPRESSORS
 
     def __init__(self, path: str, index: ArchiveIndex) -> None:
         """Open ``path`` (the file ``index`` was built from) for reading."""
-        self.index = index
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._nowait = nowait_read_flags(self._fd)
-        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._start(index)
+
+    def _start(self, index: ArchiveIndex) -> None:
+        """The state every read shares: the index, the cache of frames."""
+        self.index = index
+        self._cache: collections.OrderedDict[int, Piece] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[int, threading.Event] = {}
-        self._decompressors = threading.BoundedSemaphore(DECOMPRESSORS)
+        self._decompressors = threading.BoundedSemaphore(self.loaders)
 
     def close(self) -> None:
         """Close the file (idempotent)."""
@@ -437,41 +457,52 @@ class IndexedArchive:
             view[: len(piece)] = piece
             view, source = view[len(piece) :], source + len(piece)
 
-    def _frame(self, frames: FrameTable, i: int) -> bytes:
-        """The content of frame ``i``, from the cache or decompressed now.
+    def _frame(self, frames: FrameTable, i: int) -> Piece:
+        """The content of frame ``i``, from the cache or decompressed now."""
 
-        Reads that need the same frame wait for one decompression of it, and at most
-        :data:`DECOMPRESSORS` run at once: with 64 reads in flight (nbdcopy) memory
-        stays at the cache plus a few frames, not a frame per reading thread.
+        def load() -> Piece:
+            data = self._fetch(frames.offsets[i], frames.lengths[i])
+            try:
+                return zstandard.ZstdDecompressor().decompress(data)
+            except zstandard.ZstdError as exc:
+                why = f"the archive changed since it was indexed: {exc}"
+                raise OSError(errno.EIO, why) from exc
+
+        return self._cached(i, load)
+
+    def _fetch(self, offset: int, length: int) -> Piece:
+        """``length`` bytes of the archive's file at ``offset`` (a frame)."""
+        return os.pread(self._fd, length, offset)
+
+    def _cached(self, key: int, load: Callable[[], Piece]) -> Piece:
+        """Piece ``key`` (a frame) from the cache, or ``load()`` now.
+
+        Reads that need the same piece wait for one load of it, and at most
+        :attr:`loaders` run at once: with 64 reads in flight (nbdcopy) memory
+        stays at the cache plus a few pieces, not a piece per reading thread.
         """
         while True:
             with self._lock:
-                content = self._cache.get(i)
+                content = self._cache.get(key)
                 if content is not None:
-                    self._cache.move_to_end(i)
+                    self._cache.move_to_end(key)
                     return content
-                loading = self._loading.get(i)
+                loading = self._loading.get(key)
                 if loading is None:
-                    loading = self._loading[i] = threading.Event()
+                    loading = self._loading[key] = threading.Event()
                     break
             loading.wait()  # then take it from the cache (or load it, if evicted)
         try:
             with self._decompressors:
-                data = os.pread(self._fd, frames.lengths[i], frames.offsets[i])
-                try:
-                    content = zstandard.ZstdDecompressor().decompress(data)
-                except zstandard.ZstdError as exc:
-                    raise OSError(
-                        errno.EIO, f"the archive changed since it was indexed: {exc}"
-                    ) from exc
+                content = load()
             with self._lock:
-                self._cache[i] = content
-                while len(self._cache) > FRAME_CACHE:
+                self._cache[key] = content
+                while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
             return content
         finally:
             with self._lock:
-                del self._loading[i]
+                del self._loading[key]
             loading.set()
 
     def block_status(

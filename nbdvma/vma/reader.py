@@ -65,7 +65,7 @@ from nbdvma.vma.format import (
     header_size_untrusted,
 )
 
-__all__ = ["Cluster", "ReadStats", "VmaReader", "open_source"]
+__all__ = ["Cluster", "ReadStats", "VmaReader", "decompressing", "open_source"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -98,15 +98,29 @@ def open_source(path: str) -> BinaryIO:
     """
     # Opened here, closed by the caller (via the returned stream).
     fd = os.dup(sys.stdin.fileno()) if path == "-" else os.open(path, os.O_RDONLY)
-    raw = os.fdopen(fd, "rb")
+    return decompressing(os.fdopen(fd, "rb"), path)
+
+
+def decompressing(raw: BinaryIO, name: str) -> BinaryIO:
+    """``raw`` (a buffered stream at an archive's start), decompressed on the fly if
+    its first bytes say it is zstd or gzip (as :func:`open_source` opens a file).
+
+    Args:
+        raw: a stream with ``peek``; the result owns it (closing one closes both).
+        name: the archive's name: a ``.zst`` suffix means zstd where nothing can be
+            peeked.
+
+    Raises:
+        OSError: the first bytes cannot be read (``raw`` is closed then).
+    """
     try:
-        head = raw.peek(4)[:4]
-    except OSError:
+        head = raw.peek(4)[:4]  # type: ignore[attr-defined]
+    except BaseException:
         raw.close()
         raise
     if head.startswith(GZIP_MAGIC):
         return cast(BinaryIO, _GzipSource(raw))  # a GzipFile is a binary stream
-    is_zstd = head == ZSTD_MAGIC if len(head) == 4 else path.endswith(".zst")
+    is_zstd = head == ZSTD_MAGIC if len(head) == 4 else name.endswith(".zst")
     if not is_zstd:
         return raw
     dctx = zstandard.ZstdDecompressor()
