@@ -316,7 +316,7 @@ def test_file_archives_never_load_boto3(made: Made) -> None:
     code = (
         "import sys, io, contextlib\n"
         "from nbdvma.cli import main, build_parser\n"
-        "build_parser(server_commands=True)\n"
+        "build_parser()\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    assert main(['list', {str(made.archives['zst'])!r}]) == 0\n"
         f"    assert main(['verify', {str(made.archives['lzo'])!r}]) == 0\n"
