@@ -222,6 +222,10 @@ class _Bitmap:
         return None
 
 
+# Extents smaller than this are hashed in the reading thread (see VmaReader._hash_later).
+_HASH_BEHIND_MIN = 256 * 1024
+
+
 def _read_into(source: BinaryIO, view: memoryview) -> int:
     """Fill ``view`` from ``source`` until it is full or EOF; return the bytes read."""
     total = 0
@@ -293,6 +297,7 @@ class VmaReader:
         # pass or a verify takes the longer of the two, not their sum).
         self._hash_thread: ThreadPoolExecutor | None = None
         self._hashing: dict[int, Future[None]] = {}
+        self._last_hashing: Future[None] | None = None
 
     @classmethod
     def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
@@ -388,7 +393,9 @@ class VmaReader:
             clusters = self._check_extent(ehead, buf, extent_size)
             if self._hasher is not None:
                 view = buf[:extent_size]
-                self._hashing[this] = self._hash_later(view)
+                hashing = self._hash_later(view)
+                if hashing is not None:
+                    self._hashing[this] = hashing
             self.stats.extents += 1
             yield clusters
         self._done = True
@@ -578,13 +585,26 @@ class VmaReader:
             )
         return expected
 
-    def _hash_later(self, view: memoryview) -> Future[None]:
+    def _hash_later(self, view: memoryview) -> Future[None] | None:
+        """Hash ``view`` in the helper thread (its future), or at once (``None``).
+
+        A small extent (the header of zero clusters: a sparse disk's archive is mostly
+        those) costs more to hand over than to hash; it is hashed here when nothing is
+        still being hashed behind, which keeps the stream's order.
+        """
         assert self._hasher is not None
+        last = self._last_hashing
+        if len(view) < _HASH_BEHIND_MIN and (last is None or last.done()):
+            self._hasher.update((view,))
+            return None
         if self._hash_thread is None:
             self._hash_thread = ThreadPoolExecutor(1, thread_name_prefix="vma-hash")
             with self._thread_guard():  # the executor starts its thread in submit
-                return self._hash_thread.submit(self._hasher.update, (view,))
-        return self._hash_thread.submit(self._hasher.update, (view,))
+                last = self._hash_thread.submit(self._hasher.update, (view,))
+        else:
+            last = self._hash_thread.submit(self._hasher.update, (view,))
+        self._last_hashing = last
+        return last
 
     def _stop_hashing(self) -> None:
         """Wait for the extents still being hashed; end the helper thread."""
@@ -592,6 +612,7 @@ class VmaReader:
             self._hash_thread.shutdown(wait=True)
             self._hash_thread = None
         self._hashing.clear()
+        self._last_hashing = None
 
     def close(self) -> None:
         """Close the source and drop the extent buffers.  Idempotent."""
