@@ -31,7 +31,7 @@ from servehelpers import nbdvma, poll_until, run_tool
 
 from nbdvma.archive_backend import PrepareState, PrepareWatcher, open_archive, prepare
 from nbdvma.restore import restore_archive
-from nbdvma.vma.index import build_index
+from nbdvma.vma.index import READ_NOW_MAX, build_index
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
 
@@ -730,6 +730,8 @@ def test_reads_at_once_only_what_needs_no_disk(workdir: Path, sources: Sources) 
             now = opened.read_now(name, offset, length)
             assert now is not None
             assert bytes(now) == data[offset : offset + length]
+        # Larger than a copy the event loop should wait for: a thread's.
+        assert opened.read_now(name, 0, READ_NOW_MAX + 4096) is None
         # Out of the page cache: read_now declines, read still reads.
         fd = os.open(path, os.O_RDONLY)
         try:

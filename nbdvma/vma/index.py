@@ -335,6 +335,11 @@ def _disk_arrays(reader: VmaReader, names: Collection[str] | None) -> dict[int, 
     return {d.dev_id: DiskIndex(d, array("Q", [0]) * d.cluster_count) for d in disks}
 
 
+#: The largest read :meth:`IndexedArchive.read_now` does: a copy of 4 MiB holds the
+#: event loop well under a millisecond; a larger one (up to NBD's 32 MiB) goes to a thread.
+READ_NOW_MAX = 4 << 20
+
+
 class IndexedArchive:
     """Reads of an indexed archive's disks, safe from many threads at once.
 
@@ -391,7 +396,7 @@ class IndexedArchive:
         (:func:`~nbdvma.vma.fileio.nowait_read_flags`).
         """
         flags = self._nowait
-        if flags is None or self.index.frames is not None:
+        if flags is None or self.index.frames is not None or length > READ_NOW_MAX:
             return None
         out = bytearray(length)
         view = memoryview(out)
