@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import QemuVm, S3Bucket
-from servehelpers import nbdvma
+from s3server import SeaweedServer
+from servehelpers import nbdvma, poll_until
 from test_backup import assert_disks_equal, assert_qemu_clean, extract
 
 pytestmark = pytest.mark.interop
@@ -127,4 +130,50 @@ def test_create_into_s3(s3: S3Bucket, raw_image: Callable[..., Path], workdir: P
     assert again.stderr.strip() == (
         f"s3://{s3.bucket}/c.vma.zst: archive exists already (give --force to replace it)"
     )
+    assert s3.uploads() == []
+
+
+def test_sigterm_mid_upload_aborts_it_and_leaves_the_vm_as_it_was(
+    private_s3: Callable[[], SeaweedServer],
+    qemu_vm: Callable[..., QemuVm],
+    raw_image: Callable[..., Path],
+) -> None:
+    """The endpoint is stopped (SIGSTOP) once the backup job runs, so that parts hang in
+    flight and the job waits for them; SIGTERM then: the job is cancelled, the upload
+    aborted once the endpoint answers again, one line says so, nothing is stored."""
+    server = private_s3()
+    assert server.endpoint is not None
+    s3 = S3Bucket(server.endpoint, "stalled", server.endpoint.client())
+    s3.client.create_bucket(Bucket=s3.bucket)
+    vm = qemu_vm([raw_image("big.raw", 96 * MiB, {0: os.urandom(96 * MiB)})])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdvma", "backup", "--qmp", vm.qmp_address, s3.url("x.vma")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=s3.env(),
+    )
+    try:
+        # The upload exists once the session is open; the job starts right after.
+        poll_until(lambda: s3.uploads() != [], 60, "the upload to begin")
+        os.kill(server.pid, signal.SIGSTOP)
+        time.sleep(2)  # parts in flight hang; the job waits for a free slot
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        os.kill(server.pid, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
+    assert errors == [
+        f"ERROR: backup failed: interrupted by SIGTERM; the upload to s3://{s3.bucket}/x.vma "
+        "was aborted; nothing is stored"
+    ], stderr
+    assert_qemu_clean(vm, "prelaunch")
+    assert s3.keys() == []
     assert s3.uploads() == []
