@@ -121,6 +121,12 @@ class BackgroundWriter:
                     return
                 self._cond.wait()
 
+    @property
+    def idle(self) -> bool:
+        """Whether no job is queued or running (work done now stays in order)."""
+        with self._cond:
+            return self._running is None and not self._jobs
+
     def drain(self) -> None:
         """Wait until every job submitted so far is done.
 

@@ -37,18 +37,18 @@ last one but inside the bitmap); such clusters are counted in
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, NamedTuple, cast
 
 import attrs
 import zstandard
 
 from nbdvma.errors import DataDigestError, VmaFormatError
-from nbdvma.vma.background import ThreadGuard
+from nbdvma.vma.background import BackgroundWriter, ThreadGuard
 from nbdvma.vma.digest import DIGEST_CONFIG, DataDigest, StreamHasher, parse_digest_untrusted
 from nbdvma.vma.format import (
     FULL_MASK,
@@ -222,8 +222,10 @@ class _Bitmap:
         return None
 
 
-# Extents smaller than this are hashed in the reading thread (see VmaReader._hash_later).
+# Extents smaller than this are hashed in the reading thread (see VmaReader._hash).
 _HASH_BEHIND_MIN = 256 * 1024
+# Bytes of extents queued for hashing at most (the buffers bound them already).
+_HASH_IN_FLIGHT = 64 << 20
 
 
 def _read_into(source: BinaryIO, view: memoryview) -> int:
@@ -268,7 +270,6 @@ class VmaReader:
         thread_guard: ThreadGuard = contextlib.nullcontext,
     ) -> None:
         self._source = source
-        self._thread_guard = thread_guard
         try:
             self.header: VmaHeader = self._read_header()
         except BaseException:
@@ -292,12 +293,13 @@ class VmaReader:
         # The extents are hashed only where there is a digest to compare them with.
         self._digest_record = self.header.config(DIGEST_CONFIG)
         self._hasher = StreamHasher() if self._digest_record is not None else None
-        # The hash of each buffer's extent runs in one helper thread while the next
-        # extents are read and checked (both release the GIL: on two cores an index
-        # pass or a verify takes the longer of the two, not their sum).
-        self._hash_thread: ThreadPoolExecutor | None = None
-        self._hashing: dict[int, Future[None]] = {}
-        self._last_hashing: Future[None] | None = None
+        # The hash of each extent runs in one helper thread while the next extents are
+        # read and checked (both release the GIL: on two cores an index pass or a
+        # verify takes the longer of the two, not their sum).  A buffer is read into
+        # again only once its extent is hashed (release).
+        self._hash_worker = BackgroundWriter(
+            max_bytes=_HASH_IN_FLIGHT, name="vma-hash", thread_guard=thread_guard
+        )
 
     @classmethod
     def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
@@ -371,10 +373,8 @@ class VmaReader:
         turn = 0
         while True:
             raw = self._bufs[turn]
-            hashing = self._hashing.pop(turn, None)
-            if hashing is not None:
-                hashing.result()
-            this, turn = turn, (turn + 1) % buffers
+            turn = (turn + 1) % buffers
+            self._hash_worker.release(raw)
             if reuse is not None:
                 reuse(raw)
             buf = memoryview(raw)
@@ -392,10 +392,7 @@ class VmaReader:
                 raise VmaFormatError(f"short vma extent ({got} < {extent_size})")
             clusters = self._check_extent(ehead, buf, extent_size)
             if self._hasher is not None:
-                view = buf[:extent_size]
-                hashing = self._hash_later(view)
-                if hashing is not None:
-                    self._hashing[this] = hashing
+                self._hash(buf[:extent_size])
             self.stats.extents += 1
             yield clusters
         self._done = True
@@ -564,7 +561,7 @@ class VmaReader:
         """
         if self._digest_record is None or self._hasher is None:
             return None
-        self._stop_hashing()
+        self._hash_worker.drain()
         expected = parse_digest_untrusted(self._digest_record)
         if expected is None:
             raise DataDigestError(
@@ -585,38 +582,21 @@ class VmaReader:
             )
         return expected
 
-    def _hash_later(self, view: memoryview) -> Future[None] | None:
-        """Hash ``view`` in the helper thread (its future), or at once (``None``).
-
-        A small extent (the header of zero clusters: a sparse disk's archive is mostly
-        those) costs more to hand over than to hash; it is hashed here when nothing is
-        still being hashed behind, which keeps the stream's order.
-        """
+    def _hash(self, view: memoryview) -> None:
+        """Hash an extent: in the helper thread, or here if it is small and nothing is
+        being hashed behind (which keeps the order).  A small extent (zero clusters'
+        headers: a sparse disk's archive is mostly those) costs more to hand over than
+        to hash."""
         assert self._hasher is not None
-        last = self._last_hashing
-        if len(view) < _HASH_BEHIND_MIN and (last is None or last.done()):
+        if len(view) < _HASH_BEHIND_MIN and self._hash_worker.idle:
             self._hasher.update((view,))
-            return None
-        if self._hash_thread is None:
-            self._hash_thread = ThreadPoolExecutor(1, thread_name_prefix="vma-hash")
-            with self._thread_guard():  # the executor starts its thread in submit
-                last = self._hash_thread.submit(self._hasher.update, (view,))
         else:
-            last = self._hash_thread.submit(self._hasher.update, (view,))
-        self._last_hashing = last
-        return last
-
-    def _stop_hashing(self) -> None:
-        """Wait for the extents still being hashed; end the helper thread."""
-        if self._hash_thread is not None:
-            self._hash_thread.shutdown(wait=True)
-            self._hash_thread = None
-        self._hashing.clear()
-        self._last_hashing = None
+            job = functools.partial(self._hasher.update, (view,))
+            self._hash_worker.submit(job, (view,), len(view))
 
     def close(self) -> None:
         """Close the source and drop the extent buffers.  Idempotent."""
-        self._stop_hashing()
+        self._hash_worker.close()
         self._bufs = []
         self._done = True
         self._source.close()
