@@ -28,23 +28,25 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Collection, Sequence
-from typing import cast
+from typing import BinaryIO, cast
 
 import attrs
 import trio
+import zstandard
 
-from nbdvma.errors import NbdvmaError, UnindexableArchiveError
+from nbdvma.errors import NbdvmaError, UnindexableArchiveError, VmaFormatError
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.s3.location import S3Location, parse_s3_url
 from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
+from nbdvma.vma.fileio import pwrite_all
+from nbdvma.vma.format import VMA_BLOCK_SIZE
 from nbdvma.vma.index import (
     STATUS_RUNS,
     IndexedArchive,
     VmstateWriter,
     build_index,
-    decompress_into,
 )
 from nbdvma.vma.reader import GZIP_MAGIC
 
@@ -55,6 +57,7 @@ __all__ = [
     "ArchiveBackend",
     "PrepareState",
     "PrepareWatcher",
+    "decompress_into",
     "open_archive",
     "prepare",
 ]
@@ -361,3 +364,53 @@ async def prepare(
         state.cancelled = True  # an abandoned thread stops at its next progress report
         scope.cancel()
         watcher.tell()
+
+
+# Bytes read at a time from a decompressing stream.
+_DECOMPRESS_CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(VMA_BLOCK_SIZE)
+
+
+def decompress_into(source: BinaryIO, fd: int, progress: Callable[[int], None]) -> int:
+    """Copy a decompressed archive ``source`` into the file ``fd``, sparse: chunks of
+    zeros are left as holes.
+
+    Args:
+        source: the decompressed stream (:func:`~nbdvma.vma.reader.open_source`...).
+        fd: an empty file open for writing.
+        progress: called with the bytes written so far, now and then (may raise).
+
+    Returns:
+        The decompressed length.
+
+    Raises:
+        OSError: a read or write failed.
+        VmaFormatError: the stream is corrupt.
+    """
+    buf = bytearray(_DECOMPRESS_CHUNK)
+    view = memoryview(buf)
+    total = 0
+    while True:
+        try:
+            n = source.readinto(view)  # type: ignore[attr-defined]
+        except (zstandard.ZstdError, EOFError) as exc:
+            raise VmaFormatError(f"read failed - {exc}") from exc
+        if not n:
+            break
+        # Write only the runs of 4 KiB blocks that hold data: zeros stay holes.
+        start = None
+        for block in range(0, n, VMA_BLOCK_SIZE):
+            stop = min(block + VMA_BLOCK_SIZE, n)
+            # bytes.startswith compares at memcmp speed, memoryview == bytes item by item.
+            if _ZERO_BLOCK.startswith(view[block:stop]):
+                if start is not None:
+                    pwrite_all(fd, [view[start:block]], total + start)
+                    start = None
+            elif start is None:
+                start = block
+        if start is not None:
+            pwrite_all(fd, [view[start:n]], total + start)
+        total += n
+        progress(total)
+    os.ftruncate(fd, total)
+    return total

@@ -296,7 +296,7 @@ def test_extract_write_failure_in_the_worker(
     arch = tmp_path / "a.vma"
     assert main(["create", str(arch), str(img)]) == 0
     assert "not whole 512-byte sectors" in capsys.readouterr().err  # padded, and said
-    real = tools._pwrite_all
+    real = tools.pwrite_all
     calls = [0]
 
     def fail_fifth(fd: int, views: list[bytes], offset: int) -> None:
@@ -305,7 +305,7 @@ def test_extract_write_failure_in_the_worker(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, views, offset)
 
-    monkeypatch.setattr(tools, "_pwrite_all", fail_fifth)
+    monkeypatch.setattr(tools, "pwrite_all", fail_fifth)
     out = tmp_path / "o"
     assert main(["extract", str(arch), str(out)]) == 1
     err = capsys.readouterr().err

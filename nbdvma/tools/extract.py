@@ -25,7 +25,7 @@ from nbdvma.interrupts import deferred
 from nbdvma.tools.common import Progress, check_name, digest_line, open_reader, strerror
 from nbdvma.vma.background import BackgroundWriter
 from nbdvma.vma.digest import DIGEST_CONFIG, DataDigest
-from nbdvma.vma.fileio import Writeback, preallocate
+from nbdvma.vma.fileio import Writeback, preallocate, pwrite_all
 from nbdvma.vma.format import (
     FULL_MASK,
     VMA_BLOCK_SIZE,
@@ -38,35 +38,12 @@ from nbdvma.vma.reader import Cluster, VmaReader
 
 __all__ = ["extract_archive"]
 
-_IOV_MAX = 1024
 # extract reads extents into this many buffers, writing one while reading the next.
 _EXTRACT_BUFFERS = 3
 
 #: Restored disks, VM state and configs hold what the archive holds: the archive is
 #: 0600, and so are they.
 RESTORED_FILE_MODE = 0o600
-
-
-def _pwrite_all(fd: int, views: Sequence[memoryview | bytes], offset: int) -> None:
-    """Write ``views`` contiguously at ``offset`` (pwritev, retrying short writes)."""
-    views = list(views)
-    while views:
-        batch = views[:_IOV_MAX]
-        want = sum(len(v) for v in batch)
-        done = os.pwritev(fd, batch, offset)
-        offset += done
-        if done == want:
-            del views[:_IOV_MAX]
-            continue
-        # Short write: drop what went out and retry the rest.
-        rest: list[memoryview | bytes] = []
-        for v in batch:
-            if done >= len(v):
-                done -= len(v)
-            else:
-                rest.append(memoryview(v)[done:])
-                done = 0
-        views[: len(batch)] = rest
 
 
 #: Contiguous bytes for an output file: (offset, views, end offset).
@@ -123,7 +100,7 @@ def _write_ranges(batch: list[tuple[_Target, list[_Range]]]) -> None:
             # allocated, so holes stay holes.
             if target.allocate_first:
                 target.allocate_first = preallocate(target.fd, at, end - at)
-            _pwrite_all(target.fd, views, at)
+            pwrite_all(target.fd, views, at)
             target.writeback.wrote(at, end - at)
 
 
@@ -207,7 +184,7 @@ class _Outputs:
                 RESTORED_FILE_MODE,
             )
             try:
-                _pwrite_all(fd, [data], 0)
+                pwrite_all(fd, [data], 0)
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -24,6 +24,9 @@ without waiting for a disk: on a tmpfs every read is a copy from memory, and els
 instead of starting I/O.  A server uses it to answer a READ at once, without the cost
 of a thread, whenever that cannot block its event loop.
 
+:func:`pwrite_all` writes several buffers at an offset, retrying short writes (what
+``extract`` and ``export``'s one-off decompression need).
+
 Where the calls do not exist (not Linux, not glibc) the hints do nothing; on a tmpfs
 there is nothing to write back, and :class:`Writeback` does nothing either.
 """
@@ -35,15 +38,24 @@ import ctypes
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nbdvma.vma.background import ThreadGuard
 
-__all__ = ["DEFAULT_STEP", "Writeback", "nowait_read_flags", "preadv_nowait", "preallocate"]
+__all__ = [
+    "DEFAULT_STEP",
+    "Writeback",
+    "nowait_read_flags",
+    "preadv_nowait",
+    "preallocate",
+    "pwrite_all",
+]
 
 #: Start the write-back of a range once this many bytes of it have been written.
 DEFAULT_STEP = 8 << 20
 
+# Buffers one pwritev takes at most (Linux's IOV_MAX).
+_IOV_MAX = 1024
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the values are part of the kernel ABI
 _FALLOC_FL_KEEP_SIZE = 1
 
@@ -235,3 +247,25 @@ class Writeback:
             func(self.fd, low, high - low, _SYNC_FILE_RANGE_WRITE)
             if last:
                 return
+
+
+def pwrite_all(fd: int, views: Sequence[memoryview | bytes], offset: int) -> None:
+    """Write ``views`` contiguously at ``offset`` (pwritev, retrying short writes)."""
+    views = list(views)
+    while views:
+        batch = views[:_IOV_MAX]
+        want = sum(len(v) for v in batch)
+        done = os.pwritev(fd, batch, offset)
+        offset += done
+        if done == want:
+            del views[:_IOV_MAX]
+            continue
+        # Short write: drop what went out and retry the rest.
+        rest: list[memoryview | bytes] = []
+        for v in batch:
+            if done >= len(v):
+                done -= len(v)
+            else:
+                rest.append(memoryview(v)[done:])
+                done = 0
+        views[: len(batch)] = rest

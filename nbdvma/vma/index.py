@@ -20,8 +20,9 @@ zstd frame per unit (the header, then each extent; :mod:`nbdvma.vma.zstdframes`)
 (20 bytes per extent of up to 59 clusters), and :class:`IndexedArchive` decompresses
 only the frames a read needs, keeping the last few in a small LRU cache.  A zstd
 archive framed otherwise (one stream, as vzdump or the ``zstd`` CLI writes it) raises
-:class:`~nbdvma.errors.UnindexableArchiveError` early: :func:`decompress_into` turns
-it (or a gzip or lzo stream) into a plain sparse file once, which is then indexed.
+:class:`~nbdvma.errors.UnindexableArchiveError` early:
+:func:`~nbdvma.archive_backend.decompress_into` turns it (or a gzip or lzo stream) into
+a plain sparse file once, which is then indexed.
 An archive in object storage is indexed from a stream and read by ranged GETs
 (:mod:`nbdvma.s3.archive`, a subclass of :class:`IndexedArchive`).
 
@@ -39,7 +40,7 @@ import os
 import threading
 from array import array
 from collections.abc import Callable, Collection, Iterator
-from typing import Any, BinaryIO, TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 import zstandard
@@ -67,7 +68,6 @@ __all__ = [
     "IndexedArchive",
     "VmstateWriter",
     "build_index",
-    "decompress_into",
 ]
 
 _OFFSET_BITS = 48
@@ -274,7 +274,7 @@ def build_index(
         VmaFormatError: the archive is damaged or incomplete (the reason, as ``verify``
             gives it).
         UnindexableArchiveError: a zstd archive framed otherwise: decompress it first
-            (:func:`decompress_into`).
+            (:func:`~nbdvma.archive_backend.decompress_into`).
     """
     # Closed by the reader (through the source), even if its construction fails.
     raw = io.BufferedReader(io.FileIO(path), _READ_CHUNK) if isinstance(path, str) else path
@@ -555,54 +555,3 @@ def _add_run(runs: list[tuple[int, bool]], length: int, zero: bool) -> bool:
         return False
     runs.append((length, zero))
     return True
-
-
-def decompress_into(source: BinaryIO, fd: int, progress: Callable[[int], None]) -> int:
-    """Copy a decompressed archive ``source`` into the file ``fd``, sparse: chunks of
-    zeros are left as holes.
-
-    Args:
-        source: the decompressed stream (:func:`~nbdvma.vma.reader.open_source`...).
-        fd: an empty file open for writing.
-        progress: called with the bytes written so far, now and then (may raise).
-
-    Returns:
-        The decompressed length.
-
-    Raises:
-        OSError: a read or write failed.
-        VmaFormatError: the stream is corrupt.
-    """
-    buf = bytearray(_READ_CHUNK)
-    view = memoryview(buf)
-    zero = bytes(VMA_BLOCK_SIZE)
-    total = 0
-    while True:
-        try:
-            n = source.readinto(view)  # type: ignore[attr-defined]
-        except (zstandard.ZstdError, EOFError) as exc:
-            raise VmaFormatError(f"read failed - {exc}") from exc
-        if not n:
-            break
-        # Write only the runs of 4 KiB blocks that hold data: zeros stay holes.
-        start = None
-        for block in range(0, n, VMA_BLOCK_SIZE):
-            stop = min(block + VMA_BLOCK_SIZE, n)
-            if view[block:stop] == zero[: stop - block]:
-                if start is not None:
-                    _pwrite_all(fd, view[start:block], total + start)
-                    start = None
-            elif start is None:
-                start = block
-        if start is not None:
-            _pwrite_all(fd, view[start:n], total + start)
-        total += n
-        progress(total)
-    os.ftruncate(fd, total)
-    return total
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
