@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from nbdvma.errors import AddressError, NbdvmaError, TlsError, VmaWriterError
+from nbdvma.errors import ActivationError, AddressError, NbdvmaError, TlsError, VmaWriterError
 from nbdvma.units import parse_size
 from nbdvma.vma.zstdframes import parse_compression
 
@@ -325,3 +325,21 @@ def tls_config(args: argparse.Namespace) -> TlsConfig:
         TlsMode(args.tls or TlsMode.REQUIRE.value),
         verify_client=args.tls_verify_client,
     )
+
+
+def activated_sockets(listen: Sequence[object] | None, command: str) -> tuple[int, ...]:
+    """The listening sockets systemd passes (``LISTEN_FDS``; read and unset, so that
+    no child ever sees the variables), refused beside ``--listen``.
+
+    Raises:
+        ActivationError: sockets were passed and ``--listen`` given too.
+    """
+    from nbdvma.activation import listen_fds
+
+    activated = listen_fds()
+    if activated and listen:
+        raise ActivationError(
+            f"systemd passes {len(activated)} listening socket(s) (LISTEN_FDS): "
+            f"{command} listens on those; drop --listen"
+        )
+    return activated

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from nbdvma.activation import listen_fds
 from nbdvma.addresses import Address, TcpAddress
 from nbdvma.archive_backend import ArchiveBackend, prepare
 from nbdvma.commands.common import (
+    activated_sockets,
     add_access_options,
     add_listen_options,
     log_to_stderr,
@@ -34,7 +34,7 @@ from nbdvma.commands.common import (
     tls_config,
 )
 from nbdvma.commands.s3opts import add_s3_endpoint_option
-from nbdvma.errors import ActivationError, NbdvmaError, QmpConnectError, VmaFormatError
+from nbdvma.errors import NbdvmaError, QmpConnectError, VmaFormatError
 from nbdvma.listeners import remove_socket
 from nbdvma.pidfile import pid_file
 from nbdvma.server import NbdServer
@@ -87,12 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    activated = listen_fds()
-    if activated and args.listen:
-        raise ActivationError(
-            f"systemd passes {len(activated)} listening socket(s) (LISTEN_FDS): "
-            "export listens on those; drop --listen"
-        )
+    activated = activated_sockets(args.listen, "export")
     options = SessionOptions(
         archive=args.archive,
         disks=(),

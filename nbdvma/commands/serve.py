@@ -23,10 +23,10 @@ import sys
 import attrs
 import trio
 
-from nbdvma.activation import listen_fds
 from nbdvma.addresses import TcpAddress
 from nbdvma.captive import CaptiveCommand, start_command, until_complete
 from nbdvma.commands.common import (
+    activated_sockets,
     add_access_options,
     add_compress_option,
     add_listen_options,
@@ -39,7 +39,7 @@ from nbdvma.commands.common import (
     size_argument,
     tls_config,
 )
-from nbdvma.errors import ActivationError, NbdvmaError
+from nbdvma.errors import NbdvmaError
 from nbdvma.pidfile import pid_file
 from nbdvma.pve import archive_configs, split_config_argument
 from nbdvma.session import ArchiveSession, DiscardSession, ExportSession, SessionOptions
@@ -305,13 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Read (and unset) first, so that no child ever sees the variables.
-    activated = listen_fds()
-    if activated and args.listen:
-        raise ActivationError(
-            f"systemd passes {len(activated)} listening socket(s) (LISTEN_FDS): "
-            "serve listens on those; drop --listen"
-        )
+    activated = activated_sockets(args.listen, "serve")
     names = [name for name, _ in args.disk]
     if len(set(names)) != len(names):
         raise NbdvmaError("each --disk needs a different name")
