@@ -65,7 +65,19 @@ from pathlib import Path
 import attrs
 import trio
 from bench_backup import make_disk
-from benchlib import GiB, MiB, Usage, cpu_so_far, fmt_runs, kill, reap, terminate, tmpfs, work_dirs
+from benchlib import (
+    GiB,
+    MiB,
+    Usage,
+    cpu_so_far,
+    fmt_runs,
+    kill,
+    reap,
+    rotated_rounds,
+    terminate,
+    tmpfs,
+    work_dirs,
+)
 from benchlib import verdict as _verdict
 from benchlib import wait_for as _wait_for
 
@@ -473,24 +485,16 @@ class Contestant:
 def rounds(
     ctx: Ctx, image: Image, contestants: Sequence[Contestant], runs: int, warmup: int, what: str
 ) -> dict[str, list[Run]]:
-    """``warmup`` + ``runs`` rounds, the contestants' order rotated every round (each
-    starts a round as often as the others); ``os.sync`` before each, outside the timing,
-    so that none pays for another's write-back."""
-    results: dict[str, list[Run]] = {c.key: [] for c in contestants}
-    for r in range(warmup + runs):
-        counted = r >= warmup
-        shift = r % len(contestants)
-        order = list(contestants[shift:]) + list(contestants[:shift])
-        line = []
-        for c in order:
-            os.sync()
-            result = c.run(ctx, image)
-            if counted:
-                results[c.key].append(result)
-            line.append(f"{c.key} {result.wall:.2f}s/{result.cpu:.2f} CPU s")
-        tag = f"run {r - warmup + 1}" if counted else "warm-up"
-        print(f"{what} {tag}: {', '.join(line)}", flush=True)
-    return results
+    """:func:`~benchlib.rotated_rounds` of the contestants on ``image``."""
+    by_key = {c.key: c for c in contestants}
+    return rotated_rounds(
+        list(by_key),
+        runs,
+        warmup,
+        lambda key, _: by_key[key].run(ctx, image),
+        lambda result: f"{result.wall:.2f}s/{result.cpu:.2f} CPU s",
+        what,
+    )
 
 
 def med(runs: list[Run], field: str) -> float:

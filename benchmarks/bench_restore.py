@@ -16,7 +16,6 @@ Target: through the export at most 1.0x the time through qemu-nbd.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from benchlib import (
     fmt_runs,
     kill,
     reap,
+    rotated_rounds,
     terminate,
     tmpfs,
     verdict,
@@ -267,23 +267,16 @@ class Contestant:
 def rounds(
     ctx: Ctx, contestants: Sequence[Contestant], runs: int, warmup: int
 ) -> dict[str, list[Run]]:
-    """``warmup`` + ``runs`` rounds, the order rotated every round; ``os.sync`` before
-    each run (outside the timing); the first round's outputs are compared."""
-    results: dict[str, list[Run]] = {c.key: [] for c in contestants}
-    for r in range(warmup + runs):
-        counted = r >= warmup
-        shift = r % len(contestants)
-        order = list(contestants[shift:]) + list(contestants[:shift])
-        line = []
-        for c in order:
-            os.sync()
-            result = c.run(attrs.evolve(ctx, verify=r == 0))
-            if counted:
-                results[c.key].append(result)
-            line.append(f"{c.key} {result.wall:.2f}s")
-        tag = f"run {r - warmup + 1}" if counted else "warm-up"
-        print(f"{tag}: {', '.join(line)}", flush=True)
-    return results
+    """:func:`~benchlib.rotated_rounds` of the contestants; the first round's outputs
+    are compared with the source."""
+    by_key = {c.key: c for c in contestants}
+    return rotated_rounds(
+        list(by_key),
+        runs,
+        warmup,
+        lambda key, r: by_key[key].run(attrs.evolve(ctx, verify=r == 0)),
+        lambda result: f"{result.wall:.2f}s",
+    )
 
 
 def med(runs: list[Run], field: str) -> float | None:

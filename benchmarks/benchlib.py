@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: a tmpfs they mount themselves, CPU time and peak
-RSS of a child, waiting for a server to come up, the work and socket directories.
+RSS of a child, waiting for a server to come up, the work and socket directories,
+rounds of contestants in rotating order.
 
 Not a benchmark itself.  The scripts of ``benchmarks/`` import it as a sibling module
 (a script's own directory is the first entry of ``sys.path``).
@@ -13,11 +14,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
+
+R = TypeVar("R")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -139,3 +143,31 @@ def fmt_runs(values: list[float], digits: int = 2) -> str:
 def verdict(ok: bool) -> str:
     """``met`` or ``MISSED``, for the target lines."""
     return "met" if ok else "MISSED"
+
+
+def rotated_rounds(
+    keys: Sequence[str],
+    runs: int,
+    warmup: int,
+    run: Callable[[str, int], R],
+    show: Callable[[R], str],
+    what: str = "",
+) -> dict[str, list[R]]:
+    """``warmup`` + ``runs`` rounds of ``run(key, round)`` for every key, the order
+    rotated every round (each key starts a round as often as the others); ``os.sync``
+    before each, outside the timing, so that none pays for another's write-back.  One
+    line per round (``show`` of each result); the warm-up rounds are not kept."""
+    results: dict[str, list[R]] = {key: [] for key in keys}
+    for r in range(warmup + runs):
+        counted = r >= warmup
+        shift = r % len(keys)
+        line = []
+        for key in [*keys[shift:], *keys[:shift]]:
+            os.sync()
+            result = run(key, r)
+            if counted:
+                results[key].append(result)
+            line.append(f"{key} {show(result)}")
+        tag = f"run {r - warmup + 1}" if counted else "warm-up"
+        print(f"{what + ' ' if what else ''}{tag}: {', '.join(line)}", flush=True)
+    return results
