@@ -40,7 +40,7 @@ from nbdvma.nbd.constants import NbdStateFlag
 from nbdvma.s3.location import S3Location, parse_s3_url
 from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
-from nbdvma.vma.fileio import pwrite_all
+from nbdvma.vma.fileio import FileRuns, pwrite_all
 from nbdvma.vma.format import VMA_BLOCK_SIZE
 from nbdvma.vma.index import (
     STATUS_RUNS,
@@ -113,6 +113,11 @@ class ArchiveBackend:
         """See :class:`~nbdvma.backends.ReadNow`: data in the page cache or on a tmpfs,
         read in the event loop's thread, where a worker thread's hop would cost more."""
         return self.archive.read_now(export_name, offset, length)
+
+    def runs_now(self, export_name: str, offset: int, length: int) -> FileRuns | None:
+        """See :class:`~nbdvma.backends.SendNow`: where a READ's bytes lie in the
+        archive file, when they can be sent from there at once."""
+        return self.archive.runs_now(export_name, offset, length)
 
     async def pwrite(
         self, export_name: str, offset: int, data: bytes | bytearray, *, fua: bool

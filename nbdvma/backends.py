@@ -24,11 +24,14 @@ import trio
 
 from nbdvma.nbd import Capabilities, ExportInfo
 from nbdvma.nbd.constants import NbdStateFlag
+from nbdvma.vma.fileio import FileRuns
 from nbdvma.vma.writer import DeviceProgress, VmaWriter
 
 __all__ = [
     "Backend",
     "NullBackend",
+    "ReadNow",
+    "SendNow",
     "StatusNow",
     "VmaBackend",
     "WriteNow",
@@ -115,6 +118,15 @@ class ReadNow(Protocol):
 
     def read_now(self, export_name: str, offset: int, length: int) -> bytearray | None:
         """:meth:`Backend.pread` at once, or ``None`` (nothing done) if it would wait."""
+
+
+class SendNow(Protocol):
+    """A fourth optional fast path, beside :class:`ReadNow`: a READ whose bytes lie in
+    a file whose pages are in memory is answered with ``sendfile`` from there (on a
+    plain socket), never copied into the server's memory."""
+
+    def runs_now(self, export_name: str, offset: int, length: int) -> FileRuns | None:
+        """Where the READ's bytes lie, if they can be sent at once; else ``None``."""
 
 
 def full_exports(disks: Iterable[tuple[str, int]], *, flush: bool = True) -> list[ExportInfo]:

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from typing import cast
 import attrs
 import trio
 
-from nbdvma.backends import Backend, ReadNow, StatusNow, WriteNow
+from nbdvma.backends import Backend, ReadNow, SendNow, StatusNow, WriteNow
 from nbdvma.errors import RemoteProtocolError, errno_for_exception
 from nbdvma.nbd import (
     NEED_DATA,
@@ -46,6 +47,7 @@ from nbdvma.nbd import (
     HandshakeAborted,
     Limits,
     NbdServerConnection,
+    PassedData,
     RejectedRequest,
     Request,
     StartTLS,
@@ -53,6 +55,7 @@ from nbdvma.nbd import (
     TransmissionStarted,
 )
 from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
+from nbdvma.vma.fileio import FileRuns
 
 __all__ = ["ByteBudget", "ConnectionObserver", "NbdServer", "ServerLimits"]
 
@@ -190,6 +193,9 @@ class NbdServer:
         self._read_now: ReadNow | None = (
             cast("ReadNow", backend) if hasattr(backend, "read_now") else None
         )
+        self._send_now: SendNow | None = (
+            cast("SendNow", backend) if hasattr(backend, "runs_now") else None
+        )
         # A request failed and no write has succeeded since (see requests_recovered).
         self._failing = False
         self.tls_mode = tls_mode
@@ -291,6 +297,11 @@ class NbdServer:
         try:
             small = bytearray()
             for buf in buffers:
+                if isinstance(buf, PassedData):
+                    assert conn.socket is not None  # only passed on a plain socket
+                    await _send_file_runs(conn.socket, small, buf.source)
+                    small = bytearray()
+                    continue
                 if len(buf) < _SMALL:
                     small += buf
                     continue
@@ -474,6 +485,11 @@ class NbdServer:
         assert self._read_now is not None
         assert conn.export_name is not None
         try:
+            if self._send_now is not None and conn.socket is not None:
+                runs = self._send_now.runs_now(conn.export_name, req.offset, req.length)
+                if runs is not None:
+                    conn.core.send_read_reply(req.cookie, req.offset, PassedData(runs.length, runs))
+                    return True
             data = self._read_now.read_now(conn.export_name, req.offset, req.length)
         except Exception as exc:
             self._answer_error(conn, req, exc)
@@ -546,6 +562,43 @@ class NbdServer:
 
 # Request flags as plain ints: IntFlag's own & is a Python-level method, and these
 # tests run on every request.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+async def _send_file_runs(sock: trio.socket.SocketType, head: bytearray, data: object) -> None:
+    """Send ``head``, then the bytes of ``data`` (:class:`FileRuns`): ``sendfile`` from
+    the file for its runs (no copy through this process), zeros between them."""
+    assert isinstance(data, FileRuns)
+    out = sock.fileno()
+    if head:
+        await _send_bytes(sock, memoryview(head))
+    pos = 0
+    for at, source, n in data.runs:
+        while pos < at:
+            pos += await _send_bytes(sock, _ZEROS[: at - pos])
+        end = source + n
+        while source < end:
+            try:
+                sent = os.sendfile(out, data.fd, source, end - source)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            if not sent:
+                raise OSError(errno.EIO, "the archive is shorter than when it was indexed")
+            source += sent
+        pos = at + n
+    while pos < data.length:
+        pos += await _send_bytes(sock, _ZEROS[: data.length - pos])
+
+
+async def _send_bytes(sock: trio.socket.SocketType, view: memoryview) -> int:
+    """Send all of ``view``; its length."""
+    done = 0
+    while done < len(view):
+        done += await sock.send(view[done:])
+    return done
+
+
 _FUA = int(NbdCmdFlag.NBD_CMD_FLAG_FUA)
 _REQ_ONE = int(NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE)
 

@@ -31,6 +31,7 @@ from servehelpers import nbdvma, poll_until, run_tool
 
 from nbdvma.archive_backend import PrepareState, PrepareWatcher, open_archive, prepare
 from nbdvma.restore import restore_archive
+from nbdvma.vma.fileio import FileRuns
 from nbdvma.vma.index import READ_NOW_MAX, build_index
 from nbdvma.vma.sink import open_sink
 from nbdvma.vma.writer import VmaWriter
@@ -242,13 +243,24 @@ def test_writes_are_refused_with_eperm(
     assert archive.read_bytes() == before
 
 
+@pytest.mark.parametrize("form", ["plain", "zst"])
+@pytest.mark.parametrize("extents", ["", "--no-extents"])
 def test_nbdcopy_with_several_connections(
-    workdir: Path, sources: Sources, export: Callable[..., Export], nbdcopy: str
+    form: str,
+    extents: str,
+    workdir: Path,
+    sources: Sources,
+    export: Callable[..., Export],
+    nbdcopy: str,
 ) -> None:
-    exp = export(_archive(workdir, sources, "zst"))
+    """Every byte, zero blocks too with ``--no-extents`` (reads that span stored and
+    zero blocks: on a plain archive in the page cache, sent with ``sendfile`` and zeros
+    between the runs)."""
+    exp = export(_archive(workdir, sources, form))
     for name, data in sources.contents.items():
         out = workdir / f"{name}.copy"
-        run_tool([nbdcopy, "--connections=4", "--requests=16", exp.uri(name), str(out)])
+        args = [nbdcopy, "--connections=4", "--requests=16", *filter(None, [extents])]
+        run_tool([*args, exp.uri(name), str(out)])
         assert out.read_bytes() == data
 
 
@@ -717,6 +729,13 @@ def test_block_status_gives_whole_runs_and_at_most_max_runs(
         opened.close()
 
 
+def _from_runs(runs: FileRuns) -> bytes:
+    out = bytearray(runs.length)
+    for at, source, n in runs.runs:
+        out[at : at + n] = os.pread(runs.fd, n, source)
+    return bytes(out)
+
+
 def test_reads_at_once_only_what_needs_no_disk(workdir: Path, sources: Sources) -> None:
     """``read_now`` (a READ answered in the event loop) gives the bytes ``read`` gives
     for an archive in the page cache, and ``None`` (nothing done) where a disk read
@@ -732,6 +751,12 @@ def test_reads_at_once_only_what_needs_no_disk(workdir: Path, sources: Sources) 
             assert bytes(now) == data[offset : offset + length]
         # Larger than a copy the event loop should wait for: a thread's.
         assert opened.read_now(name, 0, READ_NOW_MAX + 4096) is None
+        # runs_now: where sendfile finds the bytes (zeros between the runs).
+        for offset, length in ((0, ODD_SIZE), (4096 * 9 + 17, 200_000), (ODD_SIZE - 1000, 1000)):
+            runs = opened.runs_now(name, offset, length)
+            assert runs is not None
+            assert runs.length == length
+            assert _from_runs(runs) == data[offset : offset + length]
         # Out of the page cache: read_now declines, read still reads.
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -740,12 +765,14 @@ def test_reads_at_once_only_what_needs_no_disk(workdir: Path, sources: Sources) 
         finally:
             os.close(fd)
         assert opened.read_now(name, 0, ODD_SIZE) is None
+        assert opened.runs_now(name, 0, ODD_SIZE) is None
         assert bytes(opened.read(name, 0, ODD_SIZE)) == data
     finally:
         opened.close()
     zst = open_archive(str(_archive(workdir, sources, "zst")), PrepareState())
     try:
         assert zst.read_now(name, 0, 4096) is None
+        assert zst.runs_now(name, 0, 4096) is None
         assert bytes(zst.read(name, 0, 4096)) == data[:4096]
     finally:
         zst.close()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
 import nbdvma.vma.fileio as wb
-from nbdvma.vma.fileio import Writeback, nowait_read_flags, preadv_nowait
+from nbdvma.vma.fileio import PageCache, Writeback, nowait_read_flags, preadv_nowait
 
 MiB = 1 << 20
 
@@ -209,3 +213,79 @@ def test_nowait_read_flags_by_file_system(tmp_path: Path) -> None:
             os.close(fd)
     finally:
         shm.unlink()
+
+
+def test_page_cache_tells_which_pages_are_in_memory(tmp_path: Path) -> None:
+    """What decides whether export may ``sendfile`` from the archive in its event
+    loop: pages just written are in memory, pages dropped are not, per range; on a
+    tmpfs everything is."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 * page))
+    fd = os.open(path, os.O_RDONLY)
+    cache = PageCache.open(fd)
+    assert cache is not None
+    try:
+        assert cache.cached(0, 64 * page)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not cache.cached(0, 64 * page)
+        os.pread(fd, 8 * page, 16 * page)  # pages 16-23 read back (no readahead past EOF)
+        os.posix_fadvise(fd, 24 * page, 0, os.POSIX_FADV_DONTNEED)  # whatever readahead took
+        assert cache.cached(16 * page + 100, 8 * page - 200)
+        assert cache.cached(16 * page, 8 * page)
+        assert not cache.cached(16 * page, 8 * page + 1)  # one byte into page 24
+        assert not cache.cached(15 * page + page - 1, 2)  # one byte of page 15
+        assert not cache.cached(60 * page, 8 * page)  # past the end
+    finally:
+        cache.close()
+        cache.close()
+        os.close(fd)
+    shm = Path("/dev/shm") / f"nbdvma-pages-{os.getpid()}"
+    shm.write_bytes(b"x" * page)
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        cache = PageCache.open(fd)
+        assert cache is not None
+        assert cache.cached(0, page)
+        cache.close()
+    finally:
+        os.close(fd)
+        shm.unlink()
+
+
+def test_page_cache_refuses_where_mincore_would_lie(tmp_path: Path) -> None:
+    """Linux reports the page cache of a file only to its owner, root, or a writer,
+    and claims every page in memory to anyone else: such a reader gets no
+    :class:`PageCache` (and export reads through a thread instead of ``sendfile``)."""
+    top = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        path = top / "f"
+        path.write_bytes(os.urandom(1 << 20))
+        path.chmod(0o644)
+        with path.open("rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        probe = (
+            "import os, sys; from nbdvma.vma.fileio import PageCache; "
+            "fd = os.open(sys.argv[1], os.O_RDONLY); print(PageCache.open(fd))"
+        )
+        out = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                probe,
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        assert out.stdout.strip() == "None"
+    finally:
+        shutil.rmtree(top)

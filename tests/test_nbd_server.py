@@ -36,6 +36,7 @@ from nbdvma.nbd import (
     Limits,
     NbdPhase,
     NbdServerConnection,
+    PassedData,
     RejectedRequest,
     Request,
     TransmissionStarted,
@@ -487,6 +488,33 @@ def test_read_simple_reply_is_not_copied() -> None:
     bufs = conn.buffers_to_send()
     assert bufs[1] is payload
     assert Reader(bytes(bufs[0])).simple() == (0, 0xDEADBEEFCAFE)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_read_reply_with_passed_data_is_handed_back_in_place(structured: bool) -> None:
+    """Data the I/O layer sends itself (sendfile) keeps its place after the header,
+    between the replies queued before and after it; ``data_to_send`` cannot join it."""
+    conn = make()
+    go(conn, structured=structured)
+    feed(conn, request(C.NBD_CMD_FLUSH, cookie=1))
+    feed(conn, request(C.NBD_CMD_READ, cookie=2, offset=4096, length=8192))
+    feed(conn, request(C.NBD_CMD_FLUSH, cookie=3))
+    conn.send_reply(1)
+    passed = PassedData(8192, source=object())
+    conn.send_read_reply(2, 4096, passed)
+    conn.send_reply(3)
+    before, header, item, after = conn.buffers_to_send()
+    assert item is passed
+    assert len(item) == 8192
+    assert Reader(bytes(before)).simple() == (0, 1)  # (success without data: simple)
+    if structured:
+        assert bytes(header) == struct.pack(">LHHQLQ", 0x668E33EF, DONE, 1, 2, 8 + 8192, 4096)
+    else:
+        assert Reader(bytes(header)).simple() == (0, 2)
+    assert Reader(bytes(after)).simple() == (0, 3)
+    conn.send_read_reply(4, 0, PassedData(1, None))
+    with pytest.raises(LocalProtocolError, match="PassedData"):
+        conn.data_to_send()
 
 
 def test_read_structured_reply() -> None:

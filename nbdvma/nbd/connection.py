@@ -14,7 +14,8 @@ touches a socket:
   ``send_*`` methods) accumulates in an output queue that the I/O layer drains with
   :meth:`~NbdServerConnection.data_to_send` (one ``bytes``) or
   :meth:`~NbdServerConnection.buffers_to_send` (a list of buffers, so a 1 MiB READ
-  payload is never copied).  The greeting is queued by the constructor.
+  payload is never copied, and :class:`~.events.PassedData`, READ data the I/O layer
+  writes itself, with ``sendfile`` say).  The greeting is queued by the constructor.
 
 The connection is three parts around one receive buffer and one output queue: the
 receive state machine (:mod:`.state`, whose theory-of-operation comment has the
@@ -65,6 +66,8 @@ from .events import (
     Event,
     HoleChunk,
     NeedData,
+    Outgoing,
+    PassedData,
     Request,
     TransmissionStarted,
 )
@@ -99,7 +102,7 @@ class NbdServerConnection:
     ) -> None:
         self._limits = limits
         self._buf = wire.ReceiveBuffer()
-        self._out: list[bytes | bytearray | memoryview] = []
+        self._out: list[Outgoing] = []
         self._state = ReceiveState()
         self._eof = False
         self._error_message = ""
@@ -259,16 +262,24 @@ class NbdServerConnection:
     # --- output -------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Return (and forget) everything queued for the client, as one ``bytes``."""
-        out = b"".join(self._out)
+        """Return (and forget) everything queued for the client, as one ``bytes``.
+
+        Raises:
+            LocalProtocolError: a :class:`~.events.PassedData` is queued (only
+                :meth:`buffers_to_send` can hand that back).
+        """
+        if any(isinstance(item, PassedData) for item in self._out):
+            raise LocalProtocolError("data_to_send() with PassedData queued: use buffers_to_send()")
+        out = b"".join(self._out)  # type: ignore[arg-type]  # checked above
         self._out.clear()
         return out
 
-    def buffers_to_send(self) -> list[bytes | bytearray | memoryview]:
-        """Return (and forget) the queued output as a list of buffers, uncopied.
+    def buffers_to_send(self) -> list[Outgoing]:
+        """Return (and forget) the queued output, uncopied, in order.
 
         READ payloads passed to ``send_read_reply`` appear here as given, so they
-        must not be modified until written.
+        must not be modified until written; a :class:`~.events.PassedData` is the
+        I/O layer's to write.
         """
         out = self._out[:]  # the queue itself is shared with the two phases
         self._out.clear()
@@ -296,7 +307,7 @@ class NbdServerConnection:
         self._replies().send_error(cookie, error, message)
 
     def send_read_reply(
-        self, cookie: int, offset: int, data: bytes | bytearray | memoryview
+        self, cookie: int, offset: int, data: bytes | bytearray | memoryview | PassedData
     ) -> None:
         """Answer a READ with its data: :meth:`.Transmission.send_read_reply`.
 

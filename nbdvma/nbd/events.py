@@ -25,6 +25,8 @@ __all__ = [
     "HandshakeAborted",
     "HoleChunk",
     "NeedData",
+    "Outgoing",
+    "PassedData",
     "RejectedRequest",
     "Request",
     "StartTLS",
@@ -78,6 +80,28 @@ class Request:
     offset: int
     length: int
     data: bytes | bytearray | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
+class PassedData:
+    """READ reply data the I/O layer writes itself, queued in its place.
+
+    For data the I/O layer can move without holding it in memory, such as file
+    ranges sent with ``sendfile``: the core counts its ``length`` and hands it back,
+    in order, from :meth:`NbdServerConnection.buffers_to_send`; it never looks at
+    ``source``.  The I/O layer must then write exactly ``length`` bytes.
+    """
+
+    length: int
+    source: object = attrs.field(repr=False)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+#: What the core queues for the peer: its own encoded messages, READ data as the I/O
+#: layer gave it, and :class:`PassedData` for the I/O layer to write itself.
+Outgoing: TypeAlias = "bytes | bytearray | memoryview | PassedData"
 
 
 @attrs.frozen

@@ -59,6 +59,7 @@ from .events import (
     ExportRefused,
     HandshakeAborted,
     NeedData,
+    Outgoing,
     StartTLS,
     TransmissionStarted,
 )
@@ -67,7 +68,7 @@ from .state import ReceiveState, RxState
 
 __all__ = ["Agreement", "Handshake"]
 
-_OutQueue = list[bytes | bytearray | memoryview]
+_OutQueue = list[Outgoing]
 
 
 @attrs.frozen

@@ -42,6 +42,8 @@ from .events import (
     Event,
     HoleChunk,
     NeedData,
+    Outgoing,
+    PassedData,
     RejectedRequest,
     Request,
 )
@@ -66,7 +68,7 @@ _UNSHARED = _unshared_refcount()
 
 __all__ = ["Transmission"]
 
-_OutQueue = list[bytes | bytearray | memoryview]
+_OutQueue = list[Outgoing]
 _Rejection: TypeAlias = tuple[NbdError, str]
 
 _FUA = NbdCmdFlag.NBD_CMD_FLAG_FUA
@@ -384,9 +386,10 @@ class Transmission:
         self._queue_error(cookie, nbd_error_from_errno(error), message)
 
     def send_read_reply(
-        self, cookie: int, offset: int, data: bytes | bytearray | memoryview
+        self, cookie: int, offset: int, data: bytes | bytearray | memoryview | PassedData
     ) -> None:
-        """Answer a READ with its data (queued uncopied after a small header).
+        """Answer a READ with its data (queued uncopied after a small header; or a
+        :class:`~.events.PassedData` that the I/O layer writes itself).
 
         Simple replies: a 16-byte header and the data.  Structured replies: one
         OFFSET_DATA chunk with DONE (which also satisfies ``NBD_CMD_FLAG_DF``).
@@ -394,7 +397,8 @@ class Transmission:
         Args:
             cookie: the request's cookie.
             offset: the request's offset.
-            data: exactly the requested bytes; it must not change until sent.
+            data: exactly the requested bytes; it must not change until sent.  Or
+                :class:`~.events.PassedData` of the requested length.
 
         Raises:
             LocalProtocolError: empty data.

@@ -35,15 +35,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
 
 from nbdvma.vma.background import ThreadGuard
 
 __all__ = [
     "DEFAULT_STEP",
+    "FileRuns",
+    "PageCache",
     "Writeback",
     "nowait_read_flags",
     "preadv_nowait",
@@ -91,6 +97,30 @@ def _load_fstatfs() -> Callable[[int, ctypes.Array[ctypes.c_long]], int] | None:
     return func
 
 
+def _load_mapping() -> tuple[Any, Any, Any]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mmap_, munmap, mincore = libc.mmap, libc.munmap, libc.mincore
+    except (OSError, AttributeError):
+        return None, None, None
+    mmap_.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+    ]
+    mmap_.restype = ctypes.c_void_p
+    munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    munmap.restype = ctypes.c_int
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    mincore.restype = ctypes.c_int
+    return mmap_, munmap, mincore
+
+
+_libc_mmap, _libc_munmap, _libc_mincore = _load_mapping()
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _sync_file_range = _load_sync_file_range()
 _fallocate = _load_fallocate()
 _fstatfs = _load_fstatfs()
@@ -126,6 +156,76 @@ def nowait_read_flags(fd: int) -> int | None:
     except OSError:
         return None  # EOPNOTSUPP: the file system cannot promise it
     return flag
+
+
+@attrs.frozen
+class FileRuns:
+    """Bytes that lie in a file: ``runs`` of ``[position in the bytes, file offset,
+    length]``, in order, within ``length``; the bytes between them are zeros.  What
+    a server can send with ``sendfile`` instead of reading into memory first."""
+
+    fd: int
+    length: int
+    runs: list[list[int]]
+
+
+class PageCache:
+    """Whether ranges of a file are in memory, so that ``sendfile`` from them cannot
+    wait for a disk (a regular file has no non-blocking ``sendfile``).
+
+    ``mincore`` over a read-only mapping of the whole file that is never touched
+    (mapping costs address space only; a page is never faulted in, so a file cut
+    short later raises no ``SIGBUS``).  On a tmpfs every page is in memory and
+    nothing is mapped.  Since Linux 5.0 ``mincore`` reports the page cache only to
+    the file's owner, root, or a process that may write the file, and claims
+    everything in memory to others: :meth:`open` then gives ``None``.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        """Answer for ``size`` bytes of ``fd`` (use :meth:`open`)."""
+        self._size = size
+        self._address = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        if not _in_memory(fd) and size > 0:
+            address = _libc_mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, _MAP_FAILED):
+                raise OSError(ctypes.get_errno(), "mmap for mincore failed")
+            self._address = address
+
+    @classmethod
+    def open(cls, fd: int) -> PageCache | None:
+        """A :class:`PageCache` for ``fd``, or ``None`` where it cannot tell."""
+        if _in_memory(fd):
+            return cls(fd, 0)
+        st = os.fstat(fd)
+        # The checks Linux makes before it reports the page cache of a mapped file.
+        allowed = os.geteuid() in (0, st.st_uid) or os.access(f"/proc/self/fd/{fd}", os.W_OK)
+        if _libc_mincore is None or not allowed:
+            return None
+        try:
+            return cls(fd, st.st_size)
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        """Unmap (idempotent)."""
+        if self._address and _libc_munmap is not None:
+            address, self._address = self._address, 0
+            _libc_munmap(address, self._size)
+
+    def cached(self, offset: int, length: int) -> bool:
+        """Whether every page of ``length`` bytes at ``offset`` is in memory."""
+        if not self._address:
+            return True  # on a tmpfs (or nothing to read)
+        if offset < 0 or length <= 0 or offset + length > self._size:
+            return False
+        first = offset - offset % self._page
+        pages = (offset + length - first + self._page - 1) // self._page
+        vec = (ctypes.c_ubyte * pages)()
+        assert _libc_mincore is not None
+        if _libc_mincore(self._address + first, offset + length - first, vec) != 0:
+            return False
+        return 0 not in bytes(vec)  # bit 0: resident; the other bits are reserved
 
 
 def preadv_nowait(fd: int, view: memoryview, offset: int, flags: int) -> bool:

@@ -47,7 +47,7 @@ import zstandard
 
 from nbdvma.errors import UnindexableArchiveError, VmaFormatError
 from nbdvma.vma.digest import DataDigest
-from nbdvma.vma.fileio import nowait_read_flags, preadv_nowait
+from nbdvma.vma.fileio import FileRuns, PageCache, nowait_read_flags, preadv_nowait
 from nbdvma.vma.format import (
     FULL_MASK,
     VMA_BLOCK_SIZE,
@@ -350,12 +350,15 @@ class IndexedArchive:
 
     #: Frames (pieces) kept in the cache, and loaded at once.
     cache_size = FRAME_CACHE
+    #: Which pages of a plain archive file are in memory (None: not a local file).
+    _page_cache: PageCache | None = None
     loaders = DECOMPRESSORS
 
     def __init__(self, path: str, index: ArchiveIndex) -> None:
         """Open ``path`` (the file ``index`` was built from) for reading."""
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._nowait = nowait_read_flags(self._fd)
+        self._page_cache = PageCache.open(self._fd) if index.frames is None else None
         self._start(index)
 
     def _start(self, index: ArchiveIndex) -> None:
@@ -370,6 +373,8 @@ class IndexedArchive:
         """Close the file (idempotent)."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            if self._page_cache is not None:
+                self._page_cache.close()
             os.close(fd)
 
     def read(self, disk: str, offset: int, length: int) -> bytearray:
@@ -404,6 +409,25 @@ class IndexedArchive:
             if not preadv_nowait(self._fd, view[at : at + n], source, flags):
                 return None
         return out
+
+    def runs_now(self, disk: str, offset: int, length: int) -> FileRuns | None:
+        """Where the stored bytes of a read lie in the archive file, if they can be
+        sent from there without waiting for a disk (a plain archive whose pages are in
+        memory); ``None`` otherwise."""
+        cache = self._page_cache
+        if cache is None:
+            return None
+        runs = self._runs(disk, offset, length)
+        if runs:
+            start, end = runs[0][1], runs[-1][1] + runs[-1][2]
+            if start <= end <= start + 2 * length:
+                # The span, gaps included, in one call: the gaps are other clusters
+                # written just before or after (a miss only costs a worker thread).
+                if not cache.cached(start, end - start):
+                    return None
+            elif not all(cache.cached(source, n) for _, source, n in runs):
+                return None
+        return FileRuns(self._fd, length, runs)
 
     def _runs(self, disk: str, offset: int, length: int) -> list[list[int]]:
         """``[position in the result, stream offset, length]`` of the stored bytes,
