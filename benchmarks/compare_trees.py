@@ -5,11 +5,15 @@ trees alternating round after round so that drifts of the machine hit both; the 
 is the server process's CPU seconds (``wait4`` rusage: user + system), which a disk
 or a slow client does not inflate.  With ``--backend vma`` the image is the mixed disk
 of ``bench_backup.py`` and serve writes a VMA archive, into ``--dir`` (default
-``/dev/shm``: a tmpfs, so that only the software's own cost counts).  Usage::
+``/dev/shm``: a tmpfs, so that only the software's own cost counts).  With ``--backend
+export`` the same disk is archived once (``nbdvma create`` of the new tree) and each
+tree's ``nbdvma export`` serves it to ``qemu-img convert -O qcow2`` (the restore path;
+the server's CPU includes its index pass, the same in both).  Usage::
 
     git worktree add /tmp/base ae36cb5
     .venv/bin/python benchmarks/compare_trees.py /tmp/base . [--size 1G] [--rounds 8]
     .venv/bin/python benchmarks/compare_trees.py /tmp/base . --backend vma
+    .venv/bin/python benchmarks/compare_trees.py /tmp/base . --backend export
 
 Prints a table (median and range of each tree) and the ratio of the medians.
 """
@@ -80,20 +84,49 @@ def one_round(tree: Path, image: Path, size: int, work: Path, backend: str) -> t
     return wall, usage.ru_utime + usage.ru_stime
 
 
+def export_round(tree: Path, archive: Path, work: Path) -> tuple[float, float]:
+    """Wall seconds of ``qemu-img convert`` out of ``tree``'s export of ``archive``
+    (from the server's start), and the server's CPU seconds."""
+    sock = work / "export.sock"
+    sock.unlink(missing_ok=True)
+    out = work / "out.qcow2"
+    out.unlink(missing_ok=True)
+    start = time.monotonic()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=work,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"export of {tree} did not start")
+        time.sleep(0.01)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "qcow2", f"nbd+unix:///d0?socket={sock}", str(out)],
+        check=True,
+    )
+    wall = time.monotonic() - start
+    os.kill(server.pid, signal.SIGTERM)
+    _, _, usage = os.wait4(server.pid, 0)
+    return wall, usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", type=Path, help="the base tree")
     parser.add_argument("new", type=Path, help="the changed tree")
     parser.add_argument("--size", type=parse_size, default=1 << 30)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--backend", choices=["null", "vma"], default="null")
+    parser.add_argument("--backend", choices=["null", "vma", "export"], default="null")
     parser.add_argument("--dir", type=Path, default=Path("/dev/shm"), help="image, archive")
     args = parser.parse_args()
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
     with tempfile.TemporaryDirectory(prefix="nbdvma-cmp-", dir=args.dir) as tmp:
         work = Path(tmp)
         image = work / "source.raw"
-        if args.backend == "vma":
+        if args.backend in ("vma", "export"):
             from bench_backup import make_disk
 
             make_disk(image, args.size)
@@ -102,9 +135,20 @@ def main() -> int:
                 for _ in range(args.size >> 20):
                     f.write(os.urandom(1 << 20))
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+        archive = work / "source.vma"
+        if args.backend == "export":
+            subprocess.run(
+                [sys.executable, "-m", "nbdvma", "create", str(archive), f"d0={image}"],
+                env={**os.environ, "PYTHONPATH": str(trees["new"])},
+                cwd=work,
+                check=True,
+            )
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                results[name].append(one_round(tree, image, args.size, work, args.backend))
+                if args.backend == "export":
+                    results[name].append(export_round(tree, archive, work))
+                else:
+                    results[name].append(one_round(tree, image, args.size, work, args.backend))
     print(
         f"| tree | server CPU s, median | range | wall s, median |  "
         f"({args.rounds} rounds, --backend {args.backend}, {args.dir})"

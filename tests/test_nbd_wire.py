@@ -74,22 +74,31 @@ def test_receive_buffer_basics() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.binary(max_size=20), max_size=10),
-    st.lists(st.tuples(st.booleans(), st.integers(0, 30)), max_size=20),
+    st.lists(
+        st.tuples(st.sampled_from(["exactly", "into", "discard"]), st.integers(0, 30)), max_size=20
+    ),
 )
-def test_receive_buffer_model(chunks: list[bytes], ops: list[tuple[bool, int]]) -> None:
+def test_receive_buffer_model(chunks: list[bytes], ops: list[tuple[str, int]]) -> None:
     buf = wire.ReceiveBuffer()
     model = b""
     for c in chunks:
         buf.append(c)
         model += c
-    for consume, n in ops:
-        if consume:
+    for op, n in ops:
+        if op == "exactly":
             got = buf.consume_exactly(n)
             if n > len(model):
                 assert got is None
             else:
                 assert got == model[:n]
                 model = model[n:]
+        elif op == "into":
+            # Into the middle of a larger buffer: nothing outside the view is touched.
+            out = bytearray(b"\xee" * (n + 4))
+            moved = buf.consume_into(memoryview(out)[2 : 2 + n])
+            assert moved == min(n, len(model))
+            assert out == b"\xee" * 2 + model[:moved] + b"\xee" * (n + 2 - moved)
+            model = model[moved:]
         else:
             assert buf.discard(n) == min(n, len(model))
             model = model[n:]

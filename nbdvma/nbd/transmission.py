@@ -261,12 +261,9 @@ class Transmission:
     def _absorb_buffered_payload(self) -> None:
         """Move received bytes of the current payload into its in-place buffer."""
         assert self._payload is not None
-        take = min(len(self._buf), len(self._payload) - self._payload_pos)
-        if take:
-            piece = self._buf.consume_exactly(take)
-            assert piece is not None
-            self._payload[self._payload_pos : self._payload_pos + take] = piece
-            self._payload_pos += take
+        if len(self._buf):
+            with memoryview(self._payload) as view:
+                self._payload_pos += self._buf.consume_into(view[self._payload_pos :])
 
     def payload_received(self, n: int) -> None:
         """``n`` more bytes of the payload were received into :meth:`payload_buffer`.

@@ -172,6 +172,23 @@ class ReceiveBuffer:
         self._len -= n
         return b"".join(parts)
 
+    def consume_into(self, view: memoryview) -> int:
+        """Move up to ``len(view)`` bytes into ``view``; return how many.
+
+        Straight from the received chunks: a WRITE payload that came with its header
+        is copied once, not sliced out first.
+        """
+        done = 0
+        end = min(len(view), self._len)
+        while done < end:
+            first = self._chunks[0]
+            take = min(end - done, len(first) - self._head)
+            view[done : done + take] = memoryview(first)[self._head : self._head + take]
+            self._advance(take)
+            done += take
+        self._len -= done
+        return done
+
     def discard(self, n: int) -> int:
         """Drop up to ``n`` bytes without copying them; return how many were dropped."""
         n = min(n, self._len)
