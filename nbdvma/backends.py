@@ -202,16 +202,23 @@ class VmaBackend:
         return True
 
     def zero_now(self, export_name: str, offset: int, length: int) -> bool:
-        """See :meth:`WriteNow.zero_now`: declined while the lock is held."""
-        if self.lock.locked():
+        """See :meth:`WriteNow.zero_now`: declined while the lock is held, or when the
+        zeroes complete enough partly written clusters to write an extent (hashing and
+        writing a few MiB, work for a thread, not the event loop)."""
+        dev_id = self._dev_ids[export_name]
+        if self.lock.locked() or self.writer.zeroes_may_write_extent(dev_id, offset, length):
             return False
-        self.writer.write_zeroes(self._dev_ids[export_name], offset, length)
+        self.writer.write_zeroes(dev_id, offset, length)
         return True
 
     async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """See :meth:`Backend.zero`: no buffer of ``length`` bytes is ever allocated."""
+        dev_id = self._dev_ids[export_name]
         async with self.lock:
-            self.writer.write_zeroes(self._dev_ids[export_name], offset, length)
+            if self.writer.zeroes_may_write_extent(dev_id, offset, length):
+                await trio.to_thread.run_sync(self.writer.write_zeroes, dev_id, offset, length)
+            else:
+                self.writer.write_zeroes(dev_id, offset, length)
             if fua:
                 await trio.to_thread.run_sync(self.writer.flush)
 

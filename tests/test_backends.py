@@ -1,14 +1,21 @@
-"""The null backend's record of what was written (it decides when ``--backend null``
-ends), against a model: a set of bytes."""
+"""The backends apart from the server: the null backend's record of what was written (it
+decides when ``--backend null`` ends), against a model; where the VMA backend does its work."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdvma.backends import _Coverage
+from nbdvma.backends import VmaBackend, _Coverage
+from nbdvma.vma.format import VMA_CLUSTER_SIZE as CLUSTER
+from nbdvma.vma.format import WRITER_CLUSTERS_PER_EXTENT
+from nbdvma.vma.sink import open_sink
+from nbdvma.vma.writer import VmaWriter
 
 ranges = st.lists(
     st.tuples(st.integers(0, 200), st.integers(0, 40)).map(lambda t: (t[0], t[0] + t[1])),
@@ -38,3 +45,50 @@ def test_sequential_writes_keep_one_range() -> None:
     for off in range(0, 1 << 20, 65536):
         coverage.add(off, off + 65536)
     assert (coverage.starts, coverage.ends, coverage.covered) == ([0], [1 << 20], 1 << 20)
+
+
+def _zero_writer(path: Path) -> tuple[VmaBackend, VmaWriter, list[str]]:
+    """A VMA backend whose sink records the thread each extent is written in."""
+    sink = open_sink(str(path))
+    writer = VmaWriter(sink)
+    dev_id = writer.add_device("drive-scsi0", 4096 * CLUSTER)
+    backend = VmaBackend(writer, {"drive-scsi0": dev_id})
+    threads: list[str] = []
+    append = sink.append
+
+    def recording_append(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return append(*args, **kwargs)
+
+    sink.append = recording_append  # type: ignore[method-assign]
+    return backend, writer, threads
+
+
+async def test_zeroes_that_complete_an_extent_are_written_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Zeroes that complete a partly written cluster queue it; once that fills an
+    extent, the extent is hashed and written: never on the event loop (``zero_now``
+    declines, ``zero`` takes a thread).  Zeroes over untouched clusters, which queue
+    nothing, are done at once however large."""
+    backend, writer, threads = _zero_writer(tmp_path / "a.vma")
+    name = "drive-scsi0"
+    dev_id = writer.devices[0][0]
+    full = WRITER_CLUSTERS_PER_EXTENT  # an extent, written when one more is queued
+    writer.write(dev_id, 0, os.urandom(full * CLUSTER))
+    for c in (100, 200):  # the first block of each: partial
+        writer.write(dev_id, c * CLUSTER, os.urandom(4096))
+    threads.clear()  # the archive's header went out with the first extent's queueing
+    assert backend.zero_now(name, 1000 * CLUSTER, 3000 * CLUSTER)  # untouched: marked
+    assert backend.zero_now(name, 300 * CLUSTER + 4096, 9 * CLUSTER)  # partial, no data
+    # Completing cluster 100 fills the extent: declined, and nothing done.
+    rest = (100 * CLUSTER + 4096, CLUSTER - 4096)
+    assert not backend.zero_now(name, *rest)
+    assert threads == []
+    await backend.zero(name, *rest, fua=False)
+    assert threads
+    assert threading.main_thread().name not in threads
+    # Zeroes inside partly written clusters only: no extent, at once.
+    threads.clear()
+    assert backend.zero_now(name, 200 * CLUSTER + 4096, 4096)
+    assert threads == []

@@ -608,6 +608,24 @@ class VmaWriter:
         clusters = length // VMA_CLUSTER_SIZE + 2  # the ends may complete partial clusters
         return len(self._extents.pending) + clusters >= WRITER_CLUSTERS_PER_EXTENT
 
+    def zeroes_may_write_extent(self, dev_id: int, offset: int, length: int) -> bool:
+        """Like :meth:`may_write_extent`, for :meth:`write_zeroes`.
+
+        Zeroes queue at most the two clusters at the ends of their range, if partly
+        written before (they become whole clusters with data); every cluster inside
+        the range becomes a zero cluster, which stores nothing.  So a large zero range
+        rarely has to leave the event loop.
+        """
+        dev = self._device(dev_id)
+        if not isinstance(dev, Disk):
+            return self.may_write_extent(length)
+        if length <= 0:
+            return False
+        ends = {offset // VMA_CLUSTER_SIZE, (offset + length - 1) // VMA_CLUSTER_SIZE}
+        completed = sum(1 for c in ends if c < dev.cluster_count and dev.state[c] == PARTIAL)
+        # An extent goes out when a cluster is queued with a full one waiting.
+        return completed > 0 and len(self._extents.pending) + completed > WRITER_CLUSTERS_PER_EXTENT
+
     @property
     def finished(self) -> bool:
         """Whether :meth:`finish` completed: the archive has its final name."""
