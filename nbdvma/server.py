@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 _RECEIVE_SIZE = 256 * 1024
+_HEADER_SIZE = 28  # a request header: all a receive takes after a large payload
 _IN_PLACE_MIN = 64 * 1024  # payloads smaller than this are joined from pieces as usual
 _SMALL = 64 * 1024  # replies smaller than this are joined into one send
 _TLS_CLOSE_TIMEOUT = 1.0  # seconds to send a close_notify at the end
@@ -151,6 +152,8 @@ class _Connection:
     socket: trio.socket.SocketType | None = None
     #: budget bytes taken for a payload being received in place
     reserved: int = 0
+    # The last message was a WRITE payload received in place (see _receive).
+    after_payload: bool = False
 
 
 class NbdServer:
@@ -425,6 +428,14 @@ class NbdServer:
                         return
                     core.payload_received(n)
                     got += n
+            conn.after_payload = True
+            return
+        if conn.after_payload:
+            # After a large WRITE, the next is likely one too: take its header alone,
+            # so that its payload lands in place whole rather than partly in a
+            # receive buffer and copied from there.
+            conn.after_payload = False
+            core.receive_data(await conn.stream.receive_some(_HEADER_SIZE))
             return
         core.receive_data(await conn.stream.receive_some(_RECEIVE_SIZE))
 
