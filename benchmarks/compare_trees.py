@@ -42,26 +42,37 @@ def serve_command(tree: Path) -> list[str]:
     return ["-m", "nbdvma", "serve"]
 
 
+def start_server(tree: Path, args: list[str], work: Path, sock: Path) -> subprocess.Popen[bytes]:
+    """``python ARGS`` with ``tree``'s nbdvma, once it listens on ``sock``."""
+    server = subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=work,  # not the repository: "-m" would import from the current directory
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{' '.join(args)} of {tree} did not start")
+        time.sleep(0.01)
+    return server
+
+
 def one_round(tree: Path, image: Path, size: int, work: Path, backend: str) -> tuple[float, float]:
     """Wall seconds of the copy and the server's CPU seconds."""
     sock = work / "serve.sock"
     sock.unlink(missing_ok=True)
     archive = work / "x.vma"
     archive.unlink(missing_ok=True)
-    server = subprocess.Popen(
+    server = start_server(
+        tree,
         [
-            *(sys.executable, *serve_command(tree), str(archive)),
+            *(*serve_command(tree), str(archive)),
             *("--disk", f"d0={size}", "--backend", backend, "--listen", f"unix:{sock}"),
         ],
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        cwd=work,  # not the repository: "-m" would import from the current directory
-        stderr=subprocess.DEVNULL,
+        work,
+        sock,
     )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"serve of {tree} did not start")
-        time.sleep(0.02)
     start = time.monotonic()
     subprocess.run(
         [
@@ -92,17 +103,9 @@ def export_round(tree: Path, archive: Path, work: Path) -> tuple[float, float]:
     out = work / "out.qcow2"
     out.unlink(missing_ok=True)
     start = time.monotonic()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"],
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        cwd=work,
-        stderr=subprocess.DEVNULL,
+    server = start_server(
+        tree, ["-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"], work, sock
     )
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"export of {tree} did not start")
-        time.sleep(0.01)
     subprocess.run(
         ["qemu-img", "convert", "-O", "qcow2", f"nbd+unix:///d0?socket={sock}", str(out)],
         check=True,

@@ -28,7 +28,6 @@ import contextlib
 import errno
 import logging
 import math
-import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -55,6 +54,7 @@ from nbdvma.nbd import (
     TransmissionStarted,
 )
 from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
+from nbdvma.sendfile import send_file_runs
 from nbdvma.vma.fileio import FileRuns
 
 __all__ = ["ByteBudget", "ConnectionObserver", "NbdServer", "ServerLimits"]
@@ -302,7 +302,8 @@ class NbdServer:
             for buf in buffers:
                 if isinstance(buf, PassedData):
                     assert conn.socket is not None  # only passed on a plain socket
-                    await _send_file_runs(conn.socket, small, buf.source)
+                    assert isinstance(buf.source, FileRuns)
+                    await send_file_runs(conn.socket, small, buf.source)
                     small = bytearray()
                     continue
                 if len(buf) < _SMALL:
@@ -579,43 +580,6 @@ class NbdServer:
 
 # Request flags as plain ints: IntFlag's own & is a Python-level method, and these
 # tests run on every request.
-_ZEROS = memoryview(bytes(1 << 20))
-
-
-async def _send_file_runs(sock: trio.socket.SocketType, head: bytearray, data: object) -> None:
-    """Send ``head``, then the bytes of ``data`` (:class:`FileRuns`): ``sendfile`` from
-    the file for its runs (no copy through this process), zeros between them."""
-    assert isinstance(data, FileRuns)
-    out = sock.fileno()
-    if head:
-        await _send_bytes(sock, memoryview(head))
-    pos = 0
-    for at, source, n in data.runs:
-        while pos < at:
-            pos += await _send_bytes(sock, _ZEROS[: at - pos])
-        end = source + n
-        while source < end:
-            try:
-                sent = os.sendfile(out, data.fd, source, end - source)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                continue
-            if not sent:
-                raise OSError(errno.EIO, "the archive is shorter than when it was indexed")
-            source += sent
-        pos = at + n
-    while pos < data.length:
-        pos += await _send_bytes(sock, _ZEROS[: data.length - pos])
-
-
-async def _send_bytes(sock: trio.socket.SocketType, view: memoryview) -> int:
-    """Send all of ``view``; its length."""
-    done = 0
-    while done < len(view):
-        done += await sock.send(view[done:])
-    return done
-
-
 _FUA = int(NbdCmdFlag.NBD_CMD_FLAG_FUA)
 _REQ_ONE = int(NbdCmdFlag.NBD_CMD_FLAG_REQ_ONE)
 
