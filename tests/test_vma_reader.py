@@ -295,6 +295,19 @@ def test_s5_wrong_magic_or_reserved() -> None:
     reject(arch(bytes(refresh_extent_md5(ext))), "wrong vma extent header magic")
 
 
+def test_the_reserved_byte_of_a_blockinfo_slot_is_ignored() -> None:
+    """As the C reader: a slot is mask (16 bits), reserved (8), dev_id (8), cluster
+    (32); whatever the reserved byte holds, the clusters read are the same."""
+    slots = [Slot(1, 0, 0b11, block(1) + block(2)), *ONE[1:]]
+    plain = arch(extent(slots))
+    ext = bytearray(extent(slots))
+    for i in range(len(slots)):
+        ext[40 + 8 * i + 2] = 0xA5  # after the 40-byte fixed part, big-endian slots
+    edited = arch(bytes(refresh_extent_md5(ext)))
+    assert edited != plain
+    assert restore(edited) == restore(plain)
+
+
 def test_s6_truncated_extent() -> None:
     data = arch(extent([Slot(1, 0, 0b11, block(1) + block(2)), *ONE[1:]]))
     cut = data[:-100]

@@ -365,7 +365,14 @@ class ExtentHeader:
     """A parsed extent header: its block count and used slots, in slot order."""
 
     block_count: int
-    slots: tuple[BlockInfo, ...]
+    #: The used slots as plain ``(dev_id, cluster, mask)`` tuples: made without a
+    #: Python-level call per slot (a reader sees one per cluster of the archive).
+    triples: tuple[tuple[int, int, int], ...]
+
+    @property
+    def slots(self) -> tuple[BlockInfo, ...]:
+        """The used slots as :class:`BlockInfo` records."""
+        return tuple(BlockInfo._make(t) for t in self.triples)
 
     @classmethod
     def from_bytes_untrusted(
@@ -387,12 +394,12 @@ class ExtentHeader:
             raise VmaFormatError("wrong vma extent uuid")
         if magic != VMA_EXTENT_MAGIC or reserved1 != 0:
             raise VmaFormatError("wrong vma extent header magic")
-        unpack = BlockInfo.unpack
-        slots = tuple(
+        # BlockInfo.unpack's split, inline (the reserved byte is ignored).
+        triples = tuple(
             [
-                unpack(v)
+                ((v >> 32) & 0xFF, v & 0xFFFFFFFF, v >> 48)
                 for v in _BLOCKINFO.unpack_from(head, _EXTENT_FIXED.size)
                 if v & _SLOT_DEV_ID_BITS
             ]
         )
-        return cls(block_count, slots)
+        return cls(block_count, triples)

@@ -77,6 +77,8 @@ _CHUNK_SHIFT = 19
 _CHUNK_CLUSTERS = 1 << _CHUNK_SHIFT
 _CHUNK_MASK = _CHUNK_CLUSTERS - 1
 _HEADER_READ_CHUNK = 1 << 20
+#: The data of a zero cluster (mask 0): no blocks, one shared empty view.
+_NO_DATA = memoryview(b"")
 
 
 def open_source(path: str) -> BinaryIO:
@@ -421,8 +423,9 @@ class VmaReader:
         vmstate_id = self.vmstate_id
         devices = self._devices
         zero_clusters = stored_blocks = 0
+        new = tuple.__new__
         end_byte: int | None
-        for dev_id, cluster, mask in ehead.slots:
+        for dev_id, cluster, mask in ehead.triples:
             if dev_id == vmstate_id:
                 dev = devices[dev_id]
                 if cluster != self._vmstate_next:  # S10
@@ -450,7 +453,9 @@ class VmaReader:
             ):
                 past_end = self.stats.past_end
                 past_end[dev_id] = past_end.get(dev_id, 0) + 1
-            append(Cluster(dev, cluster, mask, buf[start:stop]))
+            # tuple.__new__: a named tuple's own __new__ is a Python-level call.
+            data = buf[start:stop] if mask else _NO_DATA
+            append(new(Cluster, (dev, cluster, mask, data)))
             start = stop
         if start != extent_size:  # S13
             raise VmaFormatError("vma extent error - missing blocks")
