@@ -290,19 +290,22 @@ def build_index(
         disks = _disk_arrays(reader, devices)
         position = reader.header.header_size
         extent_starts = array("Q")
+        vmstate_id = reader.vmstate_id
         for extent in reader.extents():
             extent_starts.append(position)
             block = position + VMA_EXTENT_HEADER_SIZE
-            for cluster in extent:
-                index = disks.get(cluster.dev.dev_id)
-                if index is not None and cluster.cluster < len(index.clusters):
-                    if cluster.mask:
-                        if block > _OFFSET_MASK:
-                            raise UnindexableArchiveError("the archive is larger than 256 TiB")
-                        index.clusters[cluster.cluster] = cluster.mask << _OFFSET_BITS | block
-                elif vmstate is not None and cluster.dev.dev_id == reader.vmstate_id:
-                    vmstate(cluster.cluster, cluster.mask, cluster.data)
-                block += len(cluster.data)
+            for dev, number, mask, data in extent:
+                dev_id = dev.dev_id
+                if not mask and dev_id != vmstate_id:
+                    continue  # a zero cluster of a disk: its index word stays 0
+                index = disks.get(dev_id)
+                if index is not None and number < len(index.clusters):
+                    if block > _OFFSET_MASK:
+                        raise UnindexableArchiveError("the archive is larger than 256 TiB")
+                    index.clusters[number] = mask << _OFFSET_BITS | block
+                elif vmstate is not None and dev_id == vmstate_id:
+                    vmstate(number, mask, data)
+                block += len(data)
             position = block
             if isinstance(source, _PlainSource):
                 source.report()
