@@ -424,6 +424,7 @@ class VmaReader:
         devices = self._devices
         zero_clusters = stored_blocks = 0
         new = tuple.__new__
+        tracked = self._tracked
         end_byte: int | None
         for dev_id, cluster, mask in ehead.triples:
             if dev_id == vmstate_id:
@@ -432,8 +433,21 @@ class VmaReader:
                     raise VmaFormatError("found out of order vmstate data")
                 self._vmstate_next += 1
                 end_byte = None  # no size bound for vmstate
-            else:
-                dev, end_byte = self._track(dev_id, cluster)
+            else:  # S7-S9, inline: this runs once per cluster of a disk
+                if dev_id not in tracked:  # S7
+                    raise VmaFormatError(f"got wrong dev id {dev_id}")
+                bitmap = tracked[dev_id]
+                dev = devices[dev_id]
+                if bitmap is not None:
+                    if cluster >= bitmap.limit:  # S8: an assertion in the C reader
+                        raise VmaFormatError(
+                            f"cluster {cluster} out of range for stream {dev.name}"
+                        )
+                    if bitmap.test_and_set(cluster):  # S9
+                        raise VmaFormatError(
+                            f"found duplicated cluster {cluster} for stream {dev.name}"
+                        )
+                end_byte = dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
             base = cluster * VMA_CLUSTER_SIZE
             if mask:
                 nblocks = 16 if mask == FULL_MASK else mask.bit_count()
@@ -461,19 +475,6 @@ class VmaReader:
             raise VmaFormatError("vma extent error - missing blocks")
         self._count(len(out), zero_clusters, stored_blocks)
         return out
-
-    def _track(self, dev_id: int, cluster: int) -> tuple[DeviceInfo, int]:
-        """S7-S9 for a disk's cluster; return the disk and its end (whole sectors)."""
-        if dev_id not in self._tracked:  # S7
-            raise VmaFormatError(f"got wrong dev id {dev_id}")
-        dev = self._devices[dev_id]
-        bitmap = self._tracked[dev_id]
-        if bitmap is not None:
-            if cluster >= bitmap.limit:  # S8: an assertion in the C reader
-                raise VmaFormatError(f"cluster {cluster} out of range for stream {dev.name}")
-            if bitmap.test_and_set(cluster):  # S9
-                raise VmaFormatError(f"found duplicated cluster {cluster} for stream {dev.name}")
-        return dev, dev.size // _SECTOR * _SECTOR  # max_sector, in bytes
 
     def _count(self, clusters: int, zero_clusters: int, stored_blocks: int) -> None:
         """Add an extent's clusters to :attr:`stats`."""
