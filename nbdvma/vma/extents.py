@@ -18,7 +18,6 @@ from nbdvma.vma.format import (
     VMA_BLOCK_SIZE,
     VMA_EXTENT_HEADER_SIZE,
     WRITER_CLUSTERS_PER_EXTENT,
-    BlockInfo,
     ExtentHeader,
     encode_extent_header,
 )
@@ -67,7 +66,9 @@ class Extents:
             return
         self.write_header()
         slots = self.pending
-        infos = [BlockInfo(s.dev.dev_id, s.cluster, s.mask).pack() for s in slots]
+        # BlockInfo.pack, inline: a finish queues a slot per zero cluster (a million
+        # for a sparse 64 GiB disk), and a record per slot cost a fifth of the time.
+        infos = [s.mask << 48 | s.dev.dev_id << 32 | s.cluster for s in slots]
         count = sum(s.mask.bit_count() for s in slots)
         parts: list[Buffer] = [encode_extent_header(self.uuid, count, infos)]
         for s in slots:
