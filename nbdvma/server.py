@@ -503,7 +503,9 @@ class NbdServer:
         assert self._read_now is not None
         assert conn.export_name is not None
         try:
-            if self._send_now is not None and conn.socket is not None:
+            if self._send_now is not None and conn.socket is not None and req.length >= _SMALL:
+                # (A small read is cheaper copied and joined with other replies into
+                # one send than sent with a header send, a mincore and a sendfile.)
                 runs = self._send_now.runs_now(conn.export_name, req.offset, req.length)
                 if runs is not None:
                     conn.core.send_read_reply(req.cookie, req.offset, PassedData(runs.length, runs))
