@@ -54,6 +54,7 @@ from nbdvma.nbd import (
     TransmissionStarted,
 )
 from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
+from nbdvma.nbd.wire import REQUEST_HEADER
 from nbdvma.sendfile import send_file_runs
 from nbdvma.vma.fileio import FileRuns
 
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 _RECEIVE_SIZE = 256 * 1024
-_HEADER_SIZE = 28  # a request header: all a receive takes after a large payload
+_HEADER_SIZE = REQUEST_HEADER.size  # all a receive takes after a large payload
 _IN_PLACE_MIN = 64 * 1024  # payloads smaller than this are joined from pieces as usual
 _SMALL = 64 * 1024  # replies smaller than this are joined into one send
 _TLS_CLOSE_TIMEOUT = 1.0  # seconds to send a close_notify at the end
@@ -354,7 +355,7 @@ class NbdServer:
                         self._status_at_once(conn, event)
                         continue
                     if (
-                        self._read_now is not None
+                        (self._read_now is not None or self._send_now is not None)
                         and event.command == NbdCommand.NBD_CMD_READ
                         and self._read_at_once(conn, event)
                     ):
@@ -499,9 +500,10 @@ class NbdServer:
 
     def _read_at_once(self, conn: _Connection, req: Request) -> bool:
         """Answer a READ in the reader task if the data is at hand
-        (:class:`~nbdvma.backends.ReadNow`); ``False``: spawn it as usual."""
-        assert self._read_now is not None
+        (:class:`~nbdvma.backends.SendNow`, :class:`~nbdvma.backends.ReadNow`);
+        ``False``: spawn it as usual."""
         assert conn.export_name is not None
+        data = None
         try:
             if self._send_now is not None and conn.socket is not None and req.length >= _SMALL:
                 # (A small read is cheaper copied and joined with other replies into
@@ -510,7 +512,8 @@ class NbdServer:
                 if runs is not None:
                     conn.core.send_read_reply(req.cookie, req.offset, PassedData(runs.length, runs))
                     return True
-            data = self._read_now.read_now(conn.export_name, req.offset, req.length)
+            if self._read_now is not None:
+                data = self._read_now.read_now(conn.export_name, req.offset, req.length)
         except Exception as exc:
             self._answer_error(conn, req, exc)
             return True

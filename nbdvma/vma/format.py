@@ -338,11 +338,6 @@ class BlockInfo(NamedTuple):
         """The big-endian u64 value: ``mask<<48 | dev_id<<32 | cluster``."""
         return (self.mask << 48) | (self.dev_id << 32) | self.cluster
 
-    @classmethod
-    def unpack(cls, value: int) -> BlockInfo:
-        """Split a u64 blockinfo value (the reserved byte is ignored, as the reader does)."""
-        return cls((value >> 32) & 0xFF, value & 0xFFFFFFFF, value >> 48)
-
 
 def encode_extent_header(uuid: bytes, block_count: int, blockinfo: list[int]) -> bytes:
     """Encode a 512-byte extent header with its md5.
@@ -394,7 +389,8 @@ class ExtentHeader:
             raise VmaFormatError("wrong vma extent uuid")
         if magic != VMA_EXTENT_MAGIC or reserved1 != 0:
             raise VmaFormatError("wrong vma extent header magic")
-        # BlockInfo.unpack's split, inline (the reserved byte is ignored).
+        # The split of BlockInfo.pack's value, the reserved byte (bits 40-47) ignored
+        # as the C reader does; plain tuples, not records (see ``triples``).
         triples = tuple(
             [
                 ((v >> 32) & 0xFF, v & 0xFFFFFFFF, v >> 48)
