@@ -46,6 +46,7 @@ from nbdvma.nbd import (
     HandshakeAborted,
     Limits,
     NbdServerConnection,
+    Outgoing,
     PassedData,
     RejectedRequest,
     Request,
@@ -55,7 +56,7 @@ from nbdvma.nbd import (
 )
 from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
 from nbdvma.nbd.wire import REQUEST_HEADER
-from nbdvma.sendfile import send_file_runs
+from nbdvma.plainsocket import PlainSocket
 from nbdvma.vma.fileio import FileRuns
 
 __all__ = ["ByteBudget", "ConnectionObserver", "NbdServer", "ServerLimits"]
@@ -149,8 +150,9 @@ class _Connection:
     in_flight: int = 0
     #: the reader's receive, while it waits under a deadline
     receive_scope: trio.CancelScope | None = None
-    #: the plain socket under ``stream`` (None under TLS): payloads are received in place
-    socket: trio.socket.SocketType | None = None
+    #: the plain socket under ``stream`` (None under TLS): the hot path goes through it,
+    #: and payloads are received in place
+    raw: PlainSocket | None = None
     #: budget bytes taken for a payload being received in place
     reserved: int = 0
     # The last message was a WRITE payload received in place (see _receive).
@@ -255,7 +257,7 @@ class NbdServer:
             NbdServerConnection(self.exports, limits=self.limits.protocol, tls=self.tls_mode),
             peer,
             budget=ByteBudget(self.limits.connection_buffer),
-            socket=stream.socket if isinstance(stream, trio.SocketStream) else None,
+            raw=PlainSocket(stream.socket) if isinstance(stream, trio.SocketStream) else None,
         )
         clean = False
         try:
@@ -295,29 +297,41 @@ class NbdServer:
         if lock.locked():
             await lock.acquire()
         else:
-            # trio's acquire() passes through the scheduler even when the lock is free;
-            # one pass per reply saved (the send itself makes one).
+            # trio's acquire() passes through the scheduler even when the lock is free:
+            # one pass of the run loop per reply saved.
             lock.acquire_nowait()
         try:
-            small = bytearray()
+            raw = conn.raw
+            if raw is None:
+                await self._send_stream(conn.stream, buffers)
+                return
+            pending: list[bytes | bytearray | memoryview] = []
             for buf in buffers:
                 if isinstance(buf, PassedData):
-                    assert conn.socket is not None  # only passed on a plain socket
                     assert isinstance(buf.source, FileRuns)
-                    await send_file_runs(conn.socket, small, buf.source)
-                    small = bytearray()
-                    continue
-                if len(buf) < _SMALL:
-                    small += buf
-                    continue
-                if small:
-                    await conn.stream.send_all(small)
-                    small = bytearray()
-                await conn.stream.send_all(buf)
-            if small:
-                await conn.stream.send_all(small)
+                    await raw.send_file_runs(pending, buf.source)
+                    pending = []
+                else:
+                    pending.append(buf)
+            await raw.send_all(pending)
         finally:
             lock.release()
+
+    @staticmethod
+    async def _send_stream(stream: trio.abc.Stream, buffers: Sequence[Outgoing]) -> None:
+        """Send ``buffers`` on a stream (TLS): small ones joined into one send."""
+        small = bytearray()
+        for buf in buffers:
+            assert not isinstance(buf, PassedData)  # only passed on a plain socket
+            if len(buf) < _SMALL:
+                small += buf
+                continue
+            if small:
+                await stream.send_all(small)
+                small = bytearray()
+            await stream.send_all(buf)
+        if small:
+            await stream.send_all(small)
 
     async def _run(self, conn: _Connection) -> None:
         core = conn.core
@@ -409,8 +423,8 @@ class NbdServer:
         whole length counts against the budgets from the moment the buffer exists.
         """
         core = conn.core
-        sock = conn.socket
-        if sock is not None and core.payload_wanted() >= _IN_PLACE_MIN:
+        raw = conn.raw
+        if raw is not None and core.payload_wanted() >= _IN_PLACE_MIN:
             if not conn.reserved:
                 view = core.payload_buffer()
                 conn.reserved = len(view)
@@ -424,7 +438,7 @@ class NbdServer:
                 # and the budgets for each piece cost a tenth of the server's CPU.
                 got = 0
                 while got < len(view):
-                    n = await sock.recv_into(view[got:])
+                    n = await raw.receive_into(view[got:])
                     if not n:
                         core.receive_data(b"")
                         return
@@ -437,15 +451,19 @@ class NbdServer:
             # so that its payload lands in place whole rather than partly in a
             # receive buffer and copied from there.
             conn.after_payload = False
-            core.receive_data(await conn.stream.receive_some(_HEADER_SIZE))
-            return
-        core.receive_data(await conn.stream.receive_some(_RECEIVE_SIZE))
+            size = _HEADER_SIZE
+        else:
+            size = _RECEIVE_SIZE
+        if raw is not None:
+            core.receive_data(await raw.receive_some(size))
+        else:
+            core.receive_data(await conn.stream.receive_some(size))
 
     async def _start_tls(self, conn: _Connection) -> None:
         assert self.ssl_context is not None
         tls = trio.SSLStream(conn.stream, self.ssl_context, server_side=True)
         conn.stream = tls  # closed from now on through the TLS layer
-        conn.socket = None
+        conn.raw = None
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
@@ -505,7 +523,7 @@ class NbdServer:
         assert conn.export_name is not None
         data = None
         try:
-            if self._send_now is not None and conn.socket is not None and req.length >= _SMALL:
+            if self._send_now is not None and conn.raw is not None and req.length >= _SMALL:
                 # (A small read is cheaper copied and joined with other replies into
                 # one send than sent with a header send, a mincore and a sendfile.)
                 runs = self._send_now.runs_now(conn.export_name, req.offset, req.length)
