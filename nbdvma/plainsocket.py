@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -39,6 +41,7 @@ _ZEROS = memoryview(bytes(1 << 20))
 _IOV_MAX = 1024
 
 Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 
 class PlainSocket:
@@ -68,29 +71,24 @@ class PlainSocket:
 
     async def receive_some(self, max_bytes: int) -> bytes:
         """At most ``max_bytes`` bytes, once some have come; ``b""`` at the end."""
-        while True:
-            try:
-                data = os.read(self._fd, max_bytes)
-            except BlockingIOError:
-                await self._wait_readable()
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
-            await self._no_wait()
-            return data
+        return await self._receive(partial(os.read, self._fd, max_bytes))
 
     async def receive_into(self, view: memoryview) -> int:
         """Bytes received into the start of ``view``, once some have come; 0 at the end."""
+        return await self._receive(partial(os.readv, self._fd, (view,)))
+
+    async def _receive(self, call: Callable[[], _T]) -> _T:
+        """``call()`` (a receive), again once the socket is readable if it would block."""
         while True:
             try:
-                n = os.readv(self._fd, (view,))
+                result = call()
             except BlockingIOError:
                 await self._wait_readable()
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(exc) from exc
             await self._no_wait()
-            return n
+            return result
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         """Send every byte of ``buffers``, in order, gathered (``writev``): one
