@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.dev:
             script = Path(sys.executable).with_name("nbdvma")
-            NBDVMA[:] = [str(script)] if script.exists() else [sys.executable, "-m", "nbdvma"]
+            NBDVMA[:] = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "nbdvma"]
         else:
             NBDVMA[:] = install(base)
         python = sys.executable if args.dev else str(Path(NBDVMA[0]).with_name("python"))

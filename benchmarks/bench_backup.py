@@ -113,7 +113,7 @@ def run_nbdvma(work: Path, qmp_address: str) -> tuple[float, int]:
     archive.unlink(missing_ok=True)
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "nbdvma", "backup", "--qmp", qmp_address, str(archive)],
+        [sys.executable, "-P", "-m", "nbdvma", "backup", "--qmp", qmp_address, str(archive)],
         capture_output=True,
         text=True,
         check=False,

@@ -59,7 +59,7 @@ def hash_speeds() -> None:
 
 def nbdvma(digest: bool) -> list[str]:
     if digest:
-        return [sys.executable, "-m", "nbdvma"]
+        return [sys.executable, "-P", "-m", "nbdvma"]
     return [sys.executable, "-c", _NO_DIGEST]
 
 

@@ -66,7 +66,7 @@ def _measure(archive: Path, image: Path, work: Path) -> str:
     started = time.monotonic()
     with err.open("wb") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"],
+            [sys.executable, "-P", "-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"],
             stderr=e,
         )
     try:
@@ -110,7 +110,7 @@ def main() -> None:
         _image(image, size)
         plain = work / "big.vma"
         subprocess.run(
-            [sys.executable, "-m", "nbdvma", "create", str(plain), f"drive-scsi0={image}"],
+            [sys.executable, "-P", "-m", "nbdvma", "create", str(plain), f"drive-scsi0={image}"],
             check=True,
         )
         zst = work / "big.vma.zst"

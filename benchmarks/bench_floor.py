@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(os.urandom(1 << 20) if i % 2 else bytes(1 << 20))
         archive = work / "disk.vma"
         subprocess.run(
-            [sys.executable, "-m", "nbdvma", "create", str(archive), f"drive-scsi0={image}"],
+            [sys.executable, "-P", "-m", "nbdvma", "create", str(archive), f"drive-scsi0={image}"],
             check=True,
         )
         socks = {k: work / f"{k}.sock" for k in ("trio", "blocking", "export", "qemu-nbd")}
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "trio": [sys.executable, "-c", TRIO_ECHO, str(socks["trio"])],
             "blocking": [sys.executable, "-c", BLOCKING_ECHO, str(socks["blocking"])],
             "export": [
-                *(sys.executable, "-m", "nbdvma", "export", str(archive)),
+                *(sys.executable, "-P", "-m", "nbdvma", "export", str(archive)),
                 *("--listen", f"unix:{socks['export']}"),
             ],
             "qemu-nbd": [

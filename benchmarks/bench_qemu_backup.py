@@ -328,7 +328,7 @@ def _start_serve(
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "nbdvma", "serve", str(archive)),
+                *(sys.executable, "-P", "-m", "nbdvma", "serve", str(archive)),
                 *("--disk", f"drive-scsi0={image.size}", "--listen", f"unix:{sock}", *extra),
             ],
             stdout=subprocess.DEVNULL,

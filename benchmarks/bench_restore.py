@@ -50,7 +50,7 @@ BLOCK = 4096
 TIME_TARGET = 1.0
 START_TIMEOUT = 600.0
 DEVICE = "drive-scsi0"
-NBDVMA = [sys.executable, "-m", "nbdvma"]
+NBDVMA = [sys.executable, "-P", "-m", "nbdvma"]
 QCOW2 = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"]
 
 # A real client's first READ, with libnbd (Debian's python3-nbd, so /usr/bin/python3):

@@ -152,7 +152,7 @@ def compare(work: Path, size: int) -> None:
             weed0, qemu0 = cpu_so_far(server.pid), cpu_so_far(qemu.pid)
             start = time.monotonic()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "nbdvma", "backup", "--qmp", f"unix:{qmp}", target],
+                [sys.executable, "-P", "-m", "nbdvma", "backup", "--qmp", f"unix:{qmp}", target],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=endpoint.env(),

@@ -52,7 +52,7 @@ from nbdvma.s3.source import STREAM_CHUNK, S3Object, S3Stream
 from nbdvma.units import format_bytes, parse_size
 from nbdvma.vma.reader import VmaReader, decompressing
 
-NBDVMA = [sys.executable, "-m", "nbdvma"]
+NBDVMA = [sys.executable, "-P", "-m", "nbdvma"]
 BUCKET = "bench"
 DEVICE = "drive-scsi0"
 
