@@ -66,7 +66,16 @@ def _measure(archive: Path, image: Path, work: Path) -> str:
     started = time.monotonic()
     with err.open("wb") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "nbdvma", "export", str(archive), "--listen", f"unix:{sock}"],
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "nbdvma",
+                "export",
+                str(archive),
+                "--listen",
+                f"unix:{sock}",
+            ],
             stderr=e,
         )
     try:
