@@ -299,7 +299,8 @@ class Run:
 
     ``cpu``: the server's (or the tool's) CPU seconds; ``startup``: of those, before the
     job began; ``client_cpu``: QEMU's during the job, or the ``qemu-img`` client's;
-    ``out``: bytes of the archive / target file (allocated bytes for a sparse raw file).
+    ``out``: bytes of the archive / target file (allocated bytes for a sparse raw file);
+    ``system``: the part of ``cpu`` spent in the kernel.
     """
 
     wall: float
@@ -308,6 +309,7 @@ class Run:
     client_cpu: float = 0.0
     rss: int = 0
     out: int = 0
+    system: float = 0.0
 
 
 @attrs.frozen
@@ -378,7 +380,7 @@ def serve_backup(ctx: Ctx, image: Image, compress: bool = False) -> Run:
         usage, end, size = _finish_serve(proc, log, archive)
     finally:
         kill(proc)
-    return Run(end - start, usage.cpu, startup, qemu_cpu, usage.maxrss, size)
+    return Run(end - start, usage.cpu, startup, qemu_cpu, usage.maxrss, size, usage.system)
 
 
 def serve_convert(ctx: Ctx, image: Image, compress: bool = False) -> Run:
@@ -406,7 +408,7 @@ def serve_convert(ctx: Ctx, image: Image, compress: bool = False) -> Run:
         usage, end, size = _finish_serve(proc, log, archive)
     finally:
         kill(proc)
-    return Run(end - start, usage.cpu, startup, client_usage.cpu, usage.maxrss, size)
+    return Run(end - start, usage.cpu, startup, client_usage.cpu, usage.maxrss, size, usage.system)
 
 
 def qemu_nbd_backup(ctx: Ctx, image: Image) -> Run:
@@ -435,7 +437,7 @@ def qemu_nbd_backup(ctx: Ctx, image: Image) -> Run:
         kill(proc)
     size = target.stat().st_blocks * 512
     target.unlink()
-    return Run(end - start, usage.cpu, startup, qemu_cpu, usage.maxrss, size)
+    return Run(end - start, usage.cpu, startup, qemu_cpu, usage.maxrss, size, usage.system)
 
 
 def tool_run(ctx: Ctx, args: list[str], out: Path) -> Run:
@@ -452,7 +454,7 @@ def tool_run(ctx: Ctx, args: list[str], out: Path) -> Run:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode})")
     size = out.stat().st_size
     out.unlink()
-    return Run(wall, usage.cpu, rss=usage.maxrss, out=size)
+    return Run(wall, usage.cpu, rss=usage.maxrss, out=size, system=usage.system)
 
 
 def qemu_img_qcow2_zstd(ctx: Ctx, image: Image) -> Run:
@@ -501,6 +503,11 @@ def med(runs: list[Run], field: str) -> float:
     return statistics.median(float(getattr(r, field)) for r in runs)
 
 
+def med_user(runs: list[Run]) -> float:
+    """The median of the runs' user-space CPU seconds."""
+    return statistics.median(r.cpu - r.system for r in runs)
+
+
 def print_backup_table(image: Image, res: dict[str, list[Run]], where: str) -> list[bool]:
     """The table of one workload, per-run figures, ratios and target lines."""
     n = len(res["serve"])
@@ -509,16 +516,16 @@ def print_backup_table(image: Image, res: dict[str, list[Run]], where: str) -> l
         f"{format_bytes(image.nonzero * BLOCK)} non-zero; targets {where}; median of {n}\n"
     )
     print(
-        "| blockdev-backup into | s | MiB/s | server CPU s | CPU s/GiB | start-up CPU s "
-        "| QEMU CPU s | peak RSS MiB | output |"
+        "| blockdev-backup into | s | MiB/s | server CPU s | of it system s | CPU s/GiB "
+        "| start-up CPU s | QEMU CPU s | peak RSS MiB | output |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     labels = {"serve": "nbdvma serve (VMA)", "qemu-nbd": "qemu-nbd (raw)"}
     for key, runs in res.items():
         wall, cpu = med(runs, "wall"), med(runs, "cpu")
         print(
             f"| {labels[key]} | {wall:.2f} | {image.size / MiB / wall:.0f} | {cpu:.2f} "
-            f"| {cpu / image.gib:.2f} | {med(runs, 'startup'):.2f} "
+            f"| {med(runs, 'system'):.2f} | {cpu / image.gib:.2f} | {med(runs, 'startup'):.2f} "
             f"| {med(runs, 'client_cpu'):.2f} | {med(runs, 'rss') / MiB:.0f} "
             f"| {format_bytes(int(med(runs, 'out')))} |"
         )
@@ -530,7 +537,8 @@ def print_backup_table(image: Image, res: dict[str, list[Run]], where: str) -> l
     for key, runs in res.items():
         print(
             f"  {key} per run: s {fmt_runs([r.wall for r in runs])}; "
-            f"CPU s {fmt_runs([r.cpu for r in runs])}"
+            f"CPU s {fmt_runs([r.cpu for r in runs])}; "
+            f"system s {fmt_runs([r.system for r in runs])}"
         )
     s, q = res["serve"], res["qemu-nbd"]
     t_ratio = med(s, "wall") / med(q, "wall")
@@ -545,6 +553,14 @@ def print_backup_table(image: Image, res: dict[str, list[Run]], where: str) -> l
         f"CPU s/GiB serve / qemu-nbd: {c_ratio:.2f}x (target <= {CPU_TARGET:.1f}x): "
         f"{_verdict(c_ratio <= CPU_TARGET)}  [per run {per_run_cpu}]"
     )
+    # The kernel's share moves with the machine (on a VM whose host takes freed memory
+    # back, the same tmpfs write cost 0.4-1.3 s/GiB from one minute to the next), and
+    # qemu-nbd writes the zeros too: the user-space part alone, for the software's cost.
+    user_ratio = med_user(s) / med_user(q)
+    per_run_user = ", ".join(
+        f"{(a.cpu - a.system) / (b.cpu - b.system):.2f}" for a, b in zip(s, q, strict=True)
+    )
+    print(f"user CPU serve / qemu-nbd (no target): {user_ratio:.2f}x  [per run {per_run_user}]")
     overhead = med(s, "out") - image.nonzero * BLOCK
     print(
         f"archive vs non-zero 4 KiB blocks: {overhead:+,.0f} bytes "
@@ -579,7 +595,8 @@ def print_compress_table(
     for key, runs in res.items():
         print(
             f"  {key} per run: s {fmt_runs([r.wall for r in runs])}; "
-            f"CPU s {fmt_runs([r.cpu for r in runs])}"
+            f"CPU s {fmt_runs([r.cpu for r in runs])}; "
+            f"system s {fmt_runs([r.system for r in runs])}"
         )
     t_ratio = med(res["serve-bb"], "wall") / med(res["qcow2"], "wall")
     s_ratio = med(res["serve-bb"], "out") / zmin

@@ -40,10 +40,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 @attrs.frozen
 class Usage:
     """What ``wait4`` says of an ended child: CPU seconds (user + system, all its
-    threads) and peak RSS in bytes."""
+    threads), peak RSS in bytes, and the system part of ``cpu`` (the kernel's work for
+    it: copies, page allocation, system calls)."""
 
     cpu: float
     maxrss: int
+    system: float = 0.0
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float = 600, poll: float = 0.002) -> Usage:
@@ -55,7 +57,7 @@ def reap(proc: subprocess.Popen[bytes], timeout: float = 600, poll: float = 0.00
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return Usage(usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+            return Usage(usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, usage.ru_stime)
         if time.monotonic() > deadline:
             proc.kill()
             deadline = time.monotonic() + 10
