@@ -15,7 +15,7 @@ transmission flags, and maps any exception a backend raises to an NBD error with
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -141,10 +141,14 @@ def full_exports(disks: Iterable[tuple[str, int]], *, flush: bool = True) -> lis
 class VmaBackend:
     """Exports that write into one shared VMA archive writer.
 
-    Calls into the writer are serialised by one lock.  Writes that only assemble
-    clusters run on the event loop; one that may write an extent (every 58 clusters, a
-    few MiB), and whatever else may block (fsync for FLUSH and FUA, finishing), runs in
-    a worker thread while the lock is held.
+    Calls into the writer are serialised by :attr:`lock`, uses of its sink by
+    :attr:`sink_lock` (taken second).  Writes that only assemble clusters run on the
+    event loop.  A write-behind writer seals the extent a write fills (every 58
+    clusters, a few MiB): the request that filled it then writes it in a worker thread
+    holding only the sink lock, so that the next requests go on at once, and is
+    answered once it is written (so a failure, ``ENOSPC``, is that request's).  What
+    else may block (a write that would write an extent itself, fsync for FLUSH and FUA,
+    finishing) runs in a worker thread with both locks held.
     """
 
     def __init__(self, writer: VmaWriter, devices: dict[str, int], *, flush: bool = True) -> None:
@@ -160,6 +164,7 @@ class VmaBackend:
             ((name, sizes[dev_id]) for name, dev_id in devices.items()), flush=flush
         )
         self.lock = trio.Lock()
+        self.sink_lock = trio.Lock()
 
     @property
     def exports(self) -> Sequence[ExportInfo]:
@@ -172,7 +177,7 @@ class VmaBackend:
 
     async def pread(self, export_name: str, offset: int, length: int) -> bytes:
         """See :meth:`Backend.pread`."""
-        async with self.lock:
+        async with self.lock, self.sink_lock:  # a stored cluster is read from the sink
             return self.writer.read(self._dev_ids[export_name], offset, length)
 
     async def pwrite(
@@ -180,23 +185,47 @@ class VmaBackend:
     ) -> None:
         """See :meth:`Backend.pwrite`."""
         dev_id = self._dev_ids[export_name]
-        async with self.lock:
-            if self.writer.may_write_extent(len(data)):
+        call = partial(self.writer.write, dev_id, offset, data, owned=True)
+        await self._apply(
+            call, lambda: self.writer.may_write_extent(len(data), offset=offset, now=True)
+        )
+        if fua:
+            await self.flush()
+
+    async def _apply(self, call: Callable[[], None], writes_now: Callable[[], bool]) -> None:
+        """``call()`` into the writer, then the extent it sealed written (if any)."""
+        lock = self.lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            # trio's acquire() passes through the scheduler even when the lock is free,
+            # holding it meanwhile: every write_now in that pass would be declined.
+            lock.acquire_nowait()
+        try:
+            if writes_now():
                 # An extent goes to the disk: off the event loop, so that a write the
                 # kernel throttles (dirty pages) does not also stop every connection's
-                # receive.  The lock keeps the writer to one caller at a time.
-                await trio.to_thread.run_sync(
-                    partial(self.writer.write, owned=True), dev_id, offset, data
-                )
+                # receive.
+                async with self.sink_lock:
+                    await trio.to_thread.run_sync(call)
             else:
-                self.writer.write(dev_id, offset, data, owned=True)
-            if fua:
-                await trio.to_thread.run_sync(self.writer.flush)
+                call()
+        finally:
+            lock.release()
+        await self.write_sealed()
+
+    async def write_sealed(self) -> None:
+        """Write the extent a call sealed (if one waits), holding only the sink lock."""
+        if self.writer.sealed_waiting():
+            async with self.sink_lock:
+                if self.writer.sealed_waiting():
+                    await trio.to_thread.run_sync(self.writer.write_sealed)
 
     def write_now(self, export_name: str, offset: int, data: bytes | bytearray) -> bool:
         """See :meth:`WriteNow.write_now`: declined while the lock is held (another
-        request is in the writer, in a thread) or when this one may write an extent."""
-        if self.lock.locked() or self.writer.may_write_extent(len(data)):
+        request is in the writer, in a thread) or when this one may fill an extent
+        (which is then written, or sealed for this request to write)."""
+        if self.lock.locked() or self.writer.may_write_extent(len(data), offset=offset):
             return False
         self.writer.write(self._dev_ids[export_name], offset, data, owned=True)
         return True
@@ -214,20 +243,19 @@ class VmaBackend:
     async def zero(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """See :meth:`Backend.zero`: no buffer of ``length`` bytes is ever allocated."""
         dev_id = self._dev_ids[export_name]
-        async with self.lock:
-            if self.writer.zeroes_may_write_extent(dev_id, offset, length):
-                await trio.to_thread.run_sync(self.writer.write_zeroes, dev_id, offset, length)
-            else:
-                self.writer.write_zeroes(dev_id, offset, length)
-            if fua:
-                await trio.to_thread.run_sync(self.writer.flush)
+        call = partial(self.writer.write_zeroes, dev_id, offset, length)
+        await self._apply(
+            call, lambda: self.writer.zeroes_may_write_extent(dev_id, offset, length, now=True)
+        )
+        if fua:
+            await self.flush()
 
     async def trim(self, export_name: str, offset: int, length: int, *, fua: bool) -> None:
         """See :meth:`Backend.trim`: a no-op, as the spec allows (contents unspecified)."""
 
     async def flush(self) -> None:
         """See :meth:`Backend.flush`."""
-        async with self.lock:
+        async with self.lock, self.sink_lock:
             await trio.to_thread.run_sync(self.writer.flush)
 
     async def extents(self, export_name: str, offset: int, length: int) -> list[tuple[int, int]]:

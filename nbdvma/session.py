@@ -277,7 +277,10 @@ class ArchiveSession(ExportSession):
         )
         #: The archive's upload, when it goes to object storage (else ``None``).
         self.upload = sink if isinstance(sink, UploadSink) else None
-        writer = VmaWriter(sink)
+        # Write-behind where a cluster stored meanwhile is read back with a plain
+        # pread (a rewrite's check on the event loop while an extent is written).
+        plain = isinstance(sink, FileSink) and not sink.compressed
+        writer = VmaWriter(sink, write_behind=plain)
         try:
             for name, data in options.configs:
                 writer.add_config(name, data)
@@ -335,13 +338,14 @@ class ArchiveSession(ExportSession):
                     head += data[: len(QEMU_VM_FILE_HEAD) - len(head)]
                     if len(head) == len(QEMU_VM_FILE_HEAD):
                         _check_vmstate_head(head)
-                async with self.vma.lock:
+                async with self.vma.lock, self.vma.sink_lock:
                     if self.writer.may_write_extent(len(data)):
                         # An extent goes to the sink: off the event loop (a disk
                         # write, or an upload that waits for the endpoint).
                         await trio.to_thread.run_sync(self.writer.append, self._vmstate_id, data)
                     else:
                         self.writer.append(self._vmstate_id, data)
+                await self.vma.write_sealed()
         if len(head) < len(QEMU_VM_FILE_HEAD):
             log.warning(
                 f"vmstate: the stream ended after {len(head)} bytes, before a QEMU "
@@ -353,7 +357,7 @@ class ArchiveSession(ExportSession):
 
     async def finish(self) -> None:
         """Finish the archive: the last extents, fsync, rename to the final name."""
-        async with self.vma.lock:
+        async with self.vma.lock, self.vma.sink_lock:
             await trio.to_thread.run_sync(self.writer.finish)
 
     def abort(self) -> None:

@@ -5,6 +5,14 @@ clusters to.  It writes the header before the first extent, collects up to 58
 clusters (as the C writer does) and writes them as one extent, after which each
 cluster is STORED and immutable; it answers where a cluster's bytes are now, waiting
 in the current extent or read back from the sink.
+
+Write-behind (``defer``, for a server): a full extent is *sealed* instead of written
+while fewer than :data:`SEALED_MAX` sealed ones wait, so that filling it does no I/O;
+the caller then writes them with :meth:`Extents.write_sealed` in a worker thread while
+clusters keep coming into the next one (the caller sees to it that nothing else uses
+the sink meanwhile).  A sealed extent whose write failed stays sealed, its clusters
+PENDING, and is written again first by the next :meth:`~Extents.write_sealed` or
+:meth:`~Extents.flush`: nothing accepted is lost.
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ from nbdvma.vma.format import (
 )
 from nbdvma.vma.sink import Buffer, Sink
 
-__all__ = ["ZERO_CLUSTER_CRC", "Extents"]
+__all__ = ["SEALED_MAX", "ZERO_CLUSTER_CRC", "Extents"]
+
+#: Extents sealed and not yet written, at most (write-behind): a few MiB each.  More
+#: than one, so that clusters keep coming while the sink is slower for a moment.
+SEALED_MAX = 4
+
+_Index = dict[tuple[int, int], Slot]
 
 #: The CRC-32 of a cluster of zeros: what a stored zero cluster is checked against
 #: when it cannot be read back (a stream, an upload).
@@ -40,14 +54,19 @@ class Extents:
         build_header: the header's bytes, asked for once, before the first unit.
     """
 
-    def __init__(self, sink: Sink, uuid: bytes, build_header: Callable[[], bytes]) -> None:
+    def __init__(
+        self, sink: Sink, uuid: bytes, build_header: Callable[[], bytes], *, defer: bool = False
+    ) -> None:
         self.sink = sink
         self.uuid = uuid
         self._build_header = build_header
+        self.defer = defer
         #: The header as written, once it is.
         self.header: bytes | None = None
         self.pending: list[Slot] = []
-        self._index: dict[tuple[int, int], Slot] = {}
+        self._index: _Index = {}
+        #: Full extents sealed and not yet written, oldest first, each with its index.
+        self.sealed: list[tuple[list[Slot], _Index]] = []
 
     def write_header(self) -> None:
         """Write the header unless it is written already."""
@@ -61,16 +80,42 @@ class Extents:
         # Flush *before* adding, as the C writer does: if that fails, the new cluster
         # is not taken and the caller's request fails as a whole.
         if len(self.pending) >= WRITER_CLUSTERS_PER_EXTENT:
-            self.flush()
+            if self.defer and len(self.sealed) < SEALED_MAX:
+                self.sealed.append((self.pending, self._index))
+                self.pending = []
+                self._index = {}
+            else:
+                self.flush()
         self.pending.append(slot)
         self._index[(slot.dev.dev_id, slot.cluster)] = slot
 
+    def may_write(self, clusters: int, *, now: bool = False) -> bool:
+        """Whether queueing ``clusters`` more fills the current extent (then written, or
+        sealed); with ``now``, whether :meth:`queue` then writes to the sink itself."""
+        room = WRITER_CLUSTERS_PER_EXTENT - len(self.pending)
+        if now and self.defer:  # full extents are only sealed, up to SEALED_MAX
+            room += WRITER_CLUSTERS_PER_EXTENT * (SEALED_MAX - len(self.sealed))
+        return clusters > room  # a full extent goes when one more cluster comes
+
+    def write_sealed(self) -> None:
+        """Write the sealed extents, oldest first; each one's clusters become STORED."""
+        while self.sealed:
+            slots, _ = self.sealed[0]
+            self._write(slots)
+            self.sealed.pop(0)
+
     def flush(self) -> None:
-        """Write the clusters waiting (if any) as one extent; they become STORED."""
-        if not self.pending:
-            return
+        """Write the sealed extents, then the clusters waiting (if any) as one extent;
+        they become STORED.  On failure the clusters waiting stay where they were."""
+        self.write_sealed()
+        if self.pending:
+            self._write(self.pending)
+            self.pending = []
+            self._index = {}
+
+    def _write(self, slots: list[Slot]) -> None:
+        """Write ``slots`` as one extent (the header first, once)."""
         self.write_header()
-        slots = self.pending
         # BlockInfo.pack, inline: a finish queues a slot per zero cluster (a million
         # for a sparse 64 GiB disk), and a record per slot cost a fifth of the time.
         infos = [s.mask << 48 | s.dev.dev_id << 32 | s.cluster for s in slots]
@@ -80,8 +125,9 @@ class Extents:
             parts.extend(s.blocks)
         index = self.sink.append(parts)
         readable = self.sink.readable
+        # The reference before the state: a reader on another thread that finds a
+        # cluster STORED (write-behind) finds where it is stored too.
         for s in slots:
-            s.dev.state[s.cluster] = STORED
             if readable:
                 s.dev.ref[s.cluster] = index
             elif not s.mask:
@@ -90,8 +136,7 @@ class Extents:
                 s.dev.ref[s.cluster] = ZERO_CLUSTER_CRC
             else:
                 s.dev.ref[s.cluster] = zlib.crc32(slot_bytes(s))
-        self.pending = []
-        self._index.clear()
+            s.dev.state[s.cluster] = STORED
 
     def write_empty(self) -> None:
         """Write the header and one extent of no cluster (an archive of no device)."""
@@ -100,11 +145,18 @@ class Extents:
 
     def holds(self, buffer: object) -> bool:
         """Whether a cluster waiting in the current extent is a view of ``buffer``."""
-        return any(b.obj is buffer for s in self.pending for b in s.blocks)
+        batches = [self.pending, *(slots for slots, _ in self.sealed)]
+        return any(b.obj is buffer for slots in batches for s in slots for b in s.blocks)
 
-    def pending_bytes(self, dev: Device, cluster: int) -> bytes:
-        """The 64 KiB of a PENDING cluster."""
-        return slot_bytes(self._index[(dev.dev_id, cluster)])
+    def pending_bytes(self, dev: Device, cluster: int) -> bytes | None:
+        """The 64 KiB of a PENDING cluster, or ``None`` if it was stored meanwhile (by
+        a write-behind in another thread)."""
+        key = (dev.dev_id, cluster)
+        for index in (self._index, *(index for _, index in self.sealed)):
+            slot = index.get(key)
+            if slot is not None:
+                return slot_bytes(slot)
+        return None
 
     def stored_bytes(self, dev: Device, cluster: int) -> bytes:
         """The 64 KiB of a STORED cluster, read back from the sink.

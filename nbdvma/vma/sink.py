@@ -326,6 +326,11 @@ class FileSink:
             raise VmaWriterError("a patched header must keep its length")
         os.pwrite(self._fd, data, 0)
 
+    @property
+    def compressed(self) -> bool:
+        """Whether units are compressed (in a pool, written by later calls)."""
+        return self._zstd is not None
+
     def data_digest(self) -> DataDigest:
         """See :meth:`Sink.data_digest` (every unit accepted is written first)."""
         if self._zstd is not None:

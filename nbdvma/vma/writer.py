@@ -76,7 +76,6 @@ from nbdvma.vma.format import (
     VMA_MAX_CONFIGS,
     VMA_MAX_DEVICES,
     VMA_VMSTATE_NAME,
-    WRITER_CLUSTERS_PER_EXTENT,
     build_header,
 )
 from nbdvma.vma.journal import encode_journal
@@ -101,6 +100,7 @@ class VmaWriter:
         uuid: bytes | None = None,
         ctime: int | None = None,
         max_partial_bytes: int = 64 * 1024 * 1024,
+        write_behind: bool = False,
     ) -> None:
         """Create a writer.
 
@@ -109,6 +109,7 @@ class VmaWriter:
             uuid: the archive uuid (16 bytes); random by default.
             ctime: the header's creation time; by default the time the header is written.
             max_partial_bytes: bound on the memory of clusters being assembled.
+            write_behind: seal a full extent for :meth:`write_sealed` (:mod:`~.extents`).
         """
         self._sink = sink
         self.uuid = uuid if uuid is not None else uuidlib.uuid4().bytes
@@ -122,7 +123,7 @@ class VmaWriter:
         self._with_digest = sink.seekable
         self._devices: list[Disk | VmState] = []
         self._vmstate: VmState | None = None
-        self._extents = Extents(sink, self.uuid, self._build_header)
+        self._extents = Extents(sink, self.uuid, self._build_header, defer=write_behind)
         self._partial_bytes = 0
         self._state = "open"  # open -> finished | aborted
         self._patched = b""  # the final header, once it is in place
@@ -469,7 +470,9 @@ class VmaWriter:
         if state == PARTIAL:
             return bytes(dev.partial[cluster].buf)
         if state == PENDING:
-            return self._extents.pending_bytes(dev, cluster)
+            data = self._extents.pending_bytes(dev, cluster)
+            if data is not None:
+                return data
         return self._extents.stored_bytes(dev, cluster)
 
     def block_status(self, dev_id: int, offset: int, length: int) -> list[tuple[int, bool]]:
@@ -584,11 +587,10 @@ class VmaWriter:
     def release(self, buffer: object) -> None:
         """Hold no view of ``buffer`` any more, so that the caller may fill it again.
 
-        For callers that hand over buffers with ``owned=True`` that they later reuse or
-        unmap (``nbdvma create`` passes views of a mapped image): if a cluster waiting
-        in the current extent refers to ``buffer``, that extent is written now, short of
-        59 clusters (as the C writer's flush writes one); a sink that writes in the
-        background is then waited for.
+        For callers that hand over buffers with ``owned=True`` and later reuse or unmap
+        them (``nbdvma create``: views of a mapped image): an extent that refers to
+        ``buffer`` is written now, maybe short (as the C writer's flush writes one); a
+        sink that writes in the background is then waited for.
 
         Raises:
             OSError: the sink failed.
@@ -598,33 +600,38 @@ class VmaWriter:
             self._extents.flush()
         self._sink.release(buffer)  # a sink that writes in the background waits here
 
-    def may_write_extent(self, length: int) -> bool:
-        """Whether writing ``length`` more bytes may write an extent to the sink.
+    def may_write_extent(self, length: int, *, offset: int = -1, now: bool = False) -> bool:
+        """Whether writing ``length`` more bytes may fill the current extent (a hint for
+        callers on an event loop, which then make the call in a worker thread); ``now``:
+        only whether the call itself may write one (write-behind seals the first)."""
+        at = offset % VMA_CLUSTER_SIZE if offset >= 0 else VMA_CLUSTER_SIZE - 1
+        clusters = -(-(at + length) // VMA_CLUSTER_SIZE)  # the clusters it can touch
+        return self._extents.may_write(clusters, now=now)
 
-        A hint for callers on an event loop, which can then make such a call in a
-        worker thread: true when the clusters waiting plus those ``length`` bytes could
-        fill the current extent.
-        """
-        clusters = length // VMA_CLUSTER_SIZE + 2  # the ends may complete partial clusters
-        return len(self._extents.pending) + clusters >= WRITER_CLUSTERS_PER_EXTENT
+    def sealed_waiting(self) -> bool:
+        """Whether a sealed extent waits for :meth:`write_sealed` (write-behind)."""
+        return bool(self._extents.sealed)
 
-    def zeroes_may_write_extent(self, dev_id: int, offset: int, length: int) -> bool:
-        """Like :meth:`may_write_extent`, for :meth:`write_zeroes`.
+    def write_sealed(self) -> None:
+        """Write the sealed extents, in a worker thread while the loop fills the next (no
+        other use of the sink meanwhile); on ``OSError`` they stay, to be written again."""
+        self._check_open()
+        self._extents.write_sealed()
 
-        Zeroes queue at most the two clusters at the ends of their range, if partly
-        written before (they become whole clusters with data); every cluster inside
-        the range becomes a zero cluster, which stores nothing.  So a large zero range
-        rarely has to leave the event loop.
-        """
+    def zeroes_may_write_extent(
+        self, dev_id: int, offset: int, length: int, *, now: bool = False
+    ) -> bool:
+        """Like :meth:`may_write_extent`, for :meth:`write_zeroes`: zeroes queue at most
+        the two clusters at the ends of their range, if partly written before; every
+        cluster inside becomes a zero cluster, which stores nothing."""
         dev = self._device(dev_id)
         if not isinstance(dev, Disk):
-            return self.may_write_extent(length)
+            return self.may_write_extent(length, now=now)
         if length <= 0:
             return False
         ends = {offset // VMA_CLUSTER_SIZE, (offset + length - 1) // VMA_CLUSTER_SIZE}
         completed = sum(1 for c in ends if c < dev.cluster_count and dev.state[c] == PARTIAL)
-        # An extent goes out when a cluster is queued with a full one waiting.
-        return completed > 0 and len(self._extents.pending) + completed > WRITER_CLUSTERS_PER_EXTENT
+        return self._extents.may_write(completed, now=now)
 
     @property
     def finished(self) -> bool:
