@@ -249,8 +249,10 @@ class Qemu:
             kill(proc)
 
 
-async def _backup_job(qmp_address: str, device: str, sock: Path) -> tuple[float, float]:
-    """``blockdev-add`` of an nbd node on ``sock`` (export ``drive-scsi0``), a full
+async def _backup_job(
+    qmp_address: str, device: str, sock: Path, export: str = "drive-scsi0"
+) -> tuple[float, float]:
+    """``blockdev-add`` of an nbd node on ``sock`` (export ``export``), a full
     ``blockdev-backup`` of ``device`` into it, ``blockdev-del``; the ``perf_counter``
     at the ``blockdev-add`` and at the answer to ``blockdev-del``."""
     async with QmpClient.connect(qmp_address) as qmp:
@@ -264,7 +266,7 @@ async def _backup_job(qmp_address: str, device: str, sock: Path) -> tuple[float,
                 "file": {
                     "driver": "nbd",
                     "server": {"type": "unix", "path": str(sock)},
-                    "export": "drive-scsi0",
+                    "export": export,
                 },
             },
         )
@@ -283,10 +285,12 @@ async def _backup_job(qmp_address: str, device: str, sock: Path) -> tuple[float,
         return start, time.perf_counter()
 
 
-def backup_job(qemu: Qemu, image: Image, sock: Path) -> tuple[float, float, float]:
+def backup_job(
+    qemu: Qemu, image: Image, sock: Path, export: str = "drive-scsi0"
+) -> tuple[float, float, float]:
     """Run the job; (start, end of ``blockdev-del``, QEMU's CPU seconds meanwhile)."""
     cpu0 = cpu_so_far(qemu.proc.pid)
-    start, end = trio.run(_backup_job, qemu.qmp_address, qemu.devices[image.name], sock)
+    start, end = trio.run(_backup_job, qemu.qmp_address, qemu.devices[image.name], sock, export)
     return start, end, cpu_so_far(qemu.proc.pid) - cpu0
 
 

@@ -8,19 +8,25 @@ of ``bench_backup.py`` and serve writes a VMA archive, into ``--dir`` (default
 ``/dev/shm``: a tmpfs, so that only the software's own cost counts).  With ``--backend
 export`` the same disk is archived once (``nbdvma create`` of the new tree) and each
 tree's ``nbdvma export`` serves it to ``qemu-img convert -O qcow2`` (the restore path;
-the server's CPU includes its index pass, the same in both).  Usage::
+the server's CPU includes its index pass, the same in both).  ``--client backup``: the
+client of ``--backend vma`` is QEMU's ``blockdev-backup`` of the disk (QEMU 7.2, as in
+``bench_qemu_backup.py``: 1 MiB writes and WRITE_ZEROES, 16 in flight), not
+``qemu-img convert``.  Usage::
 
     git worktree add /tmp/base ae36cb5
     .venv/bin/python benchmarks/compare_trees.py /tmp/base . [--size 1G] [--rounds 8]
     .venv/bin/python benchmarks/compare_trees.py /tmp/base . --backend vma
+    .venv/bin/python benchmarks/compare_trees.py /tmp/base . --backend vma --client backup
     .venv/bin/python benchmarks/compare_trees.py /tmp/base . --backend export
 
-Prints a table (median and range of each tree) and the ratio of the medians.
+Prints a table (median and range of each tree, and the user-space part of the CPU
+seconds) and the ratio of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -31,6 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_qemu_backup import Image, Qemu, backup_job
 
 from nbdvma.units import parse_size
 
@@ -58,8 +66,13 @@ def start_server(tree: Path, args: list[str], work: Path, sock: Path) -> subproc
     return server
 
 
-def one_round(tree: Path, image: Path, size: int, work: Path, backend: str) -> tuple[float, float]:
-    """Wall seconds of the copy and the server's CPU seconds."""
+Round = tuple[float, float, float]  # wall s, server CPU s, of which user s
+
+
+def one_round(
+    tree: Path, image: Path, size: int, work: Path, backend: str, qemu: Qemu | None = None
+) -> Round:
+    """Wall seconds of the copy (or of QEMU's backup job) and the server's CPU seconds."""
     sock = work / "serve.sock"
     sock.unlink(missing_ok=True)
     archive = work / "x.vma"
@@ -74,28 +87,31 @@ def one_round(tree: Path, image: Path, size: int, work: Path, backend: str) -> t
         sock,
     )
     start = time.monotonic()
-    subprocess.run(
-        [
-            *("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw"),
-            *(str(image), f"nbd+unix:///d0?socket={sock}"),
-        ],
-        check=True,
-    )
+    if qemu is not None:
+        backup_job(qemu, Image("source", image, size, 0), sock, "d0")
+    else:
+        subprocess.run(
+            [
+                *("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw"),
+                *(str(image), f"nbd+unix:///d0?socket={sock}"),
+            ],
+            check=True,
+        )
     if backend == "vma":  # it finishes the archive and exits by itself
         _, status, usage = os.wait4(server.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"serve of {tree} failed")
-        return time.monotonic() - start, usage.ru_utime + usage.ru_stime
+        return time.monotonic() - start, usage.ru_utime + usage.ru_stime, usage.ru_utime
     wall = time.monotonic() - start
     # Older trees serve null until a signal; newer ones end once the disk is written.
     # (os.kill, not Popen.terminate: that would reap an exited child before wait4.)
     time.sleep(0.5)
     os.kill(server.pid, signal.SIGTERM)
     _, _, usage = os.wait4(server.pid, 0)
-    return wall, usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_utime
 
 
-def export_round(tree: Path, archive: Path, work: Path) -> tuple[float, float]:
+def export_round(tree: Path, archive: Path, work: Path) -> Round:
     """Wall seconds of ``qemu-img convert`` out of ``tree``'s export of ``archive``
     (from the server's start), and the server's CPU seconds."""
     sock = work / "export.sock"
@@ -113,7 +129,7 @@ def export_round(tree: Path, archive: Path, work: Path) -> tuple[float, float]:
     wall = time.monotonic() - start
     os.kill(server.pid, signal.SIGTERM)
     _, _, usage = os.wait4(server.pid, 0)
-    return wall, usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_utime
 
 
 def main() -> int:
@@ -124,7 +140,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--backend", choices=["null", "vma", "export"], default="null")
     parser.add_argument("--dir", type=Path, default=Path("/dev/shm"), help="image, archive")
+    parser.add_argument("--client", choices=["qemu-img", "backup"], default="qemu-img")
     args = parser.parse_args()
+    if args.client == "backup" and args.backend != "vma":
+        parser.error("--client backup goes with --backend vma")
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
     with tempfile.TemporaryDirectory(prefix="nbdvma-cmp-", dir=args.dir) as tmp:
         work = Path(tmp)
@@ -137,7 +156,7 @@ def main() -> int:
             with image.open("wb") as f:
                 for _ in range(args.size >> 20):
                     f.write(os.urandom(1 << 20))
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+        results: dict[str, list[Round]] = {name: [] for name in trees}
         archive = work / "source.vma"
         if args.backend == "export":
             subprocess.run(
@@ -146,25 +165,33 @@ def main() -> int:
                 cwd=work,
                 check=True,
             )
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
-                if args.backend == "export":
-                    results[name].append(export_round(tree, archive, work))
-                else:
-                    results[name].append(one_round(tree, image, args.size, work, args.backend))
+        with contextlib.ExitStack() as stack:
+            qemu = None
+            if args.client == "backup":
+                source = Image("source", image, args.size, 0)
+                qemu = stack.enter_context(Qemu.start([source], work))
+            for _ in range(args.rounds):
+                for name, tree in trees.items():
+                    if args.backend == "export":
+                        results[name].append(export_round(tree, archive, work))
+                    else:
+                        results[name].append(
+                            one_round(tree, image, args.size, work, args.backend, qemu)
+                        )
     print(
-        f"| tree | server CPU s, median | range | wall s, median |  "
-        f"({args.rounds} rounds, --backend {args.backend}, {args.dir})"
+        f"| tree | server CPU s, median | range | of it user s | wall s, median |  "
+        f"({args.rounds} rounds, --backend {args.backend}, --client {args.client}, {args.dir})"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     medians = {}
     for name, runs in results.items():
-        cpu = [c for _, c in runs]
+        cpu = [c for _, c, _ in runs]
         medians[name] = statistics.median(cpu)
-        wall = statistics.median(w for w, _ in runs)
+        wall = statistics.median(w for w, _, _ in runs)
+        user = statistics.median(u for _, _, u in runs)
         print(
             f"| {name} {trees[name]} | {medians[name]:.2f} | {min(cpu):.2f}-{max(cpu):.2f} "
-            f"| {wall:.2f} |"
+            f"| {user:.2f} | {wall:.2f} |"
         )
     print(f"server CPU, new / old: {medians['new'] / medians['old']:.2f}")
     return 0
