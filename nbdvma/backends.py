@@ -35,6 +35,7 @@ __all__ = [
     "StatusNow",
     "VmaBackend",
     "WriteNow",
+    "acquire_lock",
     "full_exports",
 ]
 
@@ -129,6 +130,15 @@ class SendNow(Protocol):
         """Where the READ's bytes lie, if they can be sent at once; else ``None``."""
 
 
+async def acquire_lock(lock: trio.Lock) -> None:
+    """Acquire ``lock``; at once, without a pass through the scheduler, when it is free
+    (trio's ``acquire`` makes one even then, holding the lock meanwhile)."""
+    if lock.locked():
+        await lock.acquire()
+    else:
+        lock.acquire_nowait()
+
+
 def full_exports(disks: Iterable[tuple[str, int]], *, flush: bool = True) -> list[ExportInfo]:
     """Exports of ``(name, size)`` with every capability (:meth:`Capabilities.full`),
     but FLUSH and FUA unless ``flush``."""
@@ -194,13 +204,10 @@ class VmaBackend:
 
     async def _apply(self, call: Callable[[], None], writes_now: Callable[[], bool]) -> None:
         """``call()`` into the writer, then the extent it sealed written (if any)."""
+        # (Not ``async with``: a free lock held through a pass of the scheduler would
+        # make every write_now in that pass decline.)
         lock = self.lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            # trio's acquire() passes through the scheduler even when the lock is free,
-            # holding it meanwhile: every write_now in that pass would be declined.
-            lock.acquire_nowait()
+        await acquire_lock(lock)
         try:
             if writes_now():
                 # An extent goes to the disk: off the event loop, so that a write the

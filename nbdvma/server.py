@@ -36,7 +36,7 @@ from typing import cast
 import attrs
 import trio
 
-from nbdvma.backends import Backend, ReadNow, SendNow, StatusNow, WriteNow
+from nbdvma.backends import Backend, ReadNow, SendNow, StatusNow, WriteNow, acquire_lock
 from nbdvma.errors import RemoteProtocolError, errno_for_exception
 from nbdvma.nbd import (
     NEED_DATA,
@@ -294,12 +294,7 @@ class NbdServer:
         if not buffers:
             return
         lock = conn.send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            # trio's acquire() passes through the scheduler even when the lock is free:
-            # one pass of the run loop per reply saved.
-            lock.acquire_nowait()
+        await acquire_lock(lock)  # one pass of the run loop per reply saved
         try:
             raw = conn.raw
             if raw is None:

@@ -8,10 +8,11 @@ import os
 import threading
 from pathlib import Path
 
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdvma.backends import VmaBackend, _Coverage
+from nbdvma.backends import VmaBackend, _Coverage, acquire_lock
 from nbdvma.vma.format import VMA_CLUSTER_SIZE as CLUSTER
 from nbdvma.vma.format import WRITER_CLUSTERS_PER_EXTENT
 from nbdvma.vma.sink import open_sink
@@ -92,3 +93,32 @@ async def test_zeroes_that_complete_an_extent_are_written_off_the_event_loop(
     threads.clear()
     assert backend.zero_now(name, 200 * CLUSTER + 4096, 4096)
     assert threads == []
+
+
+async def test_acquire_lock_takes_a_free_lock_without_a_pass_through_the_scheduler() -> None:
+    """A free lock is taken at once (no other task runs meanwhile, so none sees it held
+    and declines); a held one is waited for."""
+    lock = trio.Lock()
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await acquire_lock(lock)
+        assert ran == []
+        lock.release()
+    assert ran == ["other"]
+
+    async def holder(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with lock:
+            task_status.started()
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(holder)
+        assert lock.locked()
+        with trio.fail_after(5):
+            await acquire_lock(lock)  # waits for the holder
+        lock.release()
