@@ -136,6 +136,7 @@ def serve(archive: Path, size: int, sock: Path, *extra: str) -> Iterator[subproc
 @contextmanager
 def background(args: list[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A reference server in the foreground of a child; killed on exit."""
+    sock.unlink(missing_ok=True)  # one left by the last server: not this one's
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(sock.exists, START_TIMEOUT, args[0])
@@ -153,16 +154,30 @@ def convert(src: Path, target: str) -> list[str]:
     return ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), target]
 
 
-def bench_null(src: Path, size: int, work: Path) -> tuple[float, float, float, float]:
-    """One run each: serve null and nbdkit null, (wall, server CPU) seconds of each."""
+def bench_null(
+    src: Path, size: int, work: Path, serve_first: bool = True
+) -> tuple[float, float, float, float]:
+    """One run each: serve null and nbdkit null, (wall, server CPU) seconds of each, in
+    the order given (the caller alternates it: whoever follows a heavy step pays)."""
     sock = work / "null.sock"
-    with serve(work / "null.vma", size, sock, "--backend", "null") as proc:
-        t_serve = run(convert(src, uri(sock)))
-        cpu_serve = reap(proc)  # it ends by itself: the disk was written completely
-    with background(["nbdkit", "-f", "-U", str(sock), "null", str(size)], sock) as proc:
-        t_nbdkit = run(convert(src, uri(sock)))
-        proc.send_signal(signal.SIGTERM)
-        cpu_nbdkit = reap(proc)
+
+    def serve_null() -> tuple[float, float]:
+        with serve(work / "null.vma", size, sock, "--backend", "null") as proc:
+            wall = run(convert(src, uri(sock)))
+            return wall, reap(proc)  # it ends by itself: the disk was written completely
+
+    def nbdkit_null() -> tuple[float, float]:
+        with background(["nbdkit", "-f", "-U", str(sock), "null", str(size)], sock) as proc:
+            wall = run(convert(src, uri(sock)))
+            proc.send_signal(signal.SIGTERM)
+            return wall, reap(proc)
+
+    if serve_first:
+        t_serve, cpu_serve = serve_null()
+        t_nbdkit, cpu_nbdkit = nbdkit_null()
+    else:
+        t_nbdkit, cpu_nbdkit = nbdkit_null()
+        t_serve, cpu_serve = serve_null()
     return t_serve, cpu_serve, t_nbdkit, cpu_nbdkit
 
 
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 targets.mkdir(parents=True, exist_ok=True)
                 where_t = f"in {targets}"
             for i in range(args.repeat):
-                s, cs, k, ck = bench_null(src, size, work)
+                s, cs, k, ck = bench_null(src, size, work, serve_first=i % 2 == 0)
                 null_s.append(s)
                 null_k.append(k)
                 cpu_s.append(cs)
