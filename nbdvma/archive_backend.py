@@ -48,7 +48,7 @@ from nbdvma.vma.index import (
     VmstateWriter,
     build_index,
 )
-from nbdvma.vma.reader import GZIP_MAGIC
+from nbdvma.vma.sources import GZIP_MAGIC
 
 __all__ = [
     "PROGRESS_INTERVAL",
@@ -381,7 +381,7 @@ def decompress_into(source: BinaryIO, fd: int, progress: Callable[[int], None]) 
     zeros are left as holes.
 
     Args:
-        source: the decompressed stream (:func:`~nbdvma.vma.reader.open_source`...).
+        source: the decompressed stream (:func:`~nbdvma.vma.sources.open_source`...).
         fd: an empty file open for writing.
         progress: called with the bytes written so far, now and then (may raise).
 

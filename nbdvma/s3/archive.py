@@ -31,7 +31,7 @@ from nbdvma.errors import UnindexableArchiveError
 from nbdvma.s3.source import STREAM_CHUNK, S3Object, S3Stream
 from nbdvma.tools.common import LZOP_MAGIC
 from nbdvma.vma.index import ArchiveIndex, IndexedArchive, Piece, VmstateWriter, build_index
-from nbdvma.vma.reader import GZIP_MAGIC
+from nbdvma.vma.sources import GZIP_MAGIC
 
 __all__ = ["CACHE", "LOADERS", "PIECE", "S3IndexedArchive", "index_object"]
 

@@ -285,7 +285,7 @@ def open_stream(
     location: S3Location, endpoint: str | None = None, *, header_only: bool = False
 ) -> BinaryIO:
     """The object at ``location`` as a buffered binary stream (``peek`` included), as
-    :func:`~nbdvma.vma.reader.open_source` opens a file.
+    :func:`~nbdvma.vma.sources.open_source` opens a file.
 
     Raises:
         S3Error: no such key or bucket, wrong credentials, no endpoint there...

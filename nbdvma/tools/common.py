@@ -17,7 +17,8 @@ from nbdvma.s3.location import parse_s3_url
 from nbdvma.vma.background import ThreadGuard
 from nbdvma.vma.digest import DIGEST_ALGORITHM, DataDigest
 from nbdvma.vma.format import VMA_CLUSTER_SIZE, DeviceInfo
-from nbdvma.vma.reader import VmaReader, decompressing, open_source
+from nbdvma.vma.reader import VmaReader
+from nbdvma.vma.sources import decompressing, open_source
 
 __all__ = [
     "Progress",
@@ -145,7 +146,7 @@ def open_decompressed(
     thread_guard: ThreadGuard = contextlib.nullcontext,
 ) -> BinaryIO:
     """The archive at ``path`` as a plain stream: zstd and gzip decompressed by the
-    core (:func:`~nbdvma.vma.reader.open_source`), lzo through ``lzop``.
+    core (:func:`~nbdvma.vma.sources.open_source`), lzo through ``lzop``.
 
     ``path`` may be ``s3://BUCKET/KEY`` (read with the endpoint ``s3_endpoint``, or
     the environment's; see :mod:`nbdvma.s3.source`), recognised by its first bytes

@@ -61,7 +61,8 @@ from nbdvma.vma.format import (
     DeviceInfo,
     VmaHeader,
 )
-from nbdvma.vma.reader import ZSTD_MAGIC, VmaReader
+from nbdvma.vma.reader import VmaReader, ZeroRun
+from nbdvma.vma.sources import ZSTD_MAGIC
 
 __all__ = [
     "ArchiveIndex",
@@ -312,7 +313,9 @@ def build_index(
         for extent in reader.extents():
             extent_starts.append(position)
             block = position + VMA_EXTENT_HEADER_SIZE
-            for dev, number, mask, data in extent:
+            # A run of a disk's zero clusters (a sparse disk): their words stay 0.
+            clusters = () if type(extent) is ZeroRun else extent
+            for dev, number, mask, data in clusters:
                 dev_id = dev.dev_id
                 if not mask and dev_id != vmstate_id:
                     continue  # a zero cluster of a disk: its index word stays 0

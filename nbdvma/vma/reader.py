@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 An archive is read strictly front to back, without seeking, so the source can be a
-pipe, stdin or a zstd decompression stream (:func:`open_source`).
+pipe, stdin or a zstd decompression stream (:func:`~nbdvma.vma.sources.open_source`).
 
 1. :class:`VmaReader` reads the header region and applies H1-H9 (format doc §7) via
    :func:`~nbdvma.vma.format.header_size_untrusted` and
@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
-import os
-import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import repeat
-from typing import BinaryIO, NamedTuple, cast
+from typing import BinaryIO, NamedTuple, overload
 
 import attrs
 import zstandard
@@ -65,11 +62,10 @@ from nbdvma.vma.format import (
     VmaHeader,
     header_size_untrusted,
 )
+from nbdvma.vma.sources import open_source
 
-__all__ = ["Cluster", "ReadStats", "VmaReader", "decompressing", "open_source"]
+__all__ = ["Cluster", "ReadStats", "VmaReader", "ZeroRun"]
 
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
 _SECTOR = 512
 _SECTORS_PER_CLUSTER = VMA_CLUSTER_SIZE // _SECTOR  # 128
 _BITS_PER_LONG = 64  # the C bitmap is an array of unsigned long (x86-64)
@@ -80,71 +76,6 @@ _CHUNK_MASK = _CHUNK_CLUSTERS - 1
 _HEADER_READ_CHUNK = 1 << 20
 #: The data of a zero cluster (mask 0): no blocks, one shared empty view.
 _NO_DATA = memoryview(b"")
-
-
-def open_source(path: str) -> BinaryIO:
-    """Open an archive for sequential reading.
-
-    ``-`` is stdin (a duplicate of fd 0, so closing the result leaves stdin open).
-    A zstd-compressed archive is recognised by its magic number, or by a ``.zst``
-    suffix when the magic cannot be peeked, and decompressed on the fly (all frames);
-    so is a gzip-compressed one (``.vma.gz``, as vzdump writes with ``--compress gzip``).
-
-    Args:
-        path: a file name, or ``-``.
-
-    Returns:
-        A binary stream; the caller closes it.
-
-    Raises:
-        OSError: the file cannot be opened.
-    """
-    # Opened here, closed by the caller (via the returned stream).
-    fd = os.dup(sys.stdin.fileno()) if path == "-" else os.open(path, os.O_RDONLY)
-    return decompressing(os.fdopen(fd, "rb"), path)
-
-
-def decompressing(raw: BinaryIO, name: str) -> BinaryIO:
-    """``raw`` (a buffered stream at an archive's start), decompressed on the fly if
-    its first bytes say it is zstd or gzip (as :func:`open_source` opens a file).
-
-    Args:
-        raw: a stream with ``peek``; the result owns it (closing one closes both).
-        name: the archive's name: a ``.zst`` suffix means zstd where nothing can be
-            peeked.
-
-    Raises:
-        OSError: the first bytes cannot be read (``raw`` is closed then).
-    """
-    try:
-        head = raw.peek(4)[:4]  # type: ignore[attr-defined]
-    except BaseException:
-        raw.close()
-        raise
-    if head.startswith(GZIP_MAGIC):
-        return cast(BinaryIO, _GzipSource(raw))  # a GzipFile is a binary stream
-    is_zstd = head == ZSTD_MAGIC if len(head) == 4 else name.endswith(".zst")
-    if not is_zstd:
-        return raw
-    dctx = zstandard.ZstdDecompressor()
-    reader: BinaryIO = dctx.stream_reader(raw, read_across_frames=True, closefd=True)
-    return reader
-
-
-class _GzipSource(gzip.GzipFile):
-    """A gzip stream that closes the file it reads (a ``GzipFile`` leaves a
-    ``fileobj`` it was given open)."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        super().__init__(fileobj=raw, mode="rb")
-        self._raw = raw
-
-    def close(self) -> None:
-        """Close the stream and the file under it."""
-        try:
-            super().close()
-        finally:
-            self._raw.close()
 
 
 class Cluster(NamedTuple):
@@ -159,6 +90,33 @@ class Cluster(NamedTuple):
     #: The stored blocks, in bit order (``popcount(mask) * 4096`` bytes); a view into
     #: the reader's extent buffer, valid until that buffer is read into again.
     data: memoryview
+
+
+class ZeroRun(Sequence[Cluster]):
+    """An extent of consecutive zero clusters of one disk (a sparse disk's empty
+    stretch, checked at once): its :class:`Cluster` records made only when asked."""
+
+    __slots__ = ("dev", "first", "stop")
+
+    def __init__(self, dev: DeviceInfo, first: int, stop: int) -> None:
+        self.dev, self.first, self.stop = dev, first, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.first
+
+    @overload
+    def __getitem__(self, i: int) -> Cluster: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Cluster]: ...
+    def __getitem__(self, i: int | slice) -> Cluster | list[Cluster]:
+        clusters = range(self.first, self.stop)[i]
+        if isinstance(clusters, int):
+            return tuple.__new__(Cluster, (self.dev, clusters, 0, _NO_DATA))
+        return [tuple.__new__(Cluster, (self.dev, c, 0, _NO_DATA)) for c in clusters]
+
+    def __iter__(self) -> Iterator[Cluster]:
+        dev, new = self.dev, tuple.__new__
+        return (new(Cluster, (dev, c, 0, _NO_DATA)) for c in range(self.first, self.stop))
 
 
 @attrs.define
@@ -272,7 +230,8 @@ class VmaReader:
 
     Args:
         source: a binary stream positioned at the archive start (see
-            :func:`open_source`, or :meth:`open`); the reader never seeks in it.
+            :func:`~nbdvma.vma.sources.open_source`, or :meth:`open`); the reader never
+            seeks in it.
         skip: dev_ids whose clusters are not tracked for duplicates or missing
             clusters (``extract -d``); all other checks still apply to them.
         thread_guard: what the thread that hashes the extents is started inside
@@ -323,7 +282,8 @@ class VmaReader:
 
     @classmethod
     def open(cls, path: str, *, skip: Collection[int] = ()) -> VmaReader:
-        """Open ``path`` (``-`` for stdin, zstd recognised; see :func:`open_source`)
+        """Open ``path`` (``-`` for stdin, zstd recognised; see
+        :func:`~nbdvma.vma.sources.open_source`)
         and read its header.
 
         Raises:
@@ -371,7 +331,7 @@ class VmaReader:
 
     def extents(
         self, *, buffers: int = 1, reuse: Callable[[bytearray], object] | None = None
-    ) -> Iterator[list[Cluster]]:
+    ) -> Iterator[Sequence[Cluster]]:
         """Read, check and yield the remaining extents, each as its list of clusters.
 
         The clusters' data views are valid until the next extent is requested, or
@@ -428,7 +388,7 @@ class VmaReader:
 
     def _check_extent(
         self, ehead: ExtentHeader, buf: memoryview, extent_size: int
-    ) -> list[Cluster]:
+    ) -> Sequence[Cluster]:
         """S7-S13 for every used slot, in slot order (reader:543-712).
 
         This runs once per cluster of the archive (1.6 million for a 100 GiB disk,
@@ -498,7 +458,7 @@ class VmaReader:
         self._count(len(out), zero_clusters, stored_blocks)
         return out
 
-    def _zero_run(self, triples: tuple[tuple[int, int, int], ...]) -> list[Cluster] | None:
+    def _zero_run(self, triples: tuple[tuple[int, int, int], ...]) -> ZeroRun | None:
         """An extent that stores nothing, of consecutive new clusters of one tracked
         disk inside its size (how a sparse disk's empty stretches come), checked at
         once: S7-S13 all pass.  ``None``: anything else, for the slot by slot checks
@@ -515,8 +475,7 @@ class VmaReader:
         ):
             return None
         self._count(len(run), len(run), 0)
-        dev = self._devices[dev_id]
-        return [tuple.__new__(Cluster, (dev, c, 0, _NO_DATA)) for c in run]
+        return ZeroRun(self._devices[dev_id], first, run.stop)
 
     def _count(self, clusters: int, zero_clusters: int, stored_blocks: int) -> None:
         """Add an extent's clusters to :attr:`stats`."""
