@@ -9,6 +9,7 @@ libnbd read it, and what they get is compared with the source images.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -800,11 +801,19 @@ def test_restore_qcow2_says_how_each_conversion_goes(workdir: Path, sources: Sou
 def test_sigterm_during_a_qcow2_conversion_kills_qemu_img_and_leaves_nothing(
     workdir: Path, sources: Sources
 ) -> None:
-    """qemu-img is stopped (SIGSTOP) mid-restore so that the signal surely comes while
-    it converts: restore kills it, says why in one line, and leaves no file."""
+    """qemu-img stops itself (SIGSTOP, from a wrapper first on PATH) as restore starts
+    it, so that the signal surely comes while it converts, however fast the conversion:
+    restore kills it, says why in one line, and leaves no file."""
     archive = _vm_archive(workdir, sources)
     target = workdir / "restored"
     err = workdir / "restore.err"
+    bindir = workdir / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "qemu-img"
+    real = subprocess.run(["which", "qemu-img"], capture_output=True, text=True, check=True)
+    wrapper.write_text(f'#!/bin/sh\nkill -STOP $$\nexec {real.stdout.strip()} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     with err.open("wb") as stderr:
         proc = subprocess.Popen(
             [
@@ -818,19 +827,20 @@ def test_sigterm_during_a_qcow2_conversion_kills_qemu_img_and_leaves_nothing(
                 str(target),
             ],
             stderr=stderr,
+            env=env,
         )
     try:
         children: list[int] = []
 
-        def qemu_img_started() -> bool:
+        def qemu_img_stopped() -> bool:
             found = subprocess.run(
                 ["pgrep", "-P", str(proc.pid), "-x", "qemu-img"], capture_output=True, text=True
             ).stdout.split()
             children[:] = [int(pid) for pid in found]
-            return bool(children)
+            stat = Path(f"/proc/{children[0]}/stat") if children else None
+            return stat is not None and stat.read_text().rsplit(")", 1)[1].split()[0] == "T"
 
-        poll_until(qemu_img_started, 30, "restore to start qemu-img", interval=0.001)
-        os.kill(children[0], signal.SIGSTOP)
+        poll_until(qemu_img_stopped, 30, "restore to start qemu-img")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
@@ -845,12 +855,12 @@ def test_sigterm_during_a_qcow2_conversion_kills_qemu_img_and_leaves_nothing(
 def test_sigterm_while_the_archive_is_read_stops_before_listening(
     workdir: Path, sockdir: Path
 ) -> None:
-    """A 16 GiB sparse disk takes the index pass a while; the export is stopped
+    """A 64 GiB sparse disk takes the index pass a while (0.4 s); the export is stopped
     (SIGSTOP) once it has the archive open and before it is ready, then SIGTERMed."""
     image = workdir / "sparse.raw"
     with image.open("wb") as f:
-        f.truncate(16 << 30)
-        for offset in range(0, 16 << 30, 1 << 30):
+        f.truncate(64 << 30)
+        for offset in range(0, 64 << 30, 4 << 30):
             f.seek(offset)
             f.write(random.Random(offset).randbytes(MiB))
     archive = workdir / "sparse.vma"
@@ -862,8 +872,11 @@ def test_sigterm_while_the_archive_is_read_stops_before_listening(
     try:
 
         def reading() -> bool:
-            fds = Path(f"/proc/{proc.pid}/fd")
-            return any(os.path.realpath(fd) == str(archive) for fd in fds.iterdir())
+            for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                    if os.path.realpath(fd) == str(archive):
+                        return True
+            return False
 
         poll_until(reading, 30, "export to open the archive", interval=0.001)
         os.kill(proc.pid, signal.SIGSTOP)
