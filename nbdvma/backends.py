@@ -196,14 +196,16 @@ class VmaBackend:
         """See :meth:`Backend.pwrite`."""
         dev_id = self._dev_ids[export_name]
         call = partial(self.writer.write, dev_id, offset, data, owned=True)
-        await self._apply(
+        await self.apply(
             call, lambda: self.writer.may_write_extent(len(data), offset=offset, now=True)
         )
         if fua:
             await self.flush()
 
-    async def _apply(self, call: Callable[[], None], writes_now: Callable[[], bool]) -> None:
-        """``call()`` into the writer, then the extent it sealed written (if any)."""
+    async def apply(self, call: Callable[[], None], writes_now: Callable[[], bool]) -> None:
+        """``call()`` into the writer (a write, zeroes, a VM-state append): in a worker
+        thread holding the sink too if ``writes_now()`` says the call itself may write
+        an extent, else on the event loop; then the extent it sealed written (if any)."""
         # (Not ``async with``: a free lock held through a pass of the scheduler would
         # make every write_now in that pass decline.)
         lock = self.lock
@@ -219,9 +221,9 @@ class VmaBackend:
                 call()
         finally:
             lock.release()
-        await self.write_sealed()
+        await self._write_sealed()
 
-    async def write_sealed(self) -> None:
+    async def _write_sealed(self) -> None:
         """Write the extent a call sealed (if one waits), holding only the sink lock."""
         if self.writer.sealed_waiting():
             async with self.sink_lock:
@@ -251,7 +253,7 @@ class VmaBackend:
         """See :meth:`Backend.zero`: no buffer of ``length`` bytes is ever allocated."""
         dev_id = self._dev_ids[export_name]
         call = partial(self.writer.write_zeroes, dev_id, offset, length)
-        await self._apply(
+        await self.apply(
             call, lambda: self.writer.zeroes_may_write_extent(dev_id, offset, length, now=True)
         )
         if fua:

@@ -18,6 +18,7 @@ are returned as lines for the caller to show.  ``nbdvma serve`` and ``nbdvma bac
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -338,14 +339,10 @@ class ArchiveSession(ExportSession):
                     head += data[: len(QEMU_VM_FILE_HEAD) - len(head)]
                     if len(head) == len(QEMU_VM_FILE_HEAD):
                         _check_vmstate_head(head)
-                async with self.vma.lock, self.vma.sink_lock:
-                    if self.writer.may_write_extent(len(data)):
-                        # An extent goes to the sink: off the event loop (a disk
-                        # write, or an upload that waits for the endpoint).
-                        await trio.to_thread.run_sync(self.writer.append, self._vmstate_id, data)
-                    else:
-                        self.writer.append(self._vmstate_id, data)
-                await self.vma.write_sealed()
+                await self.vma.apply(
+                    functools.partial(self.writer.append, self._vmstate_id, data),
+                    functools.partial(self.writer.may_write_extent, len(data), now=True),
+                )
         if len(head) < len(QEMU_VM_FILE_HEAD):
             log.warning(
                 f"vmstate: the stream ended after {len(head)} bytes, before a QEMU "

@@ -148,22 +148,19 @@ class Extents:
         batches = [self.pending, *(slots for slots, _ in self.sealed)]
         return any(b.obj is buffer for slots in batches for s in slots for b in s.blocks)
 
-    def pending_bytes(self, dev: Device, cluster: int) -> bytes | None:
-        """The 64 KiB of a PENDING cluster, or ``None`` if it was stored meanwhile (by
-        a write-behind in another thread)."""
-        key = (dev.dev_id, cluster)
-        for index in (self._index, *(index for _, index in self.sealed)):
-            slot = index.get(key)
-            if slot is not None:
-                return slot_bytes(slot)
-        return None
-
-    def stored_bytes(self, dev: Device, cluster: int) -> bytes:
-        """The 64 KiB of a STORED cluster, read back from the sink.
+    def cluster_bytes(self, dev: Device, cluster: int) -> bytes:
+        """The 64 KiB of a PENDING or STORED cluster: from its extent still in memory,
+        else read back from the sink (a write-behind in another thread may have stored
+        a PENDING one meanwhile: its reference is set before its state).
 
         Raises:
             VmaWriterError: the sink is a stream, or the extent lacks the cluster.
         """
+        key = (dev.dev_id, cluster)
+        for waiting in (self._index, *(index for _, index in self.sealed)):
+            slot = waiting.get(key)
+            if slot is not None:
+                return slot_bytes(slot)
         if not self.sink.readable:
             raise VmaWriterError(
                 f"{dev.name}: cluster {cluster} went to a stream and cannot be read back"

@@ -469,11 +469,7 @@ class VmaWriter:
             return ZERO_CLUSTER
         if state == PARTIAL:
             return bytes(dev.partial[cluster].buf)
-        if state == PENDING:
-            data = self._extents.pending_bytes(dev, cluster)
-            if data is not None:
-                return data
-        return self._extents.stored_bytes(dev, cluster)
+        return self._extents.cluster_bytes(dev, cluster)  # PENDING or STORED
 
     def block_status(self, dev_id: int, offset: int, length: int) -> list[tuple[int, bool]]:
         """Describe ``[offset, offset+length)`` as runs of ``(length, is_zero)``.
