@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from itertools import repeat
 from typing import BinaryIO, NamedTuple, overload
 
 import attrs
@@ -395,8 +394,8 @@ class VmaReader:
         mostly whole zero clusters), so it keeps its state in locals and gives the
         common cases, a full or an empty mask well inside the disk, the fewest steps.
         """
-        if extent_size == VMA_EXTENT_HEADER_SIZE and ehead.triples:
-            run = self._zero_run(ehead.triples)
+        if extent_size == VMA_EXTENT_HEADER_SIZE:
+            run = self._zero_run(ehead)
             if run is not None:
                 return run
         start = VMA_EXTENT_HEADER_SIZE
@@ -458,24 +457,25 @@ class VmaReader:
         self._count(len(out), zero_clusters, stored_blocks)
         return out
 
-    def _zero_run(self, triples: tuple[tuple[int, int, int], ...]) -> ZeroRun | None:
+    def _zero_run(self, ehead: ExtentHeader) -> ZeroRun | None:
         """An extent that stores nothing, of consecutive new clusters of one tracked
         disk inside its size (how a sparse disk's empty stretches come), checked at
         once: S7-S13 all pass.  ``None``: anything else, for the slot by slot checks
         (which report the errors)."""
-        dev_id, first, _ = triples[0]
-        run = range(first, first + len(triples))
+        run = ehead.zero_run()
+        if run is None:
+            return None
+        dev_id, first, count = run
         bitmap = self._tracked.get(dev_id)
         if (
             bitmap is None
             # (Whole clusters inside the disk lie inside the bitmap too: S8 passes.)
-            or run.stop * VMA_CLUSTER_SIZE > self._devices[dev_id].size
-            or triples != tuple(zip(repeat(dev_id), run, repeat(0), strict=False))
-            or not bitmap.mark_run(first, len(run))
+            or (first + count) * VMA_CLUSTER_SIZE > self._devices[dev_id].size
+            or not bitmap.mark_run(first, count)
         ):
             return None
-        self._count(len(run), len(run), 0)
-        return ZeroRun(self._devices[dev_id], first, run.stop)
+        self._count(count, count, 0)
+        return ZeroRun(self._devices[dev_id], first, first + count)
 
     def _count(self, clusters: int, zero_clusters: int, stored_blocks: int) -> None:
         """Add an extent's clusters to :attr:`stats`."""
