@@ -47,7 +47,7 @@ _EXPORTS = {
     "open_archive": "nbdvma.archive_backend",
     "restore_archive": "nbdvma.restore",
     "NbdServer": "nbdvma.server",
-    "ServerLimits": "nbdvma.server",
+    "ServerLimits": "nbdvma.limits",
     "Backend": "nbdvma.backends",
     "VmaBackend": "nbdvma.backends",
     "NullBackend": "nbdvma.backends",
@@ -126,11 +126,12 @@ if TYPE_CHECKING:
     from nbdvma.backends import Backend, NullBackend, VmaBackend, full_exports
     from nbdvma.backup import BackupOptions, run_backup
     from nbdvma.errors import BackupError, NbdvmaError, VmaFormatError, VmaWriterError
+    from nbdvma.limits import ServerLimits
     from nbdvma.listeners import open_listener
     from nbdvma.nbd import Capabilities, ExportInfo
     from nbdvma.pve import archive_configs, generate_config, vzdump_name
     from nbdvma.restore import restore_archive
-    from nbdvma.server import NbdServer, ServerLimits
+    from nbdvma.server import NbdServer
     from nbdvma.session import ArchiveSession, SessionOptions
     from nbdvma.vma.index import IndexedArchive, build_index
     from nbdvma.vma.reader import VmaReader

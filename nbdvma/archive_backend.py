@@ -42,12 +42,8 @@ from nbdvma.tools.common import is_lzop, open_decompressed
 from nbdvma.units import format_bytes
 from nbdvma.vma.fileio import FileRuns, pwrite_all
 from nbdvma.vma.format import VMA_BLOCK_SIZE
-from nbdvma.vma.index import (
-    STATUS_RUNS,
-    IndexedArchive,
-    VmstateWriter,
-    build_index,
-)
+from nbdvma.vma.index import IndexedArchive, VmstateWriter, build_index
+from nbdvma.vma.indexwords import STATUS_RUNS
 from nbdvma.vma.sources import GZIP_MAGIC
 
 __all__ = [

@@ -31,9 +31,10 @@ import trio
 from nbdvma.addresses import Address, TcpAddress
 from nbdvma.backends import NullBackend, VmaBackend
 from nbdvma.errors import S3Error
+from nbdvma.limits import ServerLimits
 from nbdvma.listeners import adopt_listener, open_listener, remove_socket
 from nbdvma.output import UploadSink, open_output
-from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
+from nbdvma.server import ConnectionObserver, NbdServer
 from nbdvma.tls import TlsConfig, TlsMode
 from nbdvma.units import format_bytes
 from nbdvma.vma.sink import FileSink

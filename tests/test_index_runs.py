@@ -1,4 +1,4 @@
-"""Block status from an archive's index (nbdvma.vma.index.block_runs) against a model
+"""Block status from an archive's index (nbdvma.vma.indexwords.block_runs) against a model
 that looks at every 4 KiB block: runs of whole clusters are matched in the index
 words' bytes at once, runs inside a cluster counted from its mask's bits."""
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdvma.vma.format import FULL_MASK, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE
-from nbdvma.vma.index import STATUS_CLUSTERS, block_runs
+from nbdvma.vma.indexwords import STATUS_CLUSTERS, block_runs
 
 _OFFSET_BITS = 48  # the index word: mask << 48 | offset of the first stored block
 

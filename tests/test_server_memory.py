@@ -20,8 +20,9 @@ from nbd_client_sansio import TrioClient, client_flags, option, request
 
 from nbdvma.backends import full_exports
 from nbdvma.errors import ClusterConflictError
+from nbdvma.limits import ServerLimits
 from nbdvma.nbd import ExportInfo
-from nbdvma.server import ConnectionObserver, NbdServer, ServerLimits
+from nbdvma.server import ConnectionObserver, NbdServer
 
 KiB = 1024
 MiB = 1024 * KiB

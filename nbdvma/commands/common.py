@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     # Imported where used: the archive tools (create) take options from here too,
     # and must not load the server (trio) to start.
     from nbdvma.addresses import Address
-    from nbdvma.server import ServerLimits
+    from nbdvma.limits import ServerLimits
     from nbdvma.tls import TlsConfig
 
 __all__ = [
@@ -293,7 +293,7 @@ def _tls_modes() -> list[str]:
 
 def server_limits(args: argparse.Namespace) -> ServerLimits:
     """The limits of :func:`add_access_options`."""
-    from nbdvma.server import ServerLimits
+    from nbdvma.limits import ServerLimits
 
     return ServerLimits(
         idle_timeout=args.idle_timeout,

@@ -37,8 +37,6 @@ import collections
 import errno
 import io
 import os
-import re
-import sys
 import threading
 from array import array
 from collections.abc import Callable, Collection, Iterator
@@ -61,6 +59,14 @@ from nbdvma.vma.format import (
     DeviceInfo,
     VmaHeader,
 )
+from nbdvma.vma.indexwords import (
+    BLOCK_SHIFT,
+    CLUSTER_SHIFT,
+    OFFSET_BITS,
+    OFFSET_MASK,
+    STATUS_RUNS,
+    block_runs,
+)
 from nbdvma.vma.reader import VmaReader, ZeroRun
 from nbdvma.vma.sources import ZSTD_MAGIC
 
@@ -70,15 +76,9 @@ __all__ = [
     "FrameTable",
     "IndexedArchive",
     "VmstateWriter",
-    "block_runs",
     "build_index",
 ]
 
-_OFFSET_BITS = 48
-_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
-_CLUSTER_SHIFT = 16  # log2(VMA_CLUSTER_SIZE)
-_BLOCK_SHIFT = 12  # log2(VMA_BLOCK_SIZE)
-_BLOCKS = VMA_CLUSTER_SIZE // VMA_BLOCK_SIZE
 #: Decompressed frames kept for reads (each at most one extent, 3.7 MiB).  Two are
 #: enough for readers that go through the disk in order (qemu-img, nbdcopy: the same
 #: copy time with 8), and keep export's peak RSS on a 64 GiB sparse .vma.zst under
@@ -86,25 +86,7 @@ _BLOCKS = VMA_CLUSTER_SIZE // VMA_BLOCK_SIZE
 FRAME_CACHE = 2
 #: Frames decompressed at once (by as many reading threads).
 DECOMPRESSORS = 2
-#: Clusters one block-status answer looks at (1 GiB): a client asks again for the rest.
-STATUS_CLUSTERS = 16384
-#: Runs one block-status answer gives at most.
-STATUS_RUNS = 64
 _READ_CHUNK = 1 << 20
-# A run of index words of one kind, matched in the words' bytes in C rather than by
-# a Python loop per cluster (a 4 MiB stored run is 64 clusters): the mask is a word's
-# top 16 bits, its bytes 6-7 in memory on a little-endian machine (0-1 on a big one).
-_MASK_AT = 6 if sys.byteorder == "little" else 0
-
-
-def _run_of(mask: bytes) -> re.Pattern[bytes]:
-    """Words whose mask bytes are ``mask``, as many as follow one another."""
-    word = b"." * _MASK_AT + re.escape(mask) + b"." * (6 - _MASK_AT)
-    return re.compile(b"(?:" + word + b")*", re.DOTALL)
-
-
-_ZERO_RUN = _run_of(b"\x00\x00")
-_FULL_RUN = _run_of(b"\xff\xff")
 _SKIPPABLE_MAGIC_MIN = 0x184D2A50  # zstd skippable frames: 0x184D2A50..0x184D2A5F
 #: An archive read front to back: a file, or an object in S3 (:mod:`nbdvma.s3.source`).
 _Raw: TypeAlias = "io.BufferedReader[Any]"
@@ -321,9 +303,9 @@ def build_index(
                     continue  # a zero cluster of a disk: its index word stays 0
                 index = disks.get(dev_id)
                 if index is not None and number < len(index.clusters):
-                    if block > _OFFSET_MASK:
+                    if block > OFFSET_MASK:
                         raise UnindexableArchiveError("the archive is larger than 256 TiB")
-                    index.clusters[number] = mask << _OFFSET_BITS | block
+                    index.clusters[number] = mask << OFFSET_BITS | block
                 elif vmstate is not None and dev_id == vmstate_id:
                     vmstate(number, mask, data)
                 block += len(data)
@@ -472,18 +454,18 @@ class IndexedArchive:
         end = min(offset + length, index.dev.size)
         pos = offset
         while pos < end:
-            c = pos >> _CLUSTER_SHIFT
-            cluster_start = c << _CLUSTER_SHIFT
+            c = pos >> CLUSTER_SHIFT
+            cluster_start = c << CLUSTER_SHIFT
             stop = min(cluster_start + VMA_CLUSTER_SIZE, end)
             word = clusters[c]
             if word:
-                mask, base = word >> _OFFSET_BITS, word & _OFFSET_MASK
+                mask, base = word >> OFFSET_BITS, word & OFFSET_MASK
                 if mask == FULL_MASK:
                     yield pos - offset, base + pos - cluster_start, stop - pos
                 else:
                     while pos < stop:
-                        j = (pos - cluster_start) >> _BLOCK_SHIFT
-                        block_start = cluster_start + (j << _BLOCK_SHIFT)
+                        j = (pos - cluster_start) >> BLOCK_SHIFT
+                        block_start = cluster_start + (j << BLOCK_SHIFT)
                         block_stop = min(block_start + VMA_BLOCK_SIZE, stop)
                         if mask >> j & 1:
                             stored = (mask & ((1 << j) - 1)).bit_count()
@@ -572,54 +554,3 @@ class IndexedArchive:
         """
         index = self.index.disks[disk]
         return block_runs(index.clusters, index.dev.size, offset, length, max_runs)
-
-
-def block_runs(
-    clusters: array[int], size: int, offset: int, length: int, max_runs: int
-) -> list[tuple[int, bool]]:
-    """:meth:`IndexedArchive.block_status` over a disk's index words (``size`` bytes)."""
-    end = min(offset + length, size, offset + STATUS_CLUSTERS * VMA_CLUSTER_SIZE)
-    last = (end - 1) >> _CLUSTER_SHIFT  # the last cluster to look at
-    runs: list[tuple[int, bool]] = []
-    pos = offset
-    while pos < end:
-        c = pos >> _CLUSTER_SHIFT
-        cluster_start = c << _CLUSTER_SHIFT
-        mask = clusters[c] >> _OFFSET_BITS
-        if mask in (0, FULL_MASK):
-            if c < last and clusters[c + 1] >> _OFFSET_BITS == mask:
-                # The clusters of this kind from here on, at once.
-                same = (_FULL_RUN if mask else _ZERO_RUN).match(
-                    memoryview(clusters).cast("B"),
-                    c * clusters.itemsize,
-                    (last + 1) * clusters.itemsize,
-                )
-                assert same is not None  # (a pattern that matches the empty string)
-                stop = min((same.end() // clusters.itemsize) << _CLUSTER_SHIFT, end)
-            else:
-                stop = min(cluster_start + VMA_CLUSTER_SIZE, end)
-            zero = mask == 0
-        else:
-            # The blocks from here that are stored, or not, like this one.
-            j = (pos - cluster_start) >> _BLOCK_SHIFT
-            rest = mask >> j
-            zero = not rest & 1
-            same_bits = rest if zero else ~rest  # its trailing zeros count them
-            n = (same_bits & -same_bits).bit_length() - 1 if same_bits else _BLOCKS - j
-            stop = min(cluster_start + ((j + n) << _BLOCK_SHIFT), end)
-        # A step that does not move on would spin the serving thread for ever.
-        assert stop > pos, (pos, stop)
-        if _add_run(runs, stop - pos, zero) and len(runs) > max_runs:
-            runs.pop()  # the run just begun may go on: only whole ones
-            return runs
-        pos = stop
-    return runs
-
-
-def _add_run(runs: list[tuple[int, bool]], length: int, zero: bool) -> bool:
-    """Extend the last run or begin a new one; whether a new one was begun."""
-    if runs and runs[-1][1] == zero:
-        runs[-1] = (runs[-1][0] + length, zero)
-        return False
-    runs.append((length, zero))
-    return True

@@ -23,8 +23,8 @@ pipe, stdin or a zstd decompression stream (:func:`~nbdvma.vma.sources.open_sour
    when the header has one.  Proxmox's reader has no such check: VMA checks no data.
 
 Duplicate and missing clusters are tracked in one bitmap per disk, with the bounds of
-the C reader's bitmap (S8); the bitmap is split in lazily allocated chunks, so a
-header that claims a huge device costs memory only for clusters that actually occur.
+the C reader's bitmap (S8), allocated as clusters occur
+(:class:`~nbdvma.vma.bitmap.SeenClusters`).
 Where the real tool aborts on an assertion (S7 under ``verify``, S8), we raise a
 :class:`~nbdvma.errors.VmaFormatError` with a clear message instead.
 
@@ -46,6 +46,7 @@ import zstandard
 
 from nbdvma.errors import DataDigestError, VmaFormatError
 from nbdvma.vma.background import BackgroundWriter, ThreadGuard
+from nbdvma.vma.bitmap import SeenClusters
 from nbdvma.vma.digest import DIGEST_CONFIG, DataDigest, StreamHasher, parse_digest_untrusted
 from nbdvma.vma.format import (
     FULL_MASK,
@@ -66,12 +67,6 @@ from nbdvma.vma.sources import open_source
 __all__ = ["Cluster", "ReadStats", "VmaReader", "ZeroRun"]
 
 _SECTOR = 512
-_SECTORS_PER_CLUSTER = VMA_CLUSTER_SIZE // _SECTOR  # 128
-_BITS_PER_LONG = 64  # the C bitmap is an array of unsigned long (x86-64)
-#: Clusters covered by one lazily allocated bitmap chunk (64 KiB of bits).
-_CHUNK_SHIFT = 19
-_CHUNK_CLUSTERS = 1 << _CHUNK_SHIFT
-_CHUNK_MASK = _CHUNK_CLUSTERS - 1
 _HEADER_READ_CHUNK = 1 << 20
 #: The data of a zero cluster (mask 0): no blocks, one shared empty view.
 _NO_DATA = memoryview(b"")
@@ -137,68 +132,6 @@ class ReadStats:
     past_end: dict[int, int] = attrs.Factory(dict)
 
 
-class _Bitmap:
-    """Seen-clusters bitmap of one disk, bounded like the C reader's (S8)."""
-
-    __slots__ = ("chunks", "limit")
-
-    def __init__(self, size: int) -> None:
-        longs = -(-(size // _SECTOR) // (_SECTORS_PER_CLUSTER * _BITS_PER_LONG))
-        self.limit = longs * _BITS_PER_LONG  # clusters the C bitmap can hold
-        self.chunks: dict[int, bytearray] = {}
-
-    def test_and_set(self, cluster: int) -> bool:
-        """Mark ``cluster`` seen; return whether it was seen before."""
-        chunk = self.chunks.get(cluster >> _CHUNK_SHIFT)
-        if chunk is None:
-            chunk = self.chunks[cluster >> _CHUNK_SHIFT] = bytearray(_CHUNK_CLUSTERS // 8)
-        byte = (cluster & _CHUNK_MASK) >> 3
-        bit = 1 << (cluster & 7)
-        old = chunk[byte]
-        if old & bit:
-            return True
-        chunk[byte] = old | bit
-        return False
-
-    def mark_run(self, first: int, count: int) -> bool:
-        """Mark ``count`` clusters from ``first`` seen, if none was and they lie in one
-        chunk; whether they were marked (if not, nothing was)."""
-        last = first + count - 1
-        if first >> _CHUNK_SHIFT != last >> _CHUNK_SHIFT:
-            return False
-        chunk = self.chunks.get(first >> _CHUNK_SHIFT)
-        if chunk is None:
-            chunk = self.chunks[first >> _CHUNK_SHIFT] = bytearray(_CHUNK_CLUSTERS // 8)
-        lo, hi = (first & _CHUNK_MASK) >> 3, ((last & _CHUNK_MASK) >> 3) + 1
-        bits = ((1 << count) - 1) << (first & 7)  # bit k: byte k >> 3, bit k & 7
-        old = int.from_bytes(chunk[lo:hi], "little")
-        if old & bits:
-            return False
-        chunk[lo:hi] = (old | bits).to_bytes(hi - lo, "little")
-        return True
-
-    def first_missing(self, count: int) -> int | None:
-        """The lowest cluster below ``count`` never seen, or ``None``."""
-        for chunk_no in range(-(-count // _CHUNK_CLUSTERS)):
-            base = chunk_no * _CHUNK_CLUSTERS
-            chunk = self.chunks.get(chunk_no)
-            if chunk is None:
-                return base
-            want = min(count - base, _CHUNK_CLUSTERS)
-            full, rest = divmod(want, 8)
-            head = bytes(chunk[:full])
-            first = len(head) - len(head.lstrip(b"\xff"))
-            if first < full:
-                byte = chunk[first]
-                for shift in range(8):
-                    if not byte >> shift & 1:
-                        return base + 8 * first + shift
-            for shift in range(rest):
-                if not chunk[full] >> shift & 1:
-                    return base + 8 * full + shift
-        return None
-
-
 # Extents smaller than this are hashed in the reading thread (see VmaReader._hash).
 _HASH_BEHIND_MIN = 256 * 1024
 # Bytes of extents queued for hashing at most (the buffers bound them already).
@@ -261,8 +194,8 @@ class VmaReader:
         self._devices: dict[int, DeviceInfo] = {d.dev_id: d for d in self.header.devices}
         # Disks with reader state: present, ids 1..254, not named "vmstate" (the C
         # reader sets up only these; a cluster of any other non-vmstate id is S7).
-        self._tracked: dict[int, _Bitmap | None] = {
-            d.dev_id: None if d.dev_id in skip else _Bitmap(d.size)
+        self._tracked: dict[int, SeenClusters | None] = {
+            d.dev_id: None if d.dev_id in skip else SeenClusters(d.size)
             for d in self.header.devices
             if d.dev_id <= VMA_MAX_DEVICES and not d.is_vmstate
         }
