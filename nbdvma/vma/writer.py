@@ -45,7 +45,6 @@ stay pending, so the request that hit the error fails and a retry can succeed.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid as uuidlib
 import zlib
@@ -67,23 +66,17 @@ from nbdvma.vma.clusters import (
     mask_and_blocks,
     retained,
 )
-from nbdvma.vma.digest import DIGEST_CONFIG, digest_config
 from nbdvma.vma.extents import Extents
 from nbdvma.vma.format import (
     FULL_MASK,
     VMA_CLUSTER_SIZE,
-    VMA_MAX_BLOB_SIZE,
-    VMA_MAX_CONFIGS,
-    VMA_MAX_DEVICES,
     VMA_VMSTATE_NAME,
-    build_header,
 )
 from nbdvma.vma.journal import encode_journal
+from nbdvma.vma.registry import Registry
 from nbdvma.vma.sink import Buffer, Sink
 
 __all__ = ["DeviceProgress", "VmaWriter"]
-
-_MAX_NAME = 200  # bytes; Proxmox device names are short ("drive-scsi0")
 
 
 class VmaWriter:
@@ -117,12 +110,9 @@ class VmaWriter:
             raise VmaWriterError("the uuid must be 16 bytes")
         self._ctime = ctime
         self._max_partial = max(VMA_CLUSTER_SIZE, max_partial_bytes)
-        self._configs: list[tuple[str, bytes]] = []
         # A digest only where finish can patch it in: a stream's header is written
         # once, and must not carry a digest that never comes.
-        self._with_digest = sink.seekable
-        self._devices: list[Disk | VmState] = []
-        self._vmstate: VmState | None = None
+        self._registry = Registry(with_digest=sink.seekable)
         self._extents = Extents(sink, self.uuid, self._build_header, defer=write_behind)
         self._partial_bytes = 0
         self._state = "open"  # open -> finished | aborted
@@ -135,95 +125,43 @@ class VmaWriter:
         """Store a config blob (``qemu-server.conf``...) under ``basename(name)``.
 
         Raises:
-            VmaWriterError: after the first data, more than 256 configs (255 where the
-                archive carries a data digest), data over 65535 bytes, a name that
-                does not fit or the digest's own name.
+            VmaWriterError: after the first data, or as :meth:`.Registry.add_config`.
         """
         self._check_registration()
-        name = os.path.basename(name)
-        if name == DIGEST_CONFIG:
-            raise VmaWriterError(f"config name {name!r} is reserved for the data digest")
-        limit = VMA_MAX_CONFIGS - self._with_digest  # the digest takes a slot
-        if len(self._configs) >= limit:
-            raise VmaWriterError(f"too many configs (at most {limit})")
-        if len(data) > VMA_MAX_BLOB_SIZE:
-            raise VmaWriterError(
-                f"config {name!r} is {len(data)} bytes; the format allows {VMA_MAX_BLOB_SIZE}"
-            )
-        self._check_name(name, "config name")
-        self._configs.append((name, bytes(data)))
+        self._registry.add_config(name, data)
 
     def add_device(self, name: str, size: int) -> int:
         """Register a disk of ``size`` bytes; return its dev id (1..254).
 
         Raises:
-            VmaWriterError: after the first data, more than 254 devices, a bad name or size.
+            VmaWriterError: after the first data, or as :meth:`.Registry.add_device`.
         """
         self._check_registration()
-        self._check_name(name, "device name")
-        if name == VMA_VMSTATE_NAME:
-            raise VmaWriterError(f"{VMA_VMSTATE_NAME!r} is the VM-state stream: use add_stream")
-        if size <= 0:
-            raise VmaWriterError(f"device {name!r}: size must be positive, not {size}")
-        if size % 512:
-            # Proxmox's reader restores whole 512-byte sectors: data in a partial last
-            # sector is "write beyond end" (S12).  QEMU's disk sizes are sector multiples.
-            raise VmaWriterError(
-                f"device {name!r}: size {size} is not a multiple of 512 bytes, which "
-                "Proxmox's reader cannot restore"
-            )
-        if size > 0xFFFFFFFF * VMA_CLUSTER_SIZE:
-            raise VmaWriterError(f"device {name!r}: {size} bytes is past the format's 256 TiB")
-        clusters = -(-size // VMA_CLUSTER_SIZE)
-        return self._add(Disk.new(self._next_id(name), name, size, clusters))
+        return self._registry.add_device(name, size).dev_id
 
     def add_stream(self, name: str = VMA_VMSTATE_NAME, size_hint: int = VMA_CLUSTER_SIZE) -> int:
         """Register a sequential stream (the VM state); return its dev id.
 
         The header carries ``size_hint`` until :meth:`finish` can rewrite it with the
         true length (regular-file sinks).
+
+        Raises:
+            VmaWriterError: after the first data, or as :meth:`.Registry.add_stream`.
         """
         self._check_registration()
-        self._check_name(name, "stream name")
-        if self._vmstate is not None:
-            raise VmaWriterError("an archive holds one VM-state stream")
-        dev_id = self._next_id(name)
-        self._vmstate = VmState.new(dev_id, name, max(1, size_hint), 0)
-        return self._add(self._vmstate)
-
-    def _next_id(self, name: str) -> int:
-        """The id of a new device called ``name``, if there is room for it."""
-        if len(self._devices) >= VMA_MAX_DEVICES:
-            raise VmaWriterError(f"too many devices (at most {VMA_MAX_DEVICES})")
-        if any(d.name == name for d in self._devices):
-            raise VmaWriterError(f"device name {name!r} is used twice")
-        return len(self._devices) + 1
-
-    def _add(self, dev: Disk | VmState) -> int:
-        self._devices.append(dev)
-        return dev.dev_id
+        return self._registry.add_stream(name, size_hint).dev_id
 
     def _check_registration(self) -> None:
         self._check_open()
         if self._started:
             raise VmaWriterError("devices and configs must be registered before the first write")
 
-    @staticmethod
-    def _check_name(name: str, what: str) -> None:
-        raw = name.encode()
-        if not raw or b"\0" in raw or b"/" in raw:
-            raise VmaWriterError(f"invalid {what} {name!r}")
-        if len(raw) > _MAX_NAME:
-            raise VmaWriterError(f"{what} too long ({len(raw)} bytes, at most {_MAX_NAME})")
-
     def _check_open(self) -> None:
         if self._state != "open":
             raise VmaWriterError(f"the archive writer is {self._state}")
 
     def _device(self, dev_id: int) -> Disk | VmState:
-        if not 1 <= dev_id <= len(self._devices):
-            raise VmaWriterError(f"no device with id {dev_id}")
-        return self._devices[dev_id - 1]
+        return self._registry.device(dev_id)
 
     def _start_write(self, dev_id: int) -> Disk | VmState:
         self._check_open()
@@ -429,16 +367,8 @@ class VmaWriter:
         the digest of the extents, for a rewrite in place at finish)."""
         if self._ctime is None:
             self._ctime = int(time.time())
-        devices = []
-        for dev in self._devices:
-            size = dev.size
-            if isinstance(dev, VmState) and final and dev.length:
-                size = dev.length
-            devices.append((dev.name, size))
-        configs = self._configs
-        if self._with_digest:
-            configs = [*configs, digest_config(self._sink.data_digest() if final else None)]
-        return build_header(uuid=self.uuid, ctime=self._ctime, configs=configs, devices=devices)
+        digest = self._sink.data_digest() if final and self._registry.with_digest else None
+        return self._registry.header(self.uuid, self._ctime, final=final, digest=digest)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -486,7 +416,7 @@ class VmaWriter:
     @property
     def devices(self) -> list[tuple[int, str, int]]:
         """``(dev_id, name, size)`` of every registered device."""
-        return [(d.dev_id, d.name, d.size) for d in self._devices]
+        return [(d.dev_id, d.name, d.size) for d in self._registry.devices]
 
     # -- durability and the end -----------------------------------------------------
 
@@ -508,12 +438,12 @@ class VmaWriter:
     def _journal(self) -> bytes | None:
         """The journal of the partly written clusters, then the stream's tail."""
         records = [r for dev in self._disks() for r in dev.journal_records()]
-        if self._vmstate is not None and self._vmstate.tail:
-            records.append(self._vmstate.journal_record())
+        if self._registry.vmstate is not None and self._registry.vmstate.tail:
+            records.append(self._registry.vmstate.journal_record())
         return encode_journal(self.uuid, records) if records else None
 
     def _disks(self) -> list[Disk]:
-        return [dev for dev in self._devices if isinstance(dev, Disk)]
+        return [dev for dev in self._registry.devices if isinstance(dev, Disk)]
 
     def finish(self) -> None:
         """Complete the archive and give it its final name.
@@ -527,7 +457,7 @@ class VmaWriter:
         again once the cause is gone.
         """
         self._check_open()
-        for dev in self._devices:  # in device order: the extents depend on it
+        for dev in self._registry.devices:  # in device order: the extents depend on it
             if isinstance(dev, VmState):
                 dev.finish(self._queue_vmstate)
             else:
