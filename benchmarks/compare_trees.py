@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_qemu_backup import Image, Qemu, backup_job
+from benchlib import write_bytecode
 
 from nbdvma.units import parse_size
 
@@ -145,6 +146,8 @@ def main() -> int:
     if args.client == "backup" and args.backend != "vma":
         parser.error("--client backup goes with --backend vma")
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
+    for tree in trees.values():
+        write_bytecode(tree)
     with tempfile.TemporaryDirectory(prefix="nbdvma-cmp-", dir=args.dir) as tmp:
         work = Path(tmp)
         image = work / "source.raw"
