@@ -172,13 +172,7 @@ def bench_null(
             proc.send_signal(signal.SIGTERM)
             return wall, reap(proc)
 
-    if serve_first:
-        t_serve, cpu_serve = serve_null()
-        t_nbdkit, cpu_nbdkit = nbdkit_null()
-    else:
-        t_nbdkit, cpu_nbdkit = nbdkit_null()
-        t_serve, cpu_serve = serve_null()
-    return t_serve, cpu_serve, t_nbdkit, cpu_nbdkit
+    return _pair(serve_null, nbdkit_null, serve_first)
 
 
 def bench_disk(
@@ -226,13 +220,21 @@ def bench_disk(
         raw.unlink()
         return elapsed, cpu
 
+    return _pair(serve_vma, qemu_nbd, serve_first)
+
+
+def _pair(
+    serve_run: Callable[[], tuple[float, float]],
+    reference_run: Callable[[], tuple[float, float]],
+    serve_first: bool,
+) -> tuple[float, float, float, float]:
+    """Both runs, in the order given: (wall, CPU) of serve's, then of the reference's."""
     if serve_first:
-        t_serve, cpu_serve = serve_vma()
-        t_qemu, cpu_qemu = qemu_nbd()
+        serve, reference = serve_run(), reference_run()
     else:
-        t_qemu, cpu_qemu = qemu_nbd()
-        t_serve, cpu_serve = serve_vma()
-    return t_serve, cpu_serve, t_qemu, cpu_qemu
+        reference = reference_run()
+        serve = serve_run()
+    return (*serve, *reference)
 
 
 def bench_rss(src: Path, size: int, work: Path, targets: Path) -> tuple[float, float, float]:
