@@ -1,10 +1,8 @@
-"""The index word of a cluster, and block status read from runs of words.
+"""The index word of a cluster (its layout: :mod:`nbdvma.vma.index`), and block status
+read from runs of words.
 
-:func:`~nbdvma.vma.index.build_index` records one 64-bit word per 64 KiB cluster of a
-disk: ``0`` for a cluster stored with mask 0 (all zeros); else the 16-bit block mask
-in bits 48-63 and, in bits 0-47, where the cluster's first stored 4 KiB block lies in
-the archive's extent stream.  :func:`block_runs` answers NBD's ``base:allocation``
-query from those words alone, in C where the clusters are whole runs.
+:func:`block_runs` answers NBD's ``base:allocation`` query from a disk's words alone,
+in C where the clusters are whole runs.
 """
 
 from __future__ import annotations
