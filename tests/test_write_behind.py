@@ -132,6 +132,30 @@ def test_sealed_extents_wait_for_write_sealed_and_read_back(tmp_path: Path) -> N
     assert parse((tmp_path / "a.vma").read_bytes()).disk(dev) == expected
 
 
+class _PopsWhileIterated(list):  # type: ignore[type-arg]
+    """The sealed list as a reader on the event loop may meet it: the write-behind
+    thread pops the oldest extent (written) after the reader took its first item."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        first = True
+        for item in list.__iter__(self):
+            yield item
+            if first:
+                first = False
+                self.pop(0)
+
+
+def test_a_sealed_cluster_reads_back_while_the_oldest_is_popped(tmp_path: Path) -> None:
+    writer, dev, _ = new_writer(tmp_path / "a.vma")
+    data = DATA[: (3 * FULL + 1) * C]
+    writer.write(dev, 0, data)  # three extents sealed
+    extents = writer._extents
+    extents._write(extents.sealed[0][0])  # the first one written, not yet popped
+    extents.sealed = _PopsWhileIterated(extents.sealed)
+    at = (FULL + 3) * C  # a cluster of the second sealed extent
+    assert writer.read(dev, at, C) == data[at : at + C]
+
+
 def test_a_full_extent_beyond_sealed_max_is_written_by_the_call(tmp_path: Path) -> None:
     writer, dev, rec = new_writer(tmp_path / "a.vma")
     end = (SEALED_MAX * FULL + 1) * C

@@ -145,7 +145,7 @@ class Extents:
 
     def holds(self, buffer: object) -> bool:
         """Whether a cluster waiting in the current extent is a view of ``buffer``."""
-        batches = [self.pending, *(slots for slots, _ in self.sealed)]
+        batches = [self.pending, *(slots for slots, _ in self.sealed.copy())]
         return any(b.obj is buffer for slots in batches for s in slots for b in s.blocks)
 
     def cluster_bytes(self, dev: Device, cluster: int) -> bytes:
@@ -157,7 +157,10 @@ class Extents:
             VmaWriterError: the sink is a stream, or the extent lacks the cluster.
         """
         key = (dev.dev_id, cluster)
-        for waiting in (self._index, *(index for _, index in self.sealed)):
+        # A copy of the sealed list (one step for the interpreter): write_sealed may pop
+        # its first extent in another thread meanwhile, and iterating the list itself
+        # would then skip the next one, whose clusters are PENDING and not in the sink.
+        for waiting in (self._index, *(index for _, index in self.sealed.copy())):
             slot = waiting.get(key)
             if slot is not None:
                 return slot_bytes(slot)
