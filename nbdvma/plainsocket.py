@@ -16,13 +16,16 @@ always arrives at once still lets other tasks run (and sees cancellation), every
 
 Errors are raised as trio's streams raise them: ``trio.BrokenResourceError`` from the
 ``OSError``.  Also here: READ replies sent from a file with ``sendfile``
-(:meth:`PlainSocket.send_file_runs`).
+(:meth:`PlainSocket.send_file_runs`), and the options every accepted socket gets
+(:func:`tune_socket`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import socket
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
@@ -31,7 +34,7 @@ import trio
 
 from nbdvma.vma.fileio import FileRuns
 
-__all__ = ["CHECKPOINT_EVERY", "PlainSocket"]
+__all__ = ["CHECKPOINT_EVERY", "UNIX_SEND_BUFFER", "PlainSocket", "tune_socket"]
 
 #: Calls that completed without waiting before one checkpoint.
 CHECKPOINT_EVERY = 16
@@ -40,8 +43,37 @@ _ZEROS = memoryview(bytes(1 << 20))
 #: Buffers one ``writev`` takes (Linux's ``IOV_MAX``).
 _IOV_MAX = 1024
 
+#: The send buffer asked for on a unix socket; Linux doubles it, to 2 MiB: room for a
+#: whole 2 MiB READ reply, the size ``qemu-img convert`` reads in.  With the default
+#: (208 KiB) the server stops ten times per such reply until the client has taken
+#: some; ``qemu-img convert`` of a 2 GiB archive from ``export`` took 1.84 s against
+#: 1.53 s with this (median of 8, alternating; 512 KiB asked: 1.64 s).
+UNIX_SEND_BUFFER = 1 << 20
+#: Linux's ``SO_SNDBUFFORCE`` (``asm-generic/socket.h``), which Python does not name.
+_SO_SNDBUFFORCE = 32
+
 Buffer = bytes | bytearray | memoryview
 _T = TypeVar("_T")
+
+
+def tune_socket(sock: trio.socket.SocketType) -> None:
+    """Set the options of an accepted connection's socket.
+
+    TCP: ``TCP_NODELAY`` (a reply goes out at once, not after the previous one's ACK).
+    Unix: a send buffer of :data:`UNIX_SEND_BUFFER`.  ``SO_SNDBUF`` is capped at
+    ``net.core.wmem_max`` (208 KiB on a stock kernel), which ``SO_SNDBUFFORCE``
+    passes where permitted (``CAP_NET_ADMIN``: root), as systemd does for its
+    sockets; otherwise the buffer is what the cap allows, which is no fault.  TCP's
+    buffers are left to the kernel's autotuning, which a fixed ``SO_SNDBUF`` would
+    turn off.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif sock.family == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * UNIX_SEND_BUFFER:
+            with contextlib.suppress(PermissionError):
+                sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, UNIX_SEND_BUFFER)
 
 
 class PlainSocket:

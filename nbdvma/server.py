@@ -28,7 +28,6 @@ import contextlib
 import errno
 import logging
 import math
-import socket
 import ssl
 from collections.abc import Sequence
 from typing import cast
@@ -56,7 +55,7 @@ from nbdvma.nbd import (
 )
 from nbdvma.nbd.constants import NbdCmdFlag, NbdCommand
 from nbdvma.nbd.wire import REQUEST_HEADER
-from nbdvma.plainsocket import PlainSocket
+from nbdvma.plainsocket import PlainSocket, tune_socket
 from nbdvma.vma.fileio import FileRuns
 
 __all__ = ["ConnectionObserver", "NbdServer"]
@@ -201,7 +200,8 @@ class NbdServer:
             await trio.aclose_forcefully(stream)
             return
         self.connections += 1
-        _nodelay(stream)
+        if isinstance(stream, trio.SocketStream):
+            tune_socket(stream.socket)
         conn = _Connection(
             stream,
             NbdServerConnection(self.exports, limits=self.limits.protocol, tls=self.tls_mode),
@@ -582,9 +582,3 @@ def _peer_name(stream: trio.abc.Stream) -> str:
     if isinstance(name, tuple):
         return f"{name[0]}:{name[1]}"
     return str(name) or "unix client"
-
-
-def _nodelay(stream: trio.abc.Stream) -> None:
-    sock = getattr(stream, "socket", None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -18,7 +18,7 @@ PYTHON=/usr/bin/python3
 
 APT_PACKAGES=(
     qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbd-client
-    zstd lzop python3-venv openssl e2fsprogs
+    zstd lzop python3-venv openssl e2fsprogs iproute2
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

@@ -461,6 +461,24 @@ def test_pid_file(workdir: Path, sources: Sources, export: Callable[..., Export]
     assert exp.stderr().rstrip().endswith("stopped by SIGINT")
 
 
+def test_a_unix_client_gets_a_send_buffer_that_holds_a_whole_2_mib_reply(
+    workdir: Path, sources: Sources, export: Callable[..., Export]
+) -> None:
+    """``ss`` shows the export's end of a client's connection with a 2 MiB send buffer
+    (``tb``), not the default 208 KiB: qemu-img's 2 MiB reads go out in one piece."""
+    exp = export(_archive(workdir, sources, "plain"))
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(exp.socket)
+        assert client.recv(8) == b"NBDMAGIC"  # accepted, and tuned before the greeting
+        out = subprocess.run(
+            ["ss", "-xmpnH", "src", exp.socket], capture_output=True, text=True, check=True
+        ).stdout
+    ours = [line for line in out.splitlines() if f"pid={exp.process.pid}," in line]
+    buffers = [int(m) for line in ours for m in re.findall(r"\btb(\d+)", line)]
+    assert buffers, out
+    assert min(buffers) >= 2 << 20, out
+
+
 class _Qmp:
     """A minimal synchronous QMP client (``command(name, **arguments)``), keeping the
     events it reads in :attr:`events`."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nbdvma.plainsocket import CHECKPOINT_EVERY, PlainSocket
+from nbdvma.plainsocket import CHECKPOINT_EVERY, UNIX_SEND_BUFFER, PlainSocket, tune_socket
 from nbdvma.vma.fileio import FileRuns
 
 Pair = tuple[PlainSocket, trio.socket.SocketType]
@@ -143,3 +143,30 @@ async def test_send_file_runs_sends_runs_and_the_zeros_between(pair: Pair, tmp_p
             await ours.send_file_runs([], FileRuns(fd, 10, [[0, 300_000 - 2, 10]]))
     finally:
         os.close(fd)
+
+
+async def test_tune_socket_gives_a_unix_socket_room_for_a_whole_2_mib_reply() -> None:
+    """Asked for 1 MiB, Linux doubles it: 2 MiB, past the default cap of 208 KiB
+    (``SO_SNDBUFFORCE`` as root, or a raised ``net.core.wmem_max``)."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * UNIX_SEND_BUFFER
+        tune_socket(a)
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * UNIX_SEND_BUFFER
+        assert UNIX_SEND_BUFFER >= 1 << 20
+
+
+async def test_tune_socket_sets_nodelay_and_leaves_tcp_buffers_to_the_kernel() -> None:
+    listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with client:
+            await client.connect(listener.getsockname())
+            server, _ = await listener.accept()
+            with server:
+                before = server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                tune_socket(server)
+                assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                assert server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
