@@ -200,14 +200,15 @@ class NbdServer:
             await trio.aclose_forcefully(stream)
             return
         self.connections += 1
-        if isinstance(stream, trio.SocketStream):
-            tune_socket(stream.socket)
+        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        if sock is not None:
+            tune_socket(sock)
         conn = _Connection(
             stream,
             NbdServerConnection(self.exports, limits=self.limits.protocol, tls=self.tls_mode),
             peer,
             budget=ByteBudget(self.limits.connection_buffer),
-            raw=PlainSocket(stream.socket) if isinstance(stream, trio.SocketStream) else None,
+            raw=PlainSocket(sock) if sock is not None else None,
         )
         clean = False
         try:
